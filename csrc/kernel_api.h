@@ -1,0 +1,267 @@
+// Copyright (c) mmbhvit contributors. Licensed under the Apache License 2.0.
+//
+// Plain-data interface between the torch bindings (binary_ops.cpp) and the
+// packed-bit kernels (binary_kernels.h), which are compiled once per
+// instruction set (kernels_avx512.cpp, kernels_avx2.cpp, kernels_generic.cpp)
+// and picked at run time. Nothing here depends on torch, so the kernel
+// translation units can be built with their own target flags without
+// instantiating any torch or standard-library template under them.
+//
+// Conventions shared by every kernel:
+//   * activations are channels-last: (tokens, channels) or (N, H, W, C);
+//   * a sign is one bit: bit = 1 means +1, bit = 0 means -1; bit i of 64-bit
+//     word w holds channel 64 w + i; bits past the last channel are 0 in
+//     both operands, so they never count;
+//   * for two packed ±1 vectors of n channels, dot = n - 2 popcount(a ^ b);
+//     a padded tap contributes nothing because it is simply not visited;
+//   * weights are "transposed" for the kernels: (taps, words, cout_pad),
+//     cout_pad a multiple of 8 (8 outputs share one 512-bit register);
+//   * every float epilogue evaluates its operations in a fixed order, one
+//     rounding per operation (built with -ffp-contract=off), the order the
+//     pure-PyTorch fallback (mmbhvit/deploy/ops.py) uses as well.
+#pragma once
+
+#include <cstdint>
+
+namespace mmbhvit {
+
+enum Shortcut : int { kNone = 0, kIdentity = 1, kTile = 2, kGroupMean = 3 };
+enum AttnMode : int { kLSQ = 0, kGSB = 1 };
+
+// y = prelu(a * D + b + shortcut(x), slope) * post_scale + post_bias
+//     (+ residual),  D = the ±1 dot product of sign bits and weight bits,
+// where the sign bit of x is x > thr.
+template <typename T>
+struct ProjParams {
+  const T* x;           // (tokens, cin)
+  int64_t tokens, cin, cout;
+  const T* thr;         // (cin)
+  const uint64_t* wt;   // (words, cout_pad)
+  int64_t words, cout_pad;
+  const T* a;
+  const T* b;
+  const T* slope;
+  const T* post_scale;
+  const T* post_bias;   // (cout) each
+  int shortcut;
+  const T* residual;    // (tokens, cout) or nullptr
+  T* y;                 // (tokens, cout)
+};
+
+// Binary MLP of a block: expand (x -> hidden, tile shortcut), then reduce
+// (hidden -> c, group-mean shortcut, + residual), fused per token tile.
+// expand.y and reduce.x are not used (the hidden tile stays in scratch).
+template <typename T>
+struct FfnParams {
+  ProjParams<T> expand;
+  ProjParams<T> reduce;
+};
+
+// Sign bits of a channels-last map, per channel group:
+// bit = (x * in_scale + in_bias > thr); in_scale == nullptr means x > thr.
+template <typename T>
+struct PackParams {
+  const T* x;           // (pixels, c)
+  int64_t pixels, c, groups, cg, wg;  // cg = c / groups, wg = words per group
+  const T* in_scale;
+  const T* in_bias;
+  const T* thr;
+  uint64_t* bits;       // (pixels, groups, wg)
+};
+
+// MSGDC: up to 4 binary 3x3 grouped convolutions (dilation d, padding d)
+// sharing one packed input, each followed by a PReLU, summed, affine, plus
+// the residual x; also writes hn = h * n2_scale + n2_bias.
+constexpr int kMaxDilations = 4;
+template <typename T>
+struct MsgdcParams {
+  const T* x;           // (n, h, w, c)
+  const uint64_t* bits; // (n, h, w, groups, wg)
+  int64_t n, h, w, c, groups, cg, wg, cout_pad;
+  int ndil;
+  int dil[kMaxDilations];
+  const uint64_t* wt[kMaxDilations];  // (9, wg, cout_pad); output o reads
+                                      // the words of its own group
+  const T* a[kMaxDilations];
+  const T* b[kMaxDilations];
+  const T* slope[kMaxDilations];
+  const T* out_scale;
+  const T* out_bias;
+  const T* n2_scale;
+  const T* n2_bias;
+  T* h_out;             // (n, h, w, c)
+  T* hn_out;            // (n, h, w, c)
+  // Lane path (AVX-512 and AVX2; group width cg = lane_bits in {16, 32},
+  // C | 512): a 512-bit block holds 512 / cg (output, tap) pairs, each cg-bit
+  // lane counted on its own (VPOPCNTW / VPOPCNTD; AVX2: byte counts summed
+  // per lane, two 256-bit halves). lane_bits == 0: word path.
+  int lane_bits;
+  int64_t nvec;                        // ceil(c / (512 / cg))
+  const uint64_t* expanded;            // (n, h, w, nvec, 8): lane j of
+                                       // vector v = input bits of the group
+                                       // of output v * 512 / cg + j
+  const uint64_t* wx[kMaxDilations];   // (9, nvec, 8): lane j of vector v
+                                       // = weights of output v * 512/cg + j
+};
+
+// Input of the MSGDC lane path: x -> sign bits -> (pixels, nvec, 8) words.
+template <typename T>
+struct ExpandParams {
+  const T* x;
+  int64_t pixels, c, cg, nvec;
+  const T* in_scale;
+  const T* in_bias;
+  const T* thr;
+  uint64_t* expanded;
+};
+
+// Binary 2x2 stride-2 patch merging on an even-sized map x0 (already
+// normalised and zero-padded): y = prelu(a D + b + tile(avgpool2(x0)))
+// + post_bias + pos.
+template <typename T>
+struct MergeParams {
+  const T* x;           // (n, h, w, cin)
+  const uint64_t* bits; // (n, h, w, 1, words)
+  int64_t n, h, w, cin, cout, words, cout_pad;
+  const uint64_t* wt;   // (4, words, cout_pad)
+  const T* a;
+  const T* b;
+  const T* slope;
+  const T* post_bias;
+  const T* pos;         // (h / 2, w / 2, cout)
+  T* y;                 // (n, h / 2, w / 2, cout)
+};
+
+// Attention scores of ±1 queries and keys: s = scale * (d - 2 popcount).
+template <typename T>
+struct ScoreParams {
+  const uint64_t* qbits;  // (b, heads, t, wd)
+  const uint64_t* kbits;  // (b, heads, wd, t_pad) (transposed)
+  int64_t b, t, heads, wd, t_pad, d;
+  T scale;
+  T* s;                   // (b, heads, t, t)
+};
+
+// Sign bits (x > thr) of queries/keys/values, per head. head_pack: channel
+// bits per token, (b, heads, t, wd); head_pack_t: the same words with the
+// token innermost, (b, heads, wd, t_pad); token_pack: bits along the tokens
+// per channel, (b, heads, words(t), d) (bit j of a word = token j).
+template <typename T>
+struct HeadPackParams {
+  const T* x;             // (b, t, c)
+  int64_t b, t, c, heads, d, wd, t_pad;
+  const T* thr;
+  uint64_t* bits;
+};
+
+// Context of the quantized attention map with ±1 values, plus the epilogue
+// out = prelu(ctx_a * ctx + ctx_b + q + k + v, slope) + post_bias.
+// vbits: per (b, head) the sign bits of v along tokens, (tw, d) words.
+template <typename T>
+struct ContextParams {
+  const T* p;             // (b, heads, t, t) softmax output
+  const T* q;
+  const T* k;
+  const T* v;             // (b, t, c)
+  const uint64_t* vbits;  // (b, heads, tw, d)
+  int64_t b, t, c, heads, d, tw;
+  int mode;
+  int levels;             // LSQ: levels (3 -> 2 bit planes)
+  const T* step;
+  const T* zero;          // LSQ: (heads)
+  T g_alpha, g_a, g_b1, g_b2, g_low, g_high;  // GSB
+  const T* ctx_a;
+  const T* ctx_b;
+  const T* slope;
+  const T* post_bias;
+  T* out;                 // (b, t, c)
+};
+
+// MSMHA token layout. attn_tokens: norm1 affine, zero padding to multiples
+// of s, s x s windows, and merged tokens = mix * maxpool + rest * avgpool
+// (kernel = stride = s, padding s / 2, the padding counts in the average)
+// appended to every window: (n * nh * nw, s * s + nh * nw, c), before the
+// LayerNorm. attn_untokens: window tokens back in place, merged tokens
+// averaged over the windows (left to right) and upsampled, mixed per
+// channel, cropped to h x w.
+template <typename T>
+struct TokensParams {
+  const T* x;             // (n, h, w, c)
+  int64_t n, h, w, c, s, nh, nw;
+  const T* scale;
+  const T* bias;          // norm1 affine
+  const T* mix;
+  const T* rest;          // mix, 1 - mix
+  T* merged;              // (n, nh * nw, c) scratch
+  T* tokens;              // (n * nh * nw, s * s + nh * nw, c)
+};
+
+template <typename T>
+struct UntokensParams {
+  const T* a;             // (n * nh * nw, s * s + nh * nw, c)
+  int64_t n, h, w, c, s, nh, nw;
+  const T* mix;
+  const T* rest;          // out_mix, 1 - out_mix
+  T* merged;              // (n, nh * nw, c) scratch: window means
+  T* out;                 // (n, h, w, c)
+};
+
+// Depthwise convolution with a few taps and circular indexing, plus bias
+// and residual: y = res + (bias + sum_k w_k x[(i + dy_k) % H, (j + dx_k) % W]).
+template <typename T>
+struct ShiftParams {
+  const T* x;             // (n, h, w, c)
+  const T* res;           // (n, h, w, c) or nullptr
+  int64_t n, h, w, c;
+  int ntaps;
+  const int32_t* dy;
+  const int32_t* dx;
+  const T* wk;            // (ntaps, c)
+  const T* bias;          // (c)
+  T* y;
+};
+
+// One instruction-set flavour of the kernels; every function handles the
+// work items [begin, end) so the caller can split the work across threads.
+#define MMBHVIT_DECLARE_KERNELS(NS)                                          \
+  namespace NS {                                                             \
+  template <typename T>                                                      \
+  void proj(const ProjParams<T>& p, int64_t begin, int64_t end);             \
+  template <typename T>                                                      \
+  void ffn(const FfnParams<T>& p, int64_t begin, int64_t end);               \
+  template <typename T>                                                      \
+  void pack(const PackParams<T>& p, int64_t begin, int64_t end);             \
+  template <typename T>                                                      \
+  void msgdc(const MsgdcParams<T>& p, int64_t begin, int64_t end);           \
+  template <typename T>                                                      \
+  void msgdc_expand(const ExpandParams<T>& p, int64_t begin, int64_t end);   \
+  bool msgdc_lanes(int lane_bits, int64_t c);                                \
+  template <typename T>                                                      \
+  void merge(const MergeParams<T>& p, int64_t begin, int64_t end);           \
+  template <typename T>                                                      \
+  void head_pack(const HeadPackParams<T>& p, int64_t begin, int64_t end);    \
+  template <typename T>                                                      \
+  void head_pack_t(const HeadPackParams<T>& p, int64_t begin, int64_t end);  \
+  template <typename T>                                                      \
+  void token_pack(const HeadPackParams<T>& p, int64_t begin, int64_t end);   \
+  template <typename T>                                                      \
+  void scores(const ScoreParams<T>& p, int64_t begin, int64_t end);          \
+  template <typename T>                                                      \
+  void context(const ContextParams<T>& p, int64_t begin, int64_t end);       \
+  template <typename T>                                                      \
+  void shift(const ShiftParams<T>& p, int64_t begin, int64_t end);           \
+  template <typename T>                                                      \
+  void merged_tokens(const TokensParams<T>& p, int64_t begin, int64_t end);  \
+  template <typename T>                                                      \
+  void window_tokens(const TokensParams<T>& p, int64_t begin, int64_t end);  \
+  template <typename T>                                                      \
+  void merged_means(const UntokensParams<T>& p, int64_t begin, int64_t end); \
+  template <typename T>                                                      \
+  void untokens(const UntokensParams<T>& p, int64_t begin, int64_t end);     \
+  }
+
+MMBHVIT_DECLARE_KERNELS(avx512)
+MMBHVIT_DECLARE_KERNELS(avx2)
+MMBHVIT_DECLARE_KERNELS(generic)
+
+}  // namespace mmbhvit

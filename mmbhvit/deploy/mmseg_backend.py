@@ -1,0 +1,63 @@
+# Copyright (c) mmbhvit contributors. Licensed under the Apache License 2.0.
+"""Run an mmseg segmentor with the packed BHViT engine as its backbone.
+
+Example::
+
+    from mmseg.apis import inference_model, init_model, show_result_pyplot
+    from mmbhvit.deploy.mmseg_backend import use_packed_backbone
+
+    model = init_model(config, checkpoint, device='cpu')
+    use_packed_backbone(model, 'bhvit.packed.pth')
+    result = inference_model(model, 'demo.png')   # same API as before
+
+Only the backbone changes: the data preprocessor, the decode/auxiliary heads
+and the post-processing stay the mmseg modules, with the checkpoint's
+weights.
+"""
+from typing import Union
+
+import torch
+from torch import nn
+
+from .engine import PackedBHViT
+
+
+def use_packed_backbone(model: nn.Module, packed: Union[str, dict],
+                        backend: str = 'auto',
+                        dtype: torch.dtype = torch.float32) -> nn.Module:
+    """Replace ``model.backbone`` (a BHViT) by the packed engine built from
+    ``packed`` (an exported file or dict), in place; returns ``model``.
+
+    The engine is a module with the same ``forward(x)`` → tuple of NCHW
+    feature maps, returned in the dtype of the model's heads (``dtype`` is
+    the engine's own float dtype; float64 only to check exactness). Raises
+    ``ValueError`` when the packed backbone does not fit the model (widths
+    or output stages).
+    """
+    if not hasattr(model, 'backbone'):
+        raise TypeError(f'{type(model).__name__} has no backbone to replace')
+    head_params = [
+        p for n, p in model.named_parameters()
+        if not n.startswith('backbone.')
+    ]
+    out_dtype = head_params[0].dtype if head_params else dtype
+    engine = PackedBHViT(packed, dtype=dtype, backend=backend,
+                         out_dtype=out_dtype)
+    old = model.backbone
+    old_dims = getattr(old, 'num_features', None)
+    if old_dims is not None and tuple(old_dims) != engine.embed_dims:
+        raise ValueError(f'packed backbone widths {engine.embed_dims} do not '
+                         f'match the model backbone {tuple(old_dims)}')
+    old_out = getattr(old, 'out_indices', None)
+    if old_out is not None and tuple(old_out) != engine.out_indices:
+        raise ValueError(f'packed backbone outputs stages '
+                         f'{engine.out_indices}, the model expects '
+                         f'{tuple(old_out)}: export from the same config')
+    final_norm = getattr(old, 'final_norm', None)
+    if final_norm is not None and bool(final_norm) != engine.final_norm:
+        raise ValueError('final_norm differs between the packed backbone and '
+                         'the model: export from the same config')
+    was_training = model.training
+    model.backbone = engine
+    model.train(was_training)
+    return model

@@ -1,0 +1,14 @@
+# Copyright (c) mmbhvit contributors. Licensed under the Apache License 2.0.
+"""A small binarization library: quantizers, binary layers and attention
+binarizers, each usable and testable on its own."""
+from .attention import GSBAttentionBinarizer, LSQAttentionQuantizer
+from .layers import (BinaryConv2d, LayerScale, LearnableBias, RPReLU,
+                     binary_conv_layers)
+from .quantizers import (ClippedSignSTE, RoundSTE, ScaleGrad, SignSTE,
+                         binarize_weight, sign_ste)
+
+__all__ = [
+    'SignSTE', 'ClippedSignSTE', 'ScaleGrad', 'RoundSTE', 'binarize_weight',
+    'sign_ste', 'BinaryConv2d', 'LearnableBias', 'RPReLU', 'LayerScale',
+    'binary_conv_layers', 'GSBAttentionBinarizer', 'LSQAttentionQuantizer'
+]

@@ -1,0 +1,131 @@
+# Copyright (c) mmbhvit contributors. Licensed under the Apache License 2.0.
+"""Binary layers: binary convolution (1×1 = "linear"), learnable biases,
+RPReLU and LayerScale. All of them work on NCHW tensors."""
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .quantizers import binarize_weight, sign_ste
+
+SUPPORTED_BITS = (1, 32)
+
+
+def _check_bits(name: str, bits: int) -> int:
+    if bits not in SUPPORTED_BITS:
+        raise ValueError(f'{name} must be one of {SUPPORTED_BITS} (1 = binary, '
+                         f'32 = full-precision counterpart), got {bits!r}')
+    return bits
+
+
+def _per_channel(p: Tensor) -> Tensor:
+    return p.view(1, -1, 1, 1)
+
+
+class BinaryConv2d(nn.Conv2d):
+    r"""Convolution whose weights and inputs are binarized.
+
+    .. math:: y = \hat W \circledast \operatorname{sign}(x) + b
+
+    with :math:`\hat W` from :func:`binarize_weight`. ``weight_bits=32`` /
+    ``act_bits=32`` keep the weights / inputs in full precision, which gives
+    the full-precision counterpart of the same architecture. Zero padding is
+    applied after the sign (the padded border contributes 0). A ``1×1``
+    instance is the binary "linear" layer used on token features.
+
+    Args:
+        weight_bits (int): 1 or 32.
+        act_bits (int): 1 or 32.
+        recu (bool): use ReCU weight standardisation/clipping in the STE.
+        Other arguments are those of :class:`torch.nn.Conv2d`.
+    """
+
+    def __init__(self, *args, weight_bits: int = 1, act_bits: int = 1,
+                 recu: bool = False, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.weight_bits = _check_bits('weight_bits', weight_bits)
+        self.act_bits = _check_bits('act_bits', act_bits)
+        self.recu = recu
+
+    @property
+    def is_binary(self) -> bool:
+        """True when both weights and activations are 1-bit."""
+        return self.weight_bits == 1 and self.act_bits == 1
+
+    def quantized_weight(self) -> Tensor:
+        """The weight that reaches the convolution."""
+        if self.weight_bits == 1:
+            return binarize_weight(self.weight, self.recu)
+        return self.weight
+
+    def quantize_input(self, x: Tensor) -> Tensor:
+        """The activation that reaches the convolution."""
+        return sign_ste(x) if self.act_bits == 1 else x
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self._conv_forward(self.quantize_input(x),
+                                  self.quantized_weight(), self.bias)
+
+    def extra_repr(self) -> str:
+        return (super().extra_repr() + f', weight_bits={self.weight_bits}, '
+                f'act_bits={self.act_bits}, recu={self.recu}')
+
+
+class LearnableBias(nn.Module):
+    """Adds a learnable per-channel bias: ``y = x + b`` (NCHW)."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.bias = nn.Parameter(torch.zeros(channels))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x + _per_channel(self.bias)
+
+
+class RPReLU(nn.Module):
+    r"""React-PReLU: a PReLU with learnable shifts before and after.
+
+    .. math:: y = \operatorname{PReLU}_a(x - \gamma) + \zeta
+
+    with per-channel :math:`\gamma` (``bias_in``), slope :math:`a`
+    (``weight``, initialised to 0.25) and :math:`\zeta` (``bias_out``).
+    """
+
+    def __init__(self, channels: int, init_slope: float = 0.25):
+        super().__init__()
+        self.bias_in = nn.Parameter(torch.zeros(channels))
+        self.weight = nn.Parameter(torch.full((channels, ), init_slope))
+        self.bias_out = nn.Parameter(torch.zeros(channels))
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = F.prelu(x - _per_channel(self.bias_in), self.weight)
+        return x + _per_channel(self.bias_out)
+
+
+class LayerScale(nn.Module):
+    r"""Per-channel affine gate ``y = x * scale + bias`` (NCHW).
+
+    Args:
+        channels (int): number of channels.
+        init_value (float): initial ``scale`` (0.1 for residual branches,
+            0 for the shift branches, which then start switched off).
+    """
+
+    def __init__(self, channels: int, init_value: float = 0.1):
+        super().__init__()
+        self.scale = nn.Parameter(torch.full((channels, ), float(init_value)))
+        self.bias = nn.Parameter(torch.zeros(channels))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x * _per_channel(self.scale) + _per_channel(self.bias)
+
+
+def binary_conv_layers(module: nn.Module,
+                       weight_bits: Optional[int] = 1):
+    """Yield ``(name, layer)`` for every :class:`BinaryConv2d` in ``module``
+    (restricted to ``weight_bits`` unless it is None)."""
+    for name, m in module.named_modules():
+        if isinstance(m, BinaryConv2d) and (weight_bits is None
+                                            or m.weight_bits == weight_bits):
+            yield name, m

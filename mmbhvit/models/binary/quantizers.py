@@ -1,0 +1,120 @@
+# Copyright (c) mmbhvit contributors. Licensed under the Apache License 2.0.
+"""Sign quantizers with straight-through estimators (STE).
+
+Each quantizer is a tiny :class:`torch.autograd.Function` whose forward gives
+the exact quantized value and whose backward is the documented surrogate
+gradient. They are the only places where gradients are "made up".
+"""
+import math
+
+import torch
+from torch import Tensor
+
+
+class SignSTE(torch.autograd.Function):
+    r"""Activation binarizer: ``sign(x)`` with a piecewise-polynomial STE.
+
+    Forward:  :math:`b = \operatorname{sign}(x) \in \{-1, 0, +1\}` (0 only for
+    an exact zero input).
+
+    Backward: :math:`\partial b / \partial x = 2 - 2|x|` for
+    :math:`|x| \le 1` and 0 outside, i.e. the derivative of the smooth
+    approximation :math:`2x + x^2 \operatorname{sign}(-x)` used by Bi-Real Net.
+    """
+
+    @staticmethod
+    def forward(ctx, x: Tensor) -> Tensor:
+        ctx.save_for_backward(x)
+        return torch.sign(x)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> Tensor:
+        x, = ctx.saved_tensors
+        # max(2 - 2|x|, 0), computed in place: this runs on every binary
+        # activation of the network, so passes over memory count.
+        window = x.abs().mul_(-2).add_(2).clamp_(min=0)
+        return window.mul_(grad)
+
+
+class ClippedSignSTE(torch.autograd.Function):
+    r"""Weight binarizer: ``scale * sign(w)`` with a clipped identity STE.
+
+    Forward: :math:`\hat w = s \cdot \operatorname{sign}(w)`.
+
+    Backward: :math:`\partial \hat w / \partial w = \mathbb 1[|w| \le \tau]`
+    (the scale receives no gradient).
+    """
+
+    @staticmethod
+    def forward(ctx, w: Tensor, scale: Tensor, tau: float) -> Tensor:
+        ctx.save_for_backward(w)
+        ctx.tau = tau
+        return scale * torch.sign(w)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        w, = ctx.saved_tensors
+        return grad * (w.abs() <= ctx.tau), None, None
+
+
+class ScaleGrad(torch.autograd.Function):
+    """Identity in the forward pass; multiplies the gradient by ``factor``."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, factor: float) -> Tensor:
+        ctx.factor = factor
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        return grad * ctx.factor, None
+
+
+class RoundSTE(torch.autograd.Function):
+    """``round(x)`` in the forward pass, identity gradient."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor) -> Tensor:
+        return torch.round(x)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> Tensor:
+        return grad
+
+
+# ReCU clips the standardised weights at the 92% quantile of a Laplace law.
+RECU_QUANTILE = 0.92
+
+
+def binarize_weight(weight: Tensor, recu: bool = False) -> Tensor:
+    r"""Binarize a conv / linear weight ``(out, in, *k)`` per output channel.
+
+    .. math::
+        s_o = \operatorname{mean}_{i,k} |w_{o,i,k}|, \qquad
+        c = w - \operatorname{mean}_{i,k} w, \qquad
+        \hat w = s_o \operatorname{sign}(c)
+
+    The scale ``s`` is taken from the un-centred weight and is treated as a
+    constant. The STE passes gradients where :math:`|c| \le 1`.
+
+    With ``recu=True`` (ReCU, Xu et al. 2021) ``c`` is first standardised per
+    output channel, :math:`c' = c / (\sqrt{\operatorname{var}(c)+10^{-5}} /
+    (2\sqrt 2))` (unbiased variance), and the STE window becomes
+    :math:`|c'| \le \tau` with :math:`\tau = -\operatorname{mean}|c'| \cdot
+    \ln(2 - 2q)`, :math:`q = 0.92`, a constant of the current step.
+    """
+    dims = tuple(range(1, weight.dim()))
+    scale = weight.abs().mean(dim=dims, keepdim=True).detach()
+    centred = weight - weight.mean(dim=dims, keepdim=True)
+    tau = 1.0
+    if recu:
+        std = torch.sqrt(centred.var(dim=dims, keepdim=True) + 1e-5)
+        centred = centred / (std / 2 / math.sqrt(2))
+        tau = float(-centred.abs().mean().detach() *
+                    math.log(2 - 2 * RECU_QUANTILE))
+    return ClippedSignSTE.apply(centred, scale, tau)
+
+
+def sign_ste(x: Tensor) -> Tensor:
+    """Functional form of :class:`SignSTE`."""
+    return SignSTE.apply(x)

@@ -1,0 +1,275 @@
+# Copyright (c) mmbhvit contributors. Licensed under the Apache License 2.0.
+r"""Knowledge-distillation pretraining of BHViT (the paper's classification
+recipe) as an mmpretrain classifier.
+
+.. math::
+    L = w_{cls} L_{cls} + w_{dis} L_{dis} + L_{re}
+
+* :math:`L_{cls}`: the head's loss on the labels (cross-entropy);
+* :math:`L_{dis}`: cross-entropy of the student's log-softmax against the
+  softmax of a frozen teacher (DeiT-small in the paper), batch mean; it
+  differs from :math:`KL(p_t \| p_s)` by the teacher's entropy, a constant,
+  so the gradients are the same;
+* :math:`L_{re}`: :class:`~mmbhvit.models.losses.BinaryWeightRegLoss`
+  (weighted by its own ``loss_weight``), off until
+  :class:`~mmbhvit.engine.RegLossSwitchHook` switches it on.
+
+The paper writes :math:`(1-\lambda-\beta) L_{cls} + \lambda L_{dis} + \beta
+L_{re}` with :math:`\lambda = 0.8, \beta = 0.1`, the defaults here.
+"""
+import copy
+import logging
+import os.path as osp
+import warnings
+from typing import Dict, List, Optional
+
+import torch
+import torch.nn.functional as F
+from mmengine.logging import print_log
+from mmpretrain.models.classifiers import ImageClassifier
+from mmpretrain.registry import MODELS
+from mmpretrain.structures import DataSample
+from torch import Tensor, nn
+
+from ...compat import resume_safe_globals
+from ..checkpoint import read_state_dict
+
+LOSS_TERMS = ('cls', 'distill')
+
+
+class TeacherCheckpointError(FileNotFoundError):
+    """Distillation was asked for without usable teacher weights."""
+
+
+def _check_weights(weights: Optional[dict], what: str) -> Optional[dict]:
+    if weights is None:
+        return None
+    unknown = set(weights) - set(LOSS_TERMS)
+    if unknown:
+        raise KeyError(f'{what} takes the keys {LOSS_TERMS}, got unknown '
+                       f'{sorted(unknown)}')
+    return {k: float(v) for k, v in weights.items()}
+
+
+@MODELS.register_module()
+class DistillImageClassifier(ImageClassifier):
+    """An :class:`ImageClassifier` trained with a frozen teacher and the
+    binary weight regularization.
+
+    Only the student is a sub-module: the teacher is held outside
+    ``_modules``, so it is absent from ``state_dict()`` (checkpoints hold the
+    plain ``ImageClassifier`` keys and hand over to segmentation or to the
+    plain config unchanged), from ``parameters()`` (the optimizer never sees
+    it) and from ``train()`` (it stays in eval mode). It follows the student
+    through ``.to()`` / ``.cuda()`` / ``.double()``.
+
+    The teacher is built and its weights loaded by :meth:`init_weights`
+    (called by the Runner before training) or, at the latest, by the first
+    :meth:`loss`. Prediction and ``mode='tensor'`` never build it, so the
+    config works for inference and testing without the teacher checkpoint.
+
+    Args:
+        backbone, neck, head, pretrained, train_cfg, data_preprocessor,
+            init_cfg: as in :class:`ImageClassifier`; the head's loss is
+            :math:`L_{cls}` (keep its ``loss_weight`` at 1 and set
+            ``loss_weights['cls']`` instead).
+        teacher (dict): config of the teacher model, a classifier whose
+            ``forward(inputs, mode='tensor')`` returns logits over the same
+            classes (e.g. ``ImageClassifier`` with ``VisionTransformer``
+            ``arch='deit-small'`` + ``VisionTransformerClsHead``). It sees the
+            student's preprocessed inputs (same normalisation).
+        teacher_checkpoint (str, optional): the teacher's weights (a file with
+            a ``state_dict`` of the teacher's keys, e.g. an mmpretrain
+            checkpoint), loaded strictly. Required unless
+            ``allow_random_teacher``.
+        allow_random_teacher (bool): let a missing ``teacher_checkpoint``
+            leave the teacher randomly initialised (tests, demos). Default
+            False: a missing checkpoint raises
+            :class:`TeacherCheckpointError`.
+        loss_weights (dict): ``cls`` and ``distill`` factors; defaults 0.1 and
+            0.8 (the paper's :math:`1-\\lambda-\\beta` and :math:`\\lambda`).
+        reg_phase_loss_weights (dict, optional): ``cls`` / ``distill`` factors
+            that replace ``loss_weights`` while :math:`L_{re}` is on. None
+            keeps ``loss_weights`` (the paper). The official training script
+            uses ``loss_weights=dict(cls=0.1, distill=0.9)`` and
+            ``reg_phase_loss_weights=dict(cls=0., distill=0.9)``.
+        distill_loss (dict): loss between student logits and teacher
+            probabilities; default soft-target ``CrossEntropyLoss``.
+        reg_loss (dict): config of the regularization (its ``loss_weight`` is
+            :math:`\\beta`).
+    """
+
+    def __init__(self,
+                 backbone: dict,
+                 neck: Optional[dict] = None,
+                 head: Optional[dict] = None,
+                 teacher: Optional[dict] = None,
+                 teacher_checkpoint: Optional[str] = None,
+                 allow_random_teacher: bool = False,
+                 loss_weights: dict = dict(cls=0.1, distill=0.8),
+                 reg_phase_loss_weights: Optional[dict] = None,
+                 distill_loss: dict = dict(type='CrossEntropyLoss',
+                                           use_soft=True),
+                 reg_loss: dict = dict(type='BinaryWeightRegLoss',
+                                       loss_weight=0.1),
+                 pretrained: Optional[str] = None,
+                 train_cfg: Optional[dict] = None,
+                 data_preprocessor: Optional[dict] = None,
+                 init_cfg: Optional[dict] = None):
+        super().__init__(backbone=backbone, neck=neck, head=head,
+                         pretrained=pretrained, train_cfg=train_cfg,
+                         data_preprocessor=data_preprocessor,
+                         init_cfg=init_cfg)
+        if head is None:
+            raise ValueError('DistillImageClassifier needs a head')
+        if not isinstance(teacher, dict):
+            raise TypeError('DistillImageClassifier needs a teacher config '
+                            f'(dict), got {type(teacher).__name__}')
+        self.teacher_cfg = copy.deepcopy(teacher)
+        self.teacher_checkpoint = teacher_checkpoint
+        self.allow_random_teacher = allow_random_teacher
+        weights = _check_weights(loss_weights, 'loss_weights')
+        missing = set(LOSS_TERMS) - set(weights)
+        if missing:
+            raise KeyError(f'loss_weights misses {sorted(missing)}')
+        self.base_loss_weights = weights
+        self.reg_phase_loss_weights = _check_weights(reg_phase_loss_weights,
+                                                     'reg_phase_loss_weights')
+        self.distill_loss = MODELS.build(distill_loss)
+        self.reg_loss = MODELS.build(reg_loss)
+        # Not a sub-module (see the class docstring).
+        object.__setattr__(self, '_teacher', None)
+
+    # ------------------------------------------------------------------
+    # Teacher
+    # ------------------------------------------------------------------
+    @property
+    def teacher(self) -> Optional[nn.Module]:
+        """The frozen teacher, or None before it is built."""
+        return self._teacher
+
+    def _resolve_teacher_checkpoint(self) -> Optional[str]:
+        path = self.teacher_checkpoint
+        hint = ('Set it with --cfg-options model.teacher_checkpoint=PATH '
+                '(for the BHViT configs: the DeiT-small weights of '
+                'mmpretrain, see configs/bhvit/README_classification.md), or '
+                'set model.allow_random_teacher=True to distil from a random '
+                'teacher (tests and demos only).')
+        if path is None:
+            if self.allow_random_teacher:
+                return None
+            raise TeacherCheckpointError(
+                'DistillImageClassifier: teacher_checkpoint is not set, and '
+                'a randomly initialised teacher is not allowed. ' + hint)
+        if '://' not in path and not osp.isfile(path):
+            if self.allow_random_teacher:
+                warnings.warn(f'teacher_checkpoint {path!r} not found; '
+                              'allow_random_teacher=True, so the teacher '
+                              'stays random')
+                return None
+            raise TeacherCheckpointError(
+                f'DistillImageClassifier: teacher checkpoint not found: '
+                f'{path!r} (resolved from {osp.abspath(path)}). ' + hint)
+        return path
+
+    def build_teacher(self) -> nn.Module:
+        """Build the teacher, load its weights and freeze it (once)."""
+        if self._teacher is not None:
+            return self._teacher
+        path = self._resolve_teacher_checkpoint()
+        teacher = MODELS.build(copy.deepcopy(self.teacher_cfg))
+        if path is None:
+            teacher.init_weights()
+            print_log('DistillImageClassifier: the teacher is RANDOMLY '
+                      'initialised (allow_random_teacher=True)',
+                      logger='current', level=logging.WARNING)
+        else:
+            with resume_safe_globals():
+                state = read_state_dict(path)
+            result = teacher.load_state_dict(state, strict=False)
+            if result.missing_keys or result.unexpected_keys:
+                raise KeyError(
+                    f'Teacher checkpoint {path!r} does not match the teacher '
+                    f'{self.teacher_cfg.get("type")}:\n  missing keys: '
+                    f'{result.missing_keys[:10]}\n  unexpected keys: '
+                    f'{result.unexpected_keys[:10]}')
+            print_log(f'DistillImageClassifier: teacher loaded from {path}',
+                      logger='current')
+        teacher.eval()
+        for p in teacher.parameters():
+            p.requires_grad_(False)
+        ref = next(self.parameters())
+        teacher.to(device=ref.device, dtype=ref.dtype)
+        object.__setattr__(self, '_teacher', teacher)
+        return teacher
+
+    def init_weights(self):
+        super().init_weights()
+        self.build_teacher()
+
+    def _apply(self, fn, *args, **kwargs):
+        super()._apply(fn, *args, **kwargs)
+        if self._teacher is not None:
+            self._teacher._apply(fn, *args, **kwargs)
+        return self
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        if self._teacher is not None:
+            self._teacher.eval()
+        return self
+
+    @torch.no_grad()
+    def teacher_logits(self, inputs: Tensor) -> Tensor:
+        """Logits of the (frozen, eval-mode) teacher."""
+        teacher = self.build_teacher()
+        teacher.eval()
+        logits = teacher(inputs, mode='tensor')
+        if not isinstance(logits, Tensor):
+            raise TypeError('the teacher must return a logits tensor in '
+                            f"mode='tensor', got {type(logits).__name__}")
+        return logits.detach()
+
+    # ------------------------------------------------------------------
+    # Loss
+    # ------------------------------------------------------------------
+    @property
+    def reg_loss_enabled(self) -> bool:
+        return self.reg_loss.enabled
+
+    def set_reg_loss_enabled(self, enabled: bool = True) -> None:
+        """Switch :math:`L_{re}` (and the reg-phase weights) on or off."""
+        self.reg_loss.set_enabled(enabled)
+
+    @property
+    def loss_weights(self) -> Dict[str, float]:
+        """The ``cls`` / ``distill`` factors in use now."""
+        if self.reg_loss.enabled and self.reg_phase_loss_weights:
+            return {**self.base_loss_weights, **self.reg_phase_loss_weights}
+        return dict(self.base_loss_weights)
+
+    def loss(self, inputs: Tensor, data_samples: List[DataSample]) -> dict:
+        """Weighted losses ``loss_cls``, ``loss_distill``, ``loss_reg`` (their
+        sum is optimised), plus ``binary_w_dev``, the unweighted
+        :math:`L_{re}`, logged for monitoring in every phase."""
+        weights = self.loss_weights
+        feats = self.extract_feat(inputs)
+        logits = self.head(feats)
+        teacher_logits = self.teacher_logits(inputs)
+        if teacher_logits.shape != logits.shape:
+            raise ValueError(f'teacher logits {tuple(teacher_logits.shape)} '
+                             f'vs student {tuple(logits.shape)}: the teacher '
+                             'must predict the same classes')
+
+        losses = dict()
+        head_losses = self.head.loss(feats, data_samples)
+        losses['loss_cls'] = weights['cls'] * head_losses.pop('loss')
+        losses.update(head_losses)  # accuracy, if the head computes it
+        teacher_probs = F.softmax(teacher_logits.to(logits.dtype), dim=-1)
+        losses['loss_distill'] = weights['distill'] * self.distill_loss(
+            logits, teacher_probs)
+        losses['loss_reg'] = self.reg_loss(self)
+        with torch.no_grad():
+            losses['binary_w_dev'] = self.reg_loss.distance(
+                self.reg_loss.binary_weights(self)).to(logits.device)
+        return losses

@@ -1,0 +1,117 @@
+# Copyright (c) mmbhvit contributors. Licensed under the Apache License 2.0.
+"""Config adjustments shared by ``tools/train.py`` and ``tools/test.py``.
+
+They make the mmseg configs (written for 8 GPUs with SyncBN and NCCL) run
+on machines without CUDA as well:
+
+* multi-process CPU runs use the ``gloo`` backend;
+* ``SyncBN`` becomes ``BN`` on the CPU, because ``torch.nn.SyncBatchNorm``
+  only runs on GPU/XPU tensors (it raises "SyncBatchNorm expected input
+  tensor to be on GPU" once a process group exists). Parameters still stay
+  identical on every rank (DDP averages the gradients); only the BN batch
+  statistics are then per process;
+* DDP is built without ``device_ids`` (a CPU module refuses them);
+* ``--amp`` (mmengine's ``AmpOptimWrapper``, CUDA/NPU/MLU only) falls back
+  to full precision with a warning instead of an assertion error.
+"""
+import logging
+from typing import Any
+
+from mmengine.logging import print_log
+
+
+def accelerator_available() -> bool:
+    """Whether mmengine would train on an accelerator (CUDA, NPU, MLU)."""
+    from mmengine.device import (is_cuda_available, is_mlu_available,
+                                 is_npu_available)
+    return is_cuda_available() or is_npu_available() or is_mlu_available()
+
+
+def replace_norm_type(cfg: Any, old: str = 'SyncBN', new: str = 'BN') -> int:
+    """Replace ``type=old`` by ``type=new`` in every norm config inside
+    ``cfg`` (recursively, in place); return how many were replaced."""
+    count = 0
+    if isinstance(cfg, dict):
+        if cfg.get('type') == old and ('requires_grad' in cfg or len(cfg) == 1
+                                       or old.endswith('BN')):
+            cfg['type'] = new
+            count += 1
+        for value in cfg.values():
+            count += replace_norm_type(value, old, new)
+    elif isinstance(cfg, (list, tuple)):
+        for value in cfg:
+            count += replace_norm_type(value, old, new)
+    return count
+
+
+def _warn(msg: str) -> None:
+    print_log(msg, logger='current', level=logging.WARNING)
+
+
+def setup_amp(cfg, amp: bool) -> None:
+    """Turn on mmengine AMP for ``--amp`` (as mmseg's tools do), or warn
+    and stay in float32 when there is no accelerator."""
+    if not amp:
+        return
+    wrapper = cfg.optim_wrapper.get('type', 'OptimWrapper')
+    if wrapper == 'AmpOptimWrapper':
+        _warn('AMP training is already enabled in your config.')
+        return
+    if not accelerator_available():
+        _warn('--amp ignored: mmengine mixed precision (AmpOptimWrapper) '
+              'needs CUDA, NPU or MLU and none is available; training in '
+              'float32 on the CPU.')
+        return
+    if wrapper != 'OptimWrapper':
+        raise ValueError('--amp is only supported when the optimizer wrapper '
+                         f'type is OptimWrapper, got {wrapper}.')
+    cfg.optim_wrapper.type = 'AmpOptimWrapper'
+    cfg.optim_wrapper.loss_scale = 'dynamic'
+
+
+def init_cpu_process_group(launcher: str, dist_cfg: dict) -> None:
+    """Start the gloo process group of a CPU run ourselves.
+
+    mmengine's ``init_dist`` calls ``torch.cuda.set_device`` first, which
+    fails without a GPU; the Runner skips it when a group already exists.
+    """
+    import torch.distributed as dist
+    if dist.is_initialized():
+        return
+    if launcher != 'pytorch':
+        raise RuntimeError(
+            f'--launcher {launcher} needs a GPU with mmengine 0.10; on the '
+            'CPU use --launcher pytorch with torchrun '
+            '(tools/dist_train.sh / tools/dist_test.sh).')
+    kwargs = {k: v for k, v in dict(dist_cfg).items() if k != 'backend'}
+    kwargs.pop('init_backend', None)
+    dist.init_process_group(backend='gloo', **kwargs)
+
+
+def setup_cpu_runtime(cfg) -> None:
+    """Adapt ``cfg`` in place when no accelerator is available."""
+    if accelerator_available():
+        return
+    cfg.setdefault('env_cfg', {})
+    cfg.env_cfg.setdefault('dist_cfg', {})
+    cfg.env_cfg.cudnn_benchmark = False
+    if cfg.launcher != 'none':
+        if cfg.env_cfg.dist_cfg.get('backend', 'nccl') != 'gloo':
+            cfg.env_cfg.dist_cfg.backend = 'gloo'
+        init_cpu_process_group(cfg.launcher, cfg.env_cfg.dist_cfg)
+        replaced = replace_norm_type(cfg.model)
+        if replaced:
+            _warn(f'No GPU: {replaced} SyncBN config(s) replaced by BN '
+                  '(torch SyncBatchNorm cannot run on CPU tensors); batch '
+                  'statistics are per process.')
+        if cfg.get('sync_bn') is not None:
+            _warn(f'No GPU: ignoring sync_bn={cfg.sync_bn!r}.')
+            cfg.sync_bn = None
+        wrapper = dict(cfg.get('model_wrapper_cfg') or {})
+        wrapper.setdefault('type', 'MMDistributedDataParallel')
+        # a CPU module must not be given device_ids
+        wrapper['device_ids'] = None
+        wrapper.setdefault('broadcast_buffers', False)
+        wrapper.setdefault('find_unused_parameters',
+                           cfg.get('find_unused_parameters', False))
+        cfg.model_wrapper_cfg = wrapper

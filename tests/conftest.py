@@ -1,0 +1,23 @@
+# Copyright (c) mmbhvit contributors. Licensed under the Apache License 2.0.
+"""Test isolation for mmengine's global default scope.
+
+Building from ``mmpretrain.registry.MODELS`` while the default scope is
+``mmseg`` (or the reverse) looks in the wrong registry, and a Runner leaves
+its scope behind. Each test therefore starts with no default scope, or with
+the one its module names in ``DEFAULT_SCOPE``, and the previous state is
+restored afterwards.
+"""
+import pytest
+
+
+@pytest.fixture(autouse=True)
+def _isolated_default_scope(request):
+    from mmengine.registry import DefaultScope
+    saved = dict(DefaultScope._instance_dict)
+    DefaultScope._instance_dict.clear()
+    scope = getattr(request.module, 'DEFAULT_SCOPE', None)
+    if scope:
+        DefaultScope.get_instance(f'pytest-{scope}', scope_name=scope)
+    yield
+    DefaultScope._instance_dict.clear()
+    DefaultScope._instance_dict.update(saved)

@@ -1,0 +1,178 @@
+# Copyright (c) mmbhvit contributors. Licensed under the Apache License 2.0.
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from mmbhvit.models.binary import (BinaryConv2d, GSBAttentionBinarizer,
+                                   LayerScale, LSQAttentionQuantizer, RPReLU,
+                                   binarize_weight, sign_ste)
+
+
+def test_sign_ste_values_and_polynomial_gradient():
+    x = torch.tensor([-2., -1., -0.5, 0., 0.25, 0.5, 1., 3.],
+                     dtype=torch.float64, requires_grad=True)
+    y = sign_ste(x)
+    assert y.tolist() == [-1., -1., -1., 0., 1., 1., 1., 1.]
+    y.sum().backward()
+    # d/dx of the piecewise polynomial: 2 - 2|x| inside [-1, 1], else 0
+    assert x.grad.tolist() == [0., 0., 1., 2., 1.5, 1., 0., 0.]
+
+
+def _reference_binary_weight(w):
+    """The straight-through construction written with autograd only."""
+    dims = tuple(range(1, w.dim()))
+    scale = w.abs().mean(dim=dims, keepdim=True).detach()
+    c = w - w.mean(dim=dims, keepdim=True)
+    clipped = c.clamp(-1, 1)
+    return (scale * c.sign()).detach() - clipped.detach() + clipped
+
+
+def test_binarize_weight_two_values_per_channel_and_ste():
+    torch.manual_seed(0)
+    w = (torch.randn(6, 4, 3, 3, dtype=torch.float64) * 0.8).requires_grad_()
+    wb = binarize_weight(w)
+    for o in range(6):
+        values = wb[o].unique()
+        assert len(values) == 2
+        assert torch.allclose(values.abs(), w[o].abs().mean().expand(2))
+    # sign follows the centred weight
+    centred = w - w.mean(dim=(1, 2, 3), keepdim=True)
+    assert torch.equal(wb.sign(), centred.sign())
+    g = torch.randn_like(w)
+    (wb * g).sum().backward()
+    w2 = w.detach().clone().requires_grad_()
+    (_reference_binary_weight(w2) * g).sum().backward()
+    assert torch.allclose(w.grad, w2.grad, atol=1e-15)
+    assert (w.grad != 0).any()
+
+
+def test_binarize_weight_recu_clips_at_laplace_quantile():
+    torch.manual_seed(1)
+    w = torch.randn(8, 16, dtype=torch.float64, requires_grad=True)
+    wb = binarize_weight(w, recu=True)
+    assert torch.allclose(wb.abs(), w.abs().mean(1, keepdim=True).expand(8, 16))
+    wb.sum().backward()
+    c = w.detach() - w.detach().mean(1, keepdim=True)
+    z = c / (torch.sqrt(c.var(1, keepdim=True) + 1e-5) / 2 / math.sqrt(2))
+    tau = -z.abs().mean().item() * math.log(2 - 2 * 0.92)
+    # gradient flows only where |z| <= tau (some entries must be cut)
+    outside = z.abs() > tau
+    assert outside.any() and (~outside).any()
+    w3 = w.detach().clone().requires_grad_()
+    c3 = w3 - w3.mean(1, keepdim=True)
+    z3 = c3 / (torch.sqrt(c3.var(1, keepdim=True) + 1e-5) / 2 / math.sqrt(2))
+    z3.clamp(-tau, tau).sum().backward()
+    assert torch.allclose(w.grad, w3.grad, atol=1e-12)
+
+
+def test_binary_conv_bits_switch():
+    torch.manual_seed(0)
+    x = torch.randn(2, 8, 6, 6, dtype=torch.float64)
+    conv = BinaryConv2d(8, 8, 3, padding=1, groups=4, weight_bits=32,
+                        act_bits=32).double()
+    ref = F.conv2d(x, conv.weight, conv.bias, padding=1, groups=4)
+    assert torch.allclose(conv(x), ref)
+    conv.weight_bits = conv.act_bits = 1
+    out = conv(x)
+    ref = F.conv2d(x.sign(), binarize_weight(conv.weight), conv.bias,
+                   padding=1, groups=4)
+    assert torch.allclose(out, ref)
+    assert conv.is_binary
+    with pytest.raises(ValueError, match='weight_bits must be one of'):
+        BinaryConv2d(4, 4, 1, weight_bits=8)
+
+
+def test_rprelu_and_layerscale_formulas():
+    x = torch.tensor([[-2., 0.5], [1., -1.]]).view(1, 2, 2, 1)
+    act = RPReLU(2)
+    with torch.no_grad():
+        act.bias_in.copy_(torch.tensor([0.5, -0.5]))
+        act.weight.copy_(torch.tensor([0.1, 0.2]))
+        act.bias_out.copy_(torch.tensor([1., 2.]))
+    # channel 0: x-0.5 = [-2.5, 0.0] -> [-0.25, 0] + 1
+    # channel 1: x+0.5 = [1.5, -0.5] -> [1.5, -0.1] + 2
+    expected = torch.tensor([[0.75, 1.0], [3.5, 1.9]]).view(1, 2, 2, 1)
+    assert torch.allclose(act(x), expected)
+    ls = LayerScale(2, init_value=0.)
+    assert torch.equal(ls(x), torch.zeros_like(x))
+    with torch.no_grad():
+        ls.scale.fill_(2.)
+        ls.bias.copy_(torch.tensor([1., -1.]))
+    assert torch.allclose(ls(x), x * 2 + torch.tensor([1., -1.]).view(1, 2, 1, 1))
+
+
+def test_gsb_decomposes_into_binary_maps():
+    torch.manual_seed(0)
+    p = torch.softmax(torch.randn(2, 3, 5, 7, dtype=torch.float64) * 3, -1)
+    gsb = GSBAttentionBinarizer().double()
+    with torch.no_grad():
+        gsb.alpha.fill_(0.4)
+        gsb.beta1.fill_(1.5)
+        gsb.beta2.fill_(2.5)
+    out = gsb(p)
+    (t0, t1, t2), (s0, s1, s2) = gsb.masks(p)
+    for t in (t1, t2):
+        assert set(t.unique().tolist()) <= {0., 1.}
+    assert set(t0.unique().tolist()) <= {-1., 0., 1.}
+    assert torch.allclose(out, s0 * t0 + s1 * t1 + s2 * t2)
+    # hand computation of the thresholds for one row
+    q = p[0, 0, 0] / 0.4
+    m = q.max()
+    assert torch.equal(t2[0, 0, 0], (q > 0.9 * m).double())
+    assert torch.equal(t1[0, 0, 0], (q > 0.7 * m).double() - (q > 0.9 * m).double())
+
+
+def test_gsb_custom_gradients():
+    p = torch.tensor([[[[0.1, 0.3, 0.6]]]], dtype=torch.float64,
+                     requires_grad=True)
+    gsb = GSBAttentionBinarizer().double()
+    with torch.no_grad():
+        gsb.alpha.fill_(0.5)   # q = [0.2, 0.6, 1.2], max 1.2
+        gsb.beta1.fill_(2.)
+        gsb.beta2.fill_(3.)
+    out = gsb(p)
+    # T2 = [q > 1.08] = [0,0,1]; above 0.84: [0,0,1] -> T1 = 0
+    # T0 = round(q).clip(0,1) - [q>0.84] = [0,1,1] - [0,0,1] = [0,1,0]
+    assert out.tolist() == [[[[0., 0.5, 1.5]]]]
+    g = torch.tensor([[[[1., 2., 3.]]]], dtype=torch.float64)
+    (out * g).sum().backward()
+    assert p.grad.tolist() == [[[[0., 1., 4.5]]]]       # alpha * levels * g
+    # d/dalpha = sum g * levels * (1 - q [0<=q<=1]) = 2*1*(1-0.6) + 3*3*1
+    assert gsb.alpha.grad.item() == pytest.approx(0.8 + 9.)
+    assert gsb.beta1.grad.item() == 0.
+    assert gsb.beta2.grad.item() == pytest.approx(0.5 * 3.)
+
+
+def test_lsq_attention_levels_and_data_init():
+    torch.manual_seed(0)
+    q = LSQAttentionQuantizer(num_heads=2).double().train()
+    p = torch.softmax(torch.randn(3, 2, 4, 4, dtype=torch.float64), -1)
+    out = q(p)
+    assert q.initialized.item() == 1
+    expected_step = 2 * (3 * p).abs().mean(dim=(-1, -2)).mean(0) / math.sqrt(3)
+    assert torch.allclose(q.step.detach(), expected_step)
+    levels = out / q.step.detach().view(1, -1, 1, 1)
+    assert torch.allclose(levels, levels.round(), atol=1e-12)
+    assert levels.min() >= 0 and levels.max() <= 3
+    # second call does not re-initialise
+    with torch.no_grad():
+        q.step.fill_(0.7)
+    q(p)
+    assert torch.all(q.step == 0.7)
+    with pytest.raises(ValueError, match='heads=2'):
+        q(torch.rand(1, 3, 4, 4))
+
+
+def test_lsq_gradient_scale():
+    q = LSQAttentionQuantizer(num_heads=1).double()
+    q.initialized.fill_(1)
+    p = torch.full((1, 1, 2, 2), 0.25, dtype=torch.float64)
+    out = q(p)   # x = 0.75 -> round(0.75) = 1 -> out = step
+    out.sum().backward()
+    g = 1 / math.sqrt(4 * 3)
+    # d out / d step = level + (x/step)' ... through round STE:
+    # out = round(x/s + z) * s  -> d/ds = round(.) + s * (-x/s^2) = 1 - 0.75
+    assert q.step.grad.item() == pytest.approx(4 * (1 - 0.75) * g)
+    assert q.zero_point.grad.item() == pytest.approx(4 * 1. * g)

@@ -1,0 +1,504 @@
+# Copyright (c) mmbhvit contributors. Licensed under the Apache License 2.0.
+"""Export with bit-packed weights and the packed CPU engine.
+
+Exactness strategy. The engine computes every ±1 product as an integer
+(popcount), so run in float64 it must reproduce the float64 PyTorch model up
+to float64 round-off (asserted at 1e-9 relative). In float32 a sign whose
+input lies within rounding error of its threshold can flip, and binarized
+attention amplifies such flips; the PyTorch model run in float32 shows the
+same effect. The float32 engine is therefore asserted to be as close to the
+float64 model as the float32 PyTorch model is (with a margin), and the
+C++ kernels and the pure-PyTorch fallback are asserted to agree exactly.
+"""
+import copy
+import importlib.util
+import json
+import logging
+import os.path as osp
+
+import numpy as np
+import pytest
+import torch
+
+import mmbhvit  # noqa: F401
+from mmbhvit.converters import (convert_official_state_dict,
+                                official_flags_to_backbone_cfg)
+from mmbhvit.deploy import (PackedBHViT, PackedClassifier, export_model,
+                            load_packed, pack_bits, save_packed, unpack_bits)
+from mmbhvit.deploy import ops as deploy_ops
+from mmbhvit.deploy.testing import (calibrate_random_model, decision_flips,
+                                    diff_stats)
+from mmbhvit.models import BHViT
+from mmbhvit.testing.parity import build_classifier
+
+ROOT = osp.dirname(osp.dirname(osp.abspath(__file__)))
+FIXTURES = osp.join(ROOT, '..', 'shared', 'fixtures', 'bhvit_reference')
+BINARY_FIXTURES = ('tiny_default', 'tiny_gsb', 'tiny_binary_embed_recu')
+HAS_EXT = deploy_ops.extension_available()
+DEFAULT_SCOPE = 'mmseg'  # mmseg inference pipelines; see tests/conftest.py
+needs_ext = pytest.mark.skipif(
+    not HAS_EXT, reason='packed-bit C++ kernels not built: '
+    f'{deploy_ops.extension_error()}')
+
+# float64 engine vs float64 PyTorch: only round-off differs
+EXACT = 1e-9
+# float32 engine error vs float32 PyTorch error (both against float64)
+MARGIN = 4.0
+
+
+def _quiet():
+    from mmengine.logging import MMLogger
+    MMLogger.get_current_instance().setLevel(logging.WARNING)
+
+
+def _mmpretrain_scope():
+    from mmengine.registry import DefaultScope
+    return DefaultScope.overwrite_default_scope('mmpretrain')
+
+
+def _fixture_model(name):
+    d = osp.join(FIXTURES, name)
+    with open(osp.join(d, 'config.json')) as f:
+        meta = json.load(f)
+    cfg = official_flags_to_backbone_cfg(meta['model_config'], meta['flags'])
+    sd = torch.load(osp.join(d, 'state_dict.pt'), weights_only=True)
+    conv = convert_official_state_dict(sd, num_heads=cfg['arch']['num_heads'])
+    with _mmpretrain_scope():
+        model = build_classifier(cfg, int(meta['flags']['num_labels']))
+    model.load_state_dict(conv.state_dict, strict=True)
+    x = torch.load(osp.join(d, 'input.pt'), weights_only=True)
+    logits = torch.load(osp.join(d, 'logits.pt'), weights_only=True)
+    return model.eval(), x, logits
+
+
+REDUCED = dict(embed_dims=[32, 64, 128, 128], depths=[1, 1, 2, 1],
+               num_heads=[1, 2, 4, 2], mlp_ratios=[4, 2, 2, 4])
+
+
+def _reduced_classifier(seed=0, size=(64, 96), **kw):
+    torch.manual_seed(seed)
+    _quiet()
+    with _mmpretrain_scope():
+        model = build_classifier(dict(type='BHViT', arch=REDUCED, **kw), 7)
+    model.init_weights()
+    return calibrate_random_model(model, size, seed=seed)
+
+
+def _reduced_backbone(seed=0, size=(64, 96), **kw):
+    torch.manual_seed(seed)
+    _quiet()
+    model = BHViT(REDUCED, **kw)
+    model.init_weights()
+    return calibrate_random_model(model, size, seed=seed)
+
+
+# --------------------------------------------------------------------------
+# packing
+# --------------------------------------------------------------------------
+@pytest.mark.parametrize('n', [1, 16, 63, 64, 65, 130])
+def test_pack_unpack_roundtrip(n):
+    bits = torch.rand(3, 5, n) > 0.5
+    bits[..., -1] = True  # the top bit of a full word is the int64 sign
+    words = pack_bits(bits)
+    assert words.dtype == torch.int64 and words.shape == (3, 5, (n + 63) // 64)
+    assert torch.equal(unpack_bits(words, n), bits)
+    if n == 64:
+        assert (words < 0).all()  # bit 63 set
+    single = pack_bits(torch.tensor([True] + [False] * (n - 1)))
+    assert single.tolist()[0] == 1
+
+
+# --------------------------------------------------------------------------
+# kernels: C++ (every instruction set this CPU has) vs PyTorch fallback
+# --------------------------------------------------------------------------
+def _isas():
+    if not HAS_EXT:
+        return []
+    return deploy_ops.load_extension().available_isas()
+
+
+@pytest.fixture(params=['avx512', 'avx2', 'generic'])
+def isa(request):
+    if request.param not in _isas():
+        pytest.skip(f'{request.param} kernels not available here')
+    ext = deploy_ops.load_extension()
+    old = ext.isa()
+    ext.set_isa(request.param)
+    yield request.param
+    ext.set_isa(old)
+
+
+def _proj_tensors(prefix, cin, cout, g):
+    t = {f'{prefix}.wbits': pack_bits(torch.rand(cout, cin, generator=g) > .5)}
+    t[f'{prefix}.thr'] = 0.3 * torch.randn(cin, generator=g)
+    for n in ('a', 'b', 'slope', 'post_scale', 'post_bias'):
+        t[f'{prefix}.{n}'] = torch.randn(cout, generator=g)
+    return t
+
+
+@needs_ext
+@pytest.mark.parametrize('dtype', [torch.float32, torch.float64])
+def test_kernels_match_fallback(isa, dtype):
+    g = torch.Generator().manual_seed(0)
+    # binary 1x1 projections, every shortcut, widths off the word size
+    for cin, cout, sc in [(64, 64, 'identity'), (32, 256, 'tile'),
+                          (512, 64, 'mean'), (96, 32, 'mean'),
+                          (100, 36, 'none'), (36, 108, 'tile')]:
+        t = _proj_tensors('p', cin, cout, g)
+        spec = dict(prefix='p', cin=cin, cout=cout, shortcut=sc)
+        x = torch.randn(2, 13, cin, generator=g, dtype=dtype)
+        res = torch.randn(2, 13, cout, generator=g, dtype=dtype)
+        a = deploy_ops.BinaryProj(spec, t, dtype, 'cpp')(x, res)
+        b = deploy_ops.BinaryProj(spec, t, dtype, 'torch')(x, res)
+        assert torch.equal(a, b), (cin, cout, sc)
+    # fused MLP (expand + reduce + residual), as in blocks of ratio 1, 2, 8
+    for c, ratio in [(64, 8), (48, 2), (32, 1), (128, 4)]:
+        hid = c * ratio
+        t = _proj_tensors('e', c, hid, g)
+        t.update(_proj_tensors('r', hid, c, g))
+        layers = {}
+        for be in ('cpp', 'torch'):
+            e = deploy_ops.BinaryProj(
+                dict(prefix='e', cin=c, cout=hid,
+                     shortcut='tile' if ratio > 1 else 'identity'), t, dtype,
+                be)
+            r = deploy_ops.BinaryProj(
+                dict(prefix='r', cin=hid, cout=c,
+                     shortcut='mean' if ratio > 1 else 'identity'), t, dtype,
+                be)
+            layers[be] = deploy_ops.BinaryFFN(e, r)
+        x = torch.randn(2, 11, c, generator=g, dtype=dtype)
+        res = torch.randn(2, 11, c, generator=g, dtype=dtype)
+        a, b = (layers[be](x, res) for be in ('cpp', 'torch'))
+        assert torch.equal(a, b), (c, ratio)
+        assert torch.equal(a, layers['cpp'].reduce(layers['cpp'].expand(x),
+                                                   res))
+    # MSGDC: groups of 8 / 16 / 20 / 32 / 128 bits (16 and 32: the lane
+    # path of the AVX-512 and AVX2 kernels), dilations up to 5 on small maps
+    for c, groups, hw in [(32, 4, (5, 7)), (64, 4, (9, 6)), (80, 4, (4, 4)),
+                          (128, 4, (6, 5)), (256, 2, (3, 11))]:
+        cg = c // groups
+        t = {}
+        for n in ('norm1.scale', 'norm1.bias', 'norm2.scale', 'norm2.bias',
+                  'mixer.thr', 'mixer.out_scale', 'mixer.out_bias'):
+            t[f'b.{n}'] = torch.randn(c, generator=g)
+        for i in range(3):
+            t[f'b.mixer.conv{i}.wbits'] = pack_bits(
+                torch.rand(c, 9 * cg, generator=g) > .5)
+            for n in ('a', 'b', 'slope'):
+                t[f'b.mixer.conv{i}.{n}'] = torch.randn(c, generator=g)
+        spec = dict(prefix='b', channels=c, groups=groups,
+                    dilations=[1, 3, 5])
+        x = torch.randn(2, *hw, c, generator=g, dtype=dtype)
+        (h1, hn1), (h2, hn2) = (deploy_ops.MSGDCMixer(spec, t, dtype, be)(x)
+                                for be in ('cpp', 'torch'))
+        assert torch.equal(h1, h2) and torch.equal(hn1, hn2), (c, groups)
+    # binary patch merging (tile shortcut of the 2x2 average)
+    for cin, cout in [(32, 64), (64, 128), (20, 40)]:
+        t = _proj_tensors('m', cin, cout, g)
+        t['m.wbits'] = pack_bits(torch.rand(cout, 4 * cin, generator=g) > .5)
+        spec = dict(prefix='m', cin=cin, cout=cout)
+        x0 = torch.randn(2, 6, 10, cin, generator=g, dtype=dtype)
+        pos = torch.randn(3, 5, cout, generator=g, dtype=dtype)
+        a, b = (deploy_ops.BinaryMerge(spec, t, dtype, be)(x0, pos)
+                for be in ('cpp', 'torch'))
+        assert torch.equal(a, b)
+    # attention products, LSQ (2 bit planes) and GSB (4 planes), T > 64
+    for mode, heads, c, tokens in [('lsq', 4, 256, 74), ('gsb', 2, 128, 53),
+                                   ('lsq', 1, 48, 130), ('gsb', 3, 72, 9)]:
+        t = {f'a.mixer.{n}_thr': 0.2 * torch.randn(c, generator=g)
+             for n in 'qkv'}
+        for n in ('ctx.a', 'ctx.b', 'ctx.slope', 'ctx.post_bias'):
+            t[f'a.mixer.{n}'] = torch.randn(c, generator=g)
+        attn = dict(type=mode)
+        if mode == 'lsq':
+            attn['levels'] = 3
+            t['a.mixer.lsq.step'] = 0.01 + 0.05 * torch.rand(heads,
+                                                             generator=g)
+            t['a.mixer.lsq.zero'] = 0.1 * torch.randn(heads, generator=g)
+        else:
+            attn.update(alpha=0.006, a=0.006, b1=1.3, b2=0.8, low=0.7,
+                        high=0.9)
+        spec = dict(prefix='a', num_heads=heads, scale=(c // heads)**-0.5,
+                    attn=attn)
+        q, k, v = (torch.randn(3, tokens, c, generator=g, dtype=dtype)
+                   for _ in range(3))
+        layers = [deploy_ops.BinaryAttention(spec, t, dtype, be)
+                  for be in ('cpp', 'torch')]
+        s1, s2 = (m.scores(q, k) for m in layers)
+        assert torch.equal(s1, s2)
+        p = torch.softmax(s1, -1)
+        o1, o2 = (m.context(p, q, k, v) for m in layers)
+        assert torch.equal(o1, o2), mode
+    # shift branches (circular, maps smaller than the filter too)
+    t = {'s.weight': torch.randn(9, 24, generator=g),
+         's.bias': torch.randn(24, generator=g)}
+    spec = dict(prefix='s', dy=[-2, -1, 0, 0, 0, 0, 0, 1, 2],
+                dx=[0, 0, -2, -1, 0, 1, 2, 0, 0])
+    for hw in [(7, 9), (1, 3), (2, 2)]:
+        x = torch.randn(2, *hw, 24, generator=g, dtype=dtype)
+        res = torch.randn(2, *hw, 24, generator=g, dtype=dtype)
+        a, b = (deploy_ops.ShiftConv(spec, t, dtype, be)(x, res)
+                for be in ('cpp', 'torch'))
+        assert torch.equal(a, b)
+
+
+@needs_ext
+def test_every_kernel_set_runs_the_model_exactly(isa):
+    model = _reduced_backbone(attn_binarizer='gsb', binary_merge=True,
+                              size=(80, 72))
+    packed = export_model(model)
+    x = torch.randn(1, 3, 80, 72, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        ours = PackedBHViT(packed, backend='cpp')(x)
+        ref = PackedBHViT(packed, backend='torch')(x)
+    for a, b in zip(ours, ref):
+        assert torch.equal(a, b), isa
+
+
+# --------------------------------------------------------------------------
+# fixtures of the official implementation
+# --------------------------------------------------------------------------
+@pytest.mark.parametrize('name', BINARY_FIXTURES)
+def test_engine_matches_official_fixture(name):
+    model, x, ref = _fixture_model(name)
+    m64 = copy.deepcopy(model).double()
+    with torch.no_grad():
+        e64 = PackedClassifier(export_model(m64, torch.float64),
+                               torch.float64)
+        out64 = e64(x)
+        out32 = PackedClassifier(export_model(m64))(x)
+        torch32 = model(x, mode='tensor')
+    # packed arithmetic is exact: float64 engine == float64 official model
+    assert diff_stats(out64, ref)['max_rel'] < EXACT
+    err32 = diff_stats(out32, ref)['max_abs']
+    err_torch32 = diff_stats(torch32, ref)['max_abs']
+    assert err32 <= MARGIN * err_torch32 + 1e-6 * ref.abs().max()
+    assert err32 < 1e-4
+
+
+@pytest.mark.parametrize('name', ['tiny_binary_embed_recu'])
+def test_forced_fallback_gives_identical_results(name, monkeypatch):
+    """Without the extension the engine falls back to PyTorch ops on the same
+    packed bits, with the same results."""
+    model, x, ref = _fixture_model(name)
+    packed = export_model(model)
+    with torch.no_grad():
+        fast = PackedClassifier(packed)(x) if HAS_EXT else None
+        monkeypatch.setattr(deploy_ops, '_EXT', None)
+        monkeypatch.setattr(deploy_ops, '_EXT_TRIED', True)
+        monkeypatch.setattr(deploy_ops, '_EXT_ERROR', 'simulated')
+        assert deploy_ops.resolve_backend('auto') == 'torch'
+        with pytest.raises(RuntimeError, match='not available'):
+            deploy_ops.resolve_backend('cpp')
+        engine = PackedClassifier(packed)
+        assert engine.backbone.backend == 'torch'
+        slow = engine(x)
+    assert diff_stats(slow, ref)['max_abs'] < 1e-4
+    if fast is not None:
+        assert torch.equal(fast, slow)
+
+
+# --------------------------------------------------------------------------
+# reduced widths: every option, odd sizes
+# --------------------------------------------------------------------------
+@pytest.mark.parametrize('kw,size', [
+    (dict(attn_binarizer='lsq'), (64, 96)),
+    (dict(attn_binarizer='gsb', binary_merge=True, recu=True), (70, 45)),
+    (dict(shift5=False, layer_scale=False, window_size=5), (101, 66)),
+    (dict(shift3=False, shift5=False, out_indices=(1, 3), final_norm=False),
+     (64, 64)),
+])
+def test_reduced_models_exact_in_float64(kw, size):
+    model = _reduced_backbone(size=size, **kw)
+    x = torch.randn(2, 3, *size, generator=torch.Generator().manual_seed(1))
+    m64 = copy.deepcopy(model).double()
+    packed64 = export_model(m64, torch.float64)
+    with torch.no_grad():
+        ref = m64(x.double())
+        backends = ['cpp', 'torch'] if HAS_EXT else ['torch']
+        outs = {be: PackedBHViT(packed64, torch.float64, be)(x)
+                for be in backends}
+    for be, out in outs.items():
+        assert len(out) == len(ref)
+        for o, r in zip(out, ref):
+            assert o.shape == r.shape and o.is_contiguous()
+            assert diff_stats(o, r)['max_rel'] < EXACT, be
+    if HAS_EXT:
+        for a, b in zip(outs['cpp'], outs['torch']):
+            assert torch.equal(a, b)
+
+
+# --------------------------------------------------------------------------
+# file format
+# --------------------------------------------------------------------------
+def test_export_file_is_weights_only_and_packed(tmp_path):
+    model = _reduced_classifier(attn_binarizer='gsb', binary_merge=True)
+    packed = export_model(model, meta=dict(note='test'))
+    path = str(tmp_path / 'm.packed.pth')
+    save_packed(packed, path)
+    loaded = torch.load(path, map_location='cpu', weights_only=True)
+    json.dumps(loaded['graph'])
+    assert load_packed(path)['graph']['head']['num_classes'] == 7
+    stats = loaded['graph']['stats']
+    n_binary = sum(
+        m.weight.numel() for m in model.modules()
+        if type(m).__name__ == 'BinaryConv2d')
+    assert stats['binary_weights'] == n_binary
+    words = [t for k, t in loaded['tensors'].items() if k.endswith('.wbits')]
+    assert all(t.dtype == torch.int64 for t in words)
+    packed_bytes = sum(t.numel() * 8 for t in words)
+    assert packed_bytes == stats['packed_weight_bytes']
+    # 1 bit per weight up to the last word of each output channel
+    assert 4 * n_binary / packed_bytes > 28
+    with torch.no_grad():
+        a = PackedClassifier(path)(torch.ones(1, 3, 64, 64))
+        b = PackedClassifier(packed)(torch.ones(1, 3, 64, 64))
+    assert torch.equal(a, b)
+    with pytest.raises(ValueError, match='not an exported packed BHViT'):
+        load_packed(dict(state_dict={}))
+
+
+def test_export_rejects_full_precision_counterpart():
+    fp = BHViT(REDUCED, weight_bits=32, act_bits=32).eval()
+    with pytest.raises(NotImplementedError, match='fully binary'):
+        export_model(fp)
+
+
+def _tool(rel):
+    path = osp.join(ROOT, 'tools', rel)
+    spec = importlib.util.spec_from_file_location(osp.basename(rel)[:-3],
+                                                  path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_export_cli(tmp_path, capsys):
+    out = str(tmp_path / 'demo.packed.pth')
+    tool = _tool('deployment/export_binary.py')
+    config = osp.join(ROOT, 'configs/bhvit/bhvit-reduced_demo-cls.py')
+    assert tool.main([config, 'none', out]) == 0
+    text = capsys.readouterr().out
+    assert 'binary weights' in text and 'smaller' in text
+    engine = PackedClassifier(out)
+    with torch.no_grad():
+        assert engine(torch.rand(1, 3, 64, 64)).shape == (1, 5)
+
+
+# --------------------------------------------------------------------------
+# segmentation: shipped config at 512x512, mmseg inference with the engine
+# --------------------------------------------------------------------------
+SEG_CONFIG = osp.join(ROOT, 'configs/bhvit/upernet_bhvit-tiny_demo-shapes.py')
+
+
+@pytest.fixture(scope='module')
+def seg_model():
+    import mmbhvit.datasets  # noqa: F401  (CheckLabelRange)
+    from mmseg.apis import init_model
+    _quiet()
+    torch.manual_seed(0)
+    model = init_model(SEG_CONFIG, None, device='cpu')
+    return calibrate_random_model(model, (128, 128), seed=0)
+
+
+def test_segmentation_backbone_512(seg_model):
+    x = torch.randn(1, 3, 512, 512, generator=torch.Generator().manual_seed(3))
+    bb64 = copy.deepcopy(seg_model.backbone).double()
+    with torch.no_grad():
+        ref = bb64(x.double())
+        torch32 = seg_model.backbone(x)
+        e64 = PackedBHViT(export_model(bb64, torch.float64), torch.float64)
+        rec64 = e64.record()
+        out64 = e64(x)
+        e32 = PackedBHViT(export_model(bb64))
+        rec32 = e32.record()
+        out32 = e32(x)
+    assert [o.shape[-1] for o in out64] == [128, 64, 32, 16]
+    for i, (o64, o32, t32, r) in enumerate(zip(out64, out32, torch32, ref)):
+        assert diff_stats(o64, r)['max_rel'] < EXACT
+        # float32: a few signs flip (in the engine and in PyTorch alike, at
+        # different places); binarized attention amplifies them in stages
+        # 3-4. Compare the RMS deviation from the exact result with the
+        # float32 PyTorch model's, with a 1% floor for isolated flips.
+        err = diff_stats(o32, r)['rms_rel']
+        err_torch = diff_stats(t32, r)['rms_rel']
+        assert err <= max(MARGIN * err_torch, 1e-2), (i, err, err_torch)
+    flips = decision_flips(rec32, rec64)
+    assert flips['decisions'] > 5e7
+    assert flips['fraction'] < 0.1
+
+
+class _Float64Backbone(torch.nn.Module):
+    """The PyTorch backbone run in float64, maps returned in float32."""
+
+    def __init__(self, backbone):
+        super().__init__()
+        self.inner = copy.deepcopy(backbone).double()
+
+    def forward(self, x):
+        return tuple(o.float() for o in self.inner(x.double()))
+
+
+def test_mmseg_inference_with_packed_backbone(seg_model, tmp_path):
+    from mmseg.apis import inference_model, show_result_pyplot
+
+    from mmbhvit.deploy.mmseg_backend import use_packed_backbone
+    meta = dict(classes=tuple('abcde'),
+                palette=[[i * 50, 0, 0] for i in range(5)])
+    rng = np.random.default_rng(0)
+    img = (rng.random((512, 512, 3)) * 255).astype(np.uint8)
+
+    def labels(model):
+        model.dataset_meta = meta
+        result = inference_model(model, img)
+        return result, result.pred_sem_seg.data
+
+    # exact reference: PyTorch backbone in float64, same float32 heads
+    exact = copy.deepcopy(seg_model)
+    exact.backbone = _Float64Backbone(seg_model.backbone)
+    _, ref = labels(exact)
+    _, torch32 = labels(copy.deepcopy(seg_model))
+    path = str(tmp_path / 'seg.packed.pth')
+    save_packed(export_model(copy.deepcopy(seg_model).double(),
+                             torch.float64), path)
+    model64 = copy.deepcopy(seg_model)
+    use_packed_backbone(model64, path, dtype=torch.float64)
+    _, ours64 = labels(model64)
+    model = copy.deepcopy(seg_model)
+    assert use_packed_backbone(model, path) is model
+    assert isinstance(model.backbone, PackedBHViT)
+    result, ours = labels(model)
+    assert ours.shape == ref.shape == (1, 512, 512)
+    # float64 engine inside mmseg: the same segmentation as PyTorch
+    assert (ours64 != ref).double().mean().item() < 1e-4
+    # float32: this random model flips ~1-3% of its sign decisions in
+    # float32 (PyTorch and engine alike, at different places; attention
+    # amplifies them) and a random head has tiny class margins, so some
+    # labels move in both; a sanity bound only, the float64 check above is
+    # the exact one
+    frac = (ours != ref).double().mean().item()
+    frac_torch = (torch32 != ref).double().mean().item()
+    assert frac <= max(MARGIN * frac_torch, 0.1), (frac, frac_torch)
+    out = str(tmp_path / 'overlay.png')
+    show_result_pyplot(model, img, result, show=False, out_file=out)
+    assert osp.isfile(out)
+    # a backbone of other widths is refused
+    other = copy.deepcopy(seg_model)
+    with pytest.raises(ValueError, match='widths'):
+        use_packed_backbone(other, export_model(_reduced_backbone()))
+
+
+def test_benchmark_tool_smoke(capsys):
+    from mmbhvit.deploy.benchmark import benchmark_task, format_result
+    binary = _reduced_classifier()
+    torch.manual_seed(0)
+    _quiet()
+    with _mmpretrain_scope():
+        fp = build_classifier(
+            dict(type='BHViT', arch=REDUCED, weight_bits=32, act_bits=32),
+            7).eval()
+    res = benchmark_task('cls', binary, fp, (64, 64), [1], iters=2, warmup=1,
+                         profile=True)
+    text = format_result(res)
+    assert '(c) packed engine' in text and 'mlp expand' in text

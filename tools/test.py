@@ -1,0 +1,160 @@
+# Copyright (c) mmbhvit contributors. Licensed under the Apache License 2.0.
+"""Test (and evaluate) a segmentor (mmseg's ``tools/test.py`` CLI).
+
+Like ``tools/train.py``: imports ``mmbhvit`` first, checks the test data and
+the class count before building the Runner, adapts CPU runs, and loads
+mmengine checkpoints under torch >= 2.6.
+
+Example::
+
+    python tools/test.py configs/bhvit/upernet_bhvit_ade20k.py CKPT \
+        --show-dir vis --out preds
+"""
+import argparse
+import contextlib
+import os
+import os.path as osp
+import sys
+
+sys.path.insert(0, osp.dirname(osp.dirname(osp.abspath(__file__))))
+# CPU runs: OpenMP threads that busy-wait collapse on a shared CPU.
+os.environ.setdefault('OMP_WAIT_POLICY', 'PASSIVE')
+
+import mmbhvit  # noqa: E402,F401  (before mmseg: mmcv-lite shim, registries)
+from mmbhvit.datasets import DatasetMetaError  # noqa: E402
+from mmbhvit.utils.data_check import (DataCheckError,  # noqa: E402
+                                      check_data_config)
+from mmbhvit.utils.launch import setup_cpu_runtime  # noqa: E402
+from mmengine.config import Config, DictAction  # noqa: E402
+from mmengine.runner import Runner  # noqa: E402
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(
+        description='MMSeg test (and eval) a model')
+    parser.add_argument('config', help='test config file path')
+    parser.add_argument('checkpoint', help='checkpoint file')
+    parser.add_argument(
+        '--work-dir',
+        help=('if specified, the evaluation metric results will be dumped '
+              'into the directory as json'))
+    parser.add_argument(
+        '--out',
+        type=str,
+        help='The directory to save output prediction for offline evaluation')
+    parser.add_argument(
+        '--show', action='store_true', help='show prediction results')
+    parser.add_argument(
+        '--show-dir',
+        help='directory where painted images will be saved. '
+        'If specified, it will be automatically saved '
+        'to the work_dir/timestamp/show_dir')
+    parser.add_argument(
+        '--wait-time', type=float, default=2, help='the interval of show (s)')
+    parser.add_argument(
+        '--cfg-options',
+        nargs='+',
+        action=DictAction,
+        help='override some settings in the used config, the key-value pair '
+        'in xxx=yyy format will be merged into config file. If the value to '
+        'be overwritten is a list, it should be like key="[a,b]" or key=a,b '
+        'It also allows nested list/tuple values, e.g. key="[(a,b),(c,d)]" '
+        'Note that the quotation marks are necessary and that no white space '
+        'is allowed.')
+    parser.add_argument(
+        '--launcher',
+        choices=['none', 'pytorch', 'slurm', 'mpi'],
+        default='none',
+        help='job launcher')
+    parser.add_argument(
+        '--tta', action='store_true', help='Test time augmentation')
+    parser.add_argument('--local_rank', '--local-rank', type=int, default=0)
+    args = parser.parse_args(argv)
+    if 'LOCAL_RANK' not in os.environ:
+        os.environ['LOCAL_RANK'] = str(args.local_rank)
+    return args
+
+
+def trigger_visualization_hook(cfg, args):
+    default_hooks = cfg.default_hooks
+    if 'visualization' not in default_hooks:
+        raise RuntimeError(
+            'VisualizationHook must be included in default_hooks, e.g. '
+            '"visualization=dict(type=\'SegVisualizationHook\')"')
+    hook = default_hooks['visualization']
+    hook['draw'] = True
+    # mmseg's default draws every 50th batch only; draw them all here
+    hook['interval'] = 1
+    if args.show:
+        hook['show'] = True
+        hook['wait_time'] = args.wait_time
+    if args.show_dir:
+        cfg.visualizer['save_dir'] = args.show_dir
+    return cfg
+
+
+def drop_training_settings(cfg: Config) -> None:
+    """Testing needs the test split only.
+
+    The train/val dataloaders stay lazy in the Runner, but mmseg's
+    visualization hook reads ``runner.iter``, which builds the train loop
+    and hence the train dataset: ``--show-dir`` would fail wherever the
+    training data is absent (e.g. evaluating a released checkpoint). The
+    Runner wants each group all set or all ``None``.
+    """
+    for key in ('train_dataloader', 'train_cfg', 'optim_wrapper',
+                'param_scheduler', 'val_dataloader', 'val_cfg',
+                'val_evaluator'):
+        cfg[key] = None
+
+
+def build_cfg(args) -> Config:
+    cfg = Config.fromfile(args.config)
+    cfg.launcher = args.launcher
+    if args.cfg_options is not None:
+        cfg.merge_from_dict(args.cfg_options)
+    if args.work_dir is not None:
+        cfg.work_dir = args.work_dir
+    elif cfg.get('work_dir', None) is None:
+        cfg.work_dir = osp.join('./work_dirs',
+                                osp.splitext(osp.basename(args.config))[0])
+    cfg.load_from = args.checkpoint
+    drop_training_settings(cfg)
+    setup_cpu_runtime(cfg)
+    if args.show or args.show_dir:
+        cfg = trigger_visualization_hook(cfg, args)
+    return cfg
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    cfg = build_cfg(args)
+    if not osp.isfile(args.checkpoint) and '://' not in args.checkpoint:
+        sys.stderr.write(f'\nERROR: checkpoint {args.checkpoint} not found.\n')
+        sys.exit(2)
+    try:
+        if cfg.get('default_scope') == 'mmpretrain':  # classification
+            from mmbhvit.utils.cls_data_check import check_cls_config
+            check_cls_config(cfg, ('test', ), check_teacher=False)
+        else:
+            check_data_config(cfg, phases=('test', ))
+    except (DataCheckError, DatasetMetaError, FileNotFoundError) as e:
+        sys.stderr.write(f'\nERROR ({osp.basename(args.config)}): {e}\n')
+        sys.exit(2)
+
+    if args.tta:
+        cfg.test_dataloader.dataset.pipeline = cfg.tta_pipeline
+        cfg.tta_model.module = cfg.model
+        cfg.model = cfg.tta_model
+    if args.out is not None:
+        cfg.test_evaluator['output_dir'] = args.out
+        cfg.test_evaluator['keep_results'] = True
+
+    runner = Runner.from_cfg(cfg)
+    with getattr(mmbhvit.compat, 'resume_safe_globals',
+                 contextlib.nullcontext)():
+        runner.test()
+
+
+if __name__ == '__main__':
+    main()

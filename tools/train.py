@@ -1,0 +1,124 @@
+# Copyright (c) mmbhvit contributors. Licensed under the Apache License 2.0.
+"""Train a segmentor (mmseg's ``tools/train.py`` CLI) with BHViT.
+
+Differences from mmseg's script: ``mmbhvit`` is imported first (mmcv-lite
+support, registries), the dataset folders and the class count are checked
+before the Runner is built (one clear message instead of a worker stack
+trace), runs without CUDA are adapted (gloo, SyncBN -> BN, ``--amp``
+falls back to float32 with a warning), and ``--resume`` can read mmengine
+checkpoints under torch >= 2.6 (weights-only loading, with mmengine's few
+extra classes allow-listed).
+
+Example::
+
+    python tools/train.py configs/bhvit/upernet_bhvit_ade20k.py \
+        --cfg-options model.backbone.init_cfg.checkpoint=PATH
+"""
+import argparse
+import contextlib
+import os
+import os.path as osp
+import sys
+
+sys.path.insert(0, osp.dirname(osp.dirname(osp.abspath(__file__))))
+# CPU runs: OpenMP threads that busy-wait collapse on a shared CPU.
+os.environ.setdefault('OMP_WAIT_POLICY', 'PASSIVE')
+
+import mmbhvit  # noqa: E402,F401  (before mmseg: mmcv-lite shim, registries)
+from mmbhvit.datasets import DatasetMetaError  # noqa: E402
+from mmbhvit.utils.data_check import (DataCheckError,  # noqa: E402
+                                      check_data_config)
+from mmbhvit.utils.launch import setup_amp, setup_cpu_runtime  # noqa: E402
+from mmengine.config import Config, DictAction  # noqa: E402
+from mmengine.runner import Runner  # noqa: E402
+
+from mmseg.registry import RUNNERS  # noqa: E402
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description='Train a segmentor')
+    parser.add_argument('config', help='train config file path')
+    parser.add_argument('--work-dir', help='the dir to save logs and models')
+    parser.add_argument(
+        '--resume',
+        action='store_true',
+        default=False,
+        help='resume from the latest checkpoint in the work_dir automatically')
+    parser.add_argument(
+        '--amp',
+        action='store_true',
+        default=False,
+        help='enable automatic-mixed-precision training (needs a GPU; '
+        'ignored with a warning on the CPU)')
+    parser.add_argument(
+        '--cfg-options',
+        nargs='+',
+        action=DictAction,
+        help='override some settings in the used config, the key-value pair '
+        'in xxx=yyy format will be merged into config file. If the value to '
+        'be overwritten is a list, it should be like key="[a,b]" or key=a,b '
+        'It also allows nested list/tuple values, e.g. key="[(a,b),(c,d)]" '
+        'Note that the quotation marks are necessary and that no white space '
+        'is allowed.')
+    parser.add_argument(
+        '--launcher',
+        choices=['none', 'pytorch', 'slurm', 'mpi'],
+        default='none',
+        help='job launcher')
+    # torch.distributed.launch passes --local-rank (torch >= 2.0) or
+    # --local_rank; torchrun sets LOCAL_RANK instead.
+    parser.add_argument('--local_rank', '--local-rank', type=int, default=0)
+    args = parser.parse_args(argv)
+    if 'LOCAL_RANK' not in os.environ:
+        os.environ['LOCAL_RANK'] = str(args.local_rank)
+    return args
+
+
+def build_cfg(args) -> Config:
+    """The config of ``args``, with the CLI overrides applied."""
+    cfg = Config.fromfile(args.config)
+    cfg.launcher = args.launcher
+    if args.cfg_options is not None:
+        cfg.merge_from_dict(args.cfg_options)
+    # work_dir priority: CLI > config file > ./work_dirs/<config name>
+    if args.work_dir is not None:
+        cfg.work_dir = args.work_dir
+    elif cfg.get('work_dir', None) is None:
+        cfg.work_dir = osp.join('./work_dirs',
+                                osp.splitext(osp.basename(args.config))[0])
+    setup_amp(cfg, args.amp)
+    setup_cpu_runtime(cfg)
+    cfg.resume = args.resume
+    return cfg
+
+
+def checkpoint_context():
+    """Allow-list mmengine's checkpoint classes for weights-only loading."""
+    return getattr(mmbhvit.compat, 'resume_safe_globals',
+                   contextlib.nullcontext)()
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    cfg = build_cfg(args)
+    phases = ('train', 'val') if cfg.get('val_cfg') else ('train', )
+    try:
+        if cfg.get('default_scope') == 'mmpretrain':  # classification
+            from mmbhvit.utils.cls_data_check import check_cls_config
+            check_cls_config(cfg, phases)
+        else:
+            check_data_config(cfg, phases)
+    except (DataCheckError, DatasetMetaError, FileNotFoundError) as e:
+        sys.stderr.write(f'\nERROR ({osp.basename(args.config)}): {e}\n')
+        sys.exit(2)
+
+    if 'runner_type' not in cfg:
+        runner = Runner.from_cfg(cfg)
+    else:
+        runner = RUNNERS.build(cfg)
+    with checkpoint_context():
+        runner.train()
+
+
+if __name__ == '__main__':
+    main()
