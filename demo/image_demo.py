@@ -6,6 +6,13 @@ Example::
     python demo/image_demo.py demo.png \
         configs/bhvit/upernet_bhvit-tiny_demo-shapes.py \
         --checkpoint work_dirs/demo/iter_600.pth --out-file overlay.png
+
+With the packed 1-bit engine as the backbone (``tools/deployment/
+export_binary.py`` writes the file; the heads keep the checkpoint's
+weights)::
+
+    python demo/image_demo.py demo.png CONFIG --checkpoint CKPT \
+        --backend packed --packed-model bhvit.packed.pth
 """
 import contextlib
 import os.path as osp
@@ -47,7 +54,30 @@ def parse_args(argv=None):
         default=False,
         help='write class names on the segments')
     parser.add_argument('--title', default='result', help='figure title')
-    return parser.parse_args(argv)
+    parser.add_argument(
+        '--backend',
+        choices=['pytorch', 'packed'],
+        default='pytorch',
+        help='backbone used for inference: the PyTorch model, or the '
+        'packed 1-bit engine (needs --packed-model)')
+    parser.add_argument(
+        '--packed-model',
+        default=None,
+        help='file written by tools/deployment/export_binary.py '
+        '(with --backend packed)')
+    args = parser.parse_args(argv)
+    if args.backend == 'packed':
+        if args.packed_model is None:
+            parser.error('--backend packed needs --packed-model FILE '
+                         '(written by tools/deployment/export_binary.py)')
+        if not osp.isfile(args.packed_model):
+            parser.error(f'packed model not found: {args.packed_model}')
+        if args.device != 'cpu':
+            parser.error('the packed engine runs on the CPU only; use '
+                         '--device cpu with --backend packed')
+    elif args.packed_model is not None:
+        parser.error('--packed-model is only used with --backend packed')
+    return args
 
 
 def fallback_meta(cfg: Config, num_classes: int) -> dict:
@@ -85,6 +115,12 @@ def main(argv=None):
     with getattr(mmbhvit.compat, 'resume_safe_globals',
                  contextlib.nullcontext)():
         model = init_model(cfg, args.checkpoint, device=args.device)
+    if args.backend == 'packed':
+        from mmbhvit.deploy.mmseg_backend import use_packed_backbone
+        use_packed_backbone(model, args.packed_model)
+        if args.checkpoint is None:
+            warnings.warn('--backend packed without --checkpoint: the heads '
+                          'have random weights.')
     if getattr(model, 'dataset_meta', None) is None:
         model.dataset_meta = fallback_meta(cfg,
                                            model.decode_head.num_classes)
@@ -99,7 +135,8 @@ def main(argv=None):
         draw_gt=False,
         show=False,
         out_file=args.out_file)
-    print(f'Saved the overlay to {args.out_file}')
+    print(f'Saved the overlay to {args.out_file} '
+          f'(backbone: {args.backend})')
 
 
 if __name__ == '__main__':

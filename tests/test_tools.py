@@ -10,6 +10,7 @@ import sys
 import textwrap
 
 import cv2
+import numpy as np
 import pytest
 import torch
 
@@ -225,3 +226,65 @@ def test_image_demo_writes_overlay(tmp_path, data_root):
     overlay = cv2.imread(str(out))
     assert overlay.shape == (64, 64, 3)
     assert (overlay != cv2.imread(img)).any()  # something was painted
+
+
+def test_image_demo_packed_backend_matches_pytorch(tmp_path, data_root):
+    """A checkpoint exported with tools/deployment/export_binary.py runs in
+    the demo with ``--backend packed`` and paints the same segmentation."""
+    import mmbhvit.datasets  # noqa: F401  (mmcv-lite shim, CheckLabelRange)
+    from mmseg.apis import init_model
+
+    from mmbhvit.compat import save_slim_checkpoint
+    from mmbhvit.deploy.testing import calibrate_random_model
+    torch.manual_seed(0)
+    model = init_model(DEMO_CFG, None, device='cpu')
+    calibrate_random_model(model, (64, 64), seed=1)
+    ckpt, packed = str(tmp_path / 'model.pth'), str(tmp_path / 'm.packed')
+    save_slim_checkpoint(model.state_dict(), ckpt)
+    done = _run([
+        osp.join(REPO, 'tools', 'deployment', 'export_binary.py'), DEMO_CFG,
+        ckpt, packed
+    ])
+    assert done.returncode == 0, done.stderr[-3000:]
+
+    img = osp.join(data_root, 'img_dir', 'val', '000001.png')
+    overlays = {}
+    for backend in ('pytorch', 'packed'):
+        out = str(tmp_path / f'{backend}.png')
+        extra = ['--packed-model', packed] if backend == 'packed' else []
+        done = _run([
+            osp.join(REPO, 'demo', 'image_demo.py'), img, DEMO_CFG,
+            '--checkpoint', ckpt, '--out-file', out, '--opacity', '1',
+            '--backend', backend, *extra
+        ])
+        assert done.returncode == 0, done.stderr[-3000:]
+        assert f'backbone: {backend}' in done.stdout
+        overlays[backend] = cv2.imread(out)
+    assert overlays['packed'].shape == (64, 64, 3)
+    # opacity 1: the overlay is the palette image of the labels; float32
+    # sign flips may move a few border pixels, never the picture
+    same = (overlays['packed'] == overlays['pytorch']).all(-1).mean()
+    assert same > 0.97, same
+    # and the picture is not trivial (several classes painted)
+    assert len(np.unique(overlays['packed'].reshape(-1, 3), axis=0)) > 1
+
+
+def test_image_demo_backend_arguments(tmp_path):
+    demo = _load(osp.join(REPO, 'demo', 'image_demo.py'), 'image_demo')
+    base = ['img.png', DEMO_CFG]
+    assert demo.parse_args(base).backend == 'pytorch'
+    for extra, message in [
+        (['--backend', 'packed'], 'needs --packed-model'),
+        (['--backend', 'packed', '--packed-model', 'missing.pth'],
+         'packed model not found: missing.pth'),
+        (['--packed-model', 'x.pth'], 'only used with --backend packed'),
+        (['--backend', 'onnx'], 'invalid choice'),
+    ]:
+        with pytest.raises(SystemExit) as err:
+            demo.parse_args(base + extra)
+        assert err.value.code == 2
+    packed = tmp_path / 'p.pth'
+    packed.write_bytes(b'')
+    with pytest.raises(SystemExit):
+        demo.parse_args(base + ['--backend', 'packed', '--packed-model',
+                                str(packed), '--device', 'cuda:0'])
