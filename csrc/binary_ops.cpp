@@ -678,29 +678,29 @@ torch::Tensor shift(const torch::Tensor& x,
 }
 
 // ---------------------------------------------------------------------------
+static WindowGrid window_grid(int64_t n, int64_t h, int64_t w, int64_t c,
+                              int64_t s) {
+  TORCH_CHECK(s >= 1, "window size must be positive");
+  return WindowGrid{n, h, w, c, s, (h + s - 1) / s, (w + s - 1) / s};
+}
+
 torch::Tensor attn_tokens(const torch::Tensor& x, const torch::Tensor& scale,
                           const torch::Tensor& bias, const torch::Tensor& mix,
                           const torch::Tensor& rest, int64_t s) {
   check_float(x, x, "x");
   TORCH_CHECK(x.dim() == 4, "x must be (N, H, W, C), got ", x.sizes());
-  TORCH_CHECK(s >= 1, "window size must be positive");
-  const int64_t n = x.size(0), h = x.size(1), w = x.size(2), c = x.size(3);
+  const int64_t c = x.size(3);
   for (auto* t : {&scale, &bias, &mix, &rest})
     check_vec(*t, x, c, "per-channel parameter");
-  const int64_t nh = (h + s - 1) / s, nw = (w + s - 1) / s, cells = nh * nw;
+  const WindowGrid g = window_grid(x.size(0), x.size(1), x.size(2), c, s);
+  const int64_t n = g.n, cells = g.cells();
   torch::Tensor merged = torch::empty({n, cells, c}, x.options());
   torch::Tensor tokens =
       torch::empty({n * cells, s * s + cells, c}, x.options());
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "mmbhvit_tokens", [&] {
     TokensParams<scalar_t> p{};
+    static_cast<WindowGrid&>(p) = g;
     p.x = ptr<scalar_t>(x);
-    p.n = n;
-    p.h = h;
-    p.w = w;
-    p.c = c;
-    p.s = s;
-    p.nh = nh;
-    p.nw = nw;
     p.scale = ptr<scalar_t>(scale);
     p.bias = ptr<scalar_t>(bias);
     p.mix = ptr<scalar_t>(mix);
@@ -719,27 +719,22 @@ torch::Tensor attn_untokens(const torch::Tensor& a, const torch::Tensor& mix,
                             const torch::Tensor& rest, int64_t n, int64_t h,
                             int64_t w, int64_t s) {
   check_float(a, a, "a");
-  TORCH_CHECK(s >= 1 && n >= 1 && h >= 1 && w >= 1, "bad sizes");
-  const int64_t nh = (h + s - 1) / s, nw = (w + s - 1) / s, cells = nh * nw;
-  TORCH_CHECK(a.dim() == 3 && a.size(0) == n * cells &&
-                  a.size(1) == s * s + cells,
+  TORCH_CHECK(n >= 1 && h >= 1 && w >= 1, "bad sizes");
+  TORCH_CHECK(a.dim() == 3, "a must be 3-d, got ", a.sizes());
+  const int64_t c = a.size(2);
+  const WindowGrid g = window_grid(n, h, w, c, s);
+  const int64_t cells = g.cells();
+  TORCH_CHECK(a.size(0) == n * cells && a.size(1) == s * s + cells,
               "a must be (", n * cells, ", ", s * s + cells, ", C), got ",
               a.sizes());
-  const int64_t c = a.size(2);
   check_vec(mix, a, c, "mix");
   check_vec(rest, a, c, "rest");
   torch::Tensor merged = torch::empty({n, cells, c}, a.options());
   torch::Tensor out = torch::empty({n, h, w, c}, a.options());
   AT_DISPATCH_FLOATING_TYPES(a.scalar_type(), "mmbhvit_untokens", [&] {
     UntokensParams<scalar_t> p{};
+    static_cast<WindowGrid&>(p) = g;
     p.a = ptr<scalar_t>(a);
-    p.n = n;
-    p.h = h;
-    p.w = w;
-    p.c = c;
-    p.s = s;
-    p.nh = nh;
-    p.nw = nw;
     p.mix = ptr<scalar_t>(mix);
     p.rest = ptr<scalar_t>(rest);
     p.merged = merged.data_ptr<scalar_t>();

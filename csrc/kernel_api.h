@@ -184,10 +184,16 @@ struct ContextParams {
 // LayerNorm. attn_untokens: window tokens back in place, merged tokens
 // averaged over the windows (left to right) and upsampled, mixed per
 // channel, cropped to h x w.
-template <typename T>
-struct TokensParams {
-  const T* x;             // (n, h, w, c)
+// n maps of h x w x c cut into nh x nw windows of s x s (the last ones
+// zero-padded).
+struct WindowGrid {
   int64_t n, h, w, c, s, nh, nw;
+  int64_t cells() const { return nh * nw; }
+};
+
+template <typename T>
+struct TokensParams : WindowGrid {
+  const T* x;             // (n, h, w, c)
   const T* scale;
   const T* bias;          // norm1 affine
   const T* mix;
@@ -197,9 +203,8 @@ struct TokensParams {
 };
 
 template <typename T>
-struct UntokensParams {
+struct UntokensParams : WindowGrid {
   const T* a;             // (n * nh * nw, s * s + nh * nw, c)
-  int64_t n, h, w, c, s, nh, nw;
   const T* mix;
   const T* rest;          // out_mix, 1 - out_mix
   T* merged;              // (n, nh * nw, c) scratch: window means

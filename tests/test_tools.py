@@ -147,6 +147,22 @@ def test_resume_equals_straight_run_and_test_tool(data_root, tmp_path):
     assert len(list(out.glob('*.png'))) == 2
     assert len(list(show.rglob('*.png'))) == 2
 
+    # tools/dist_test.sh: the same evaluation split over 2 processes
+    env = dict(os.environ, OMP_NUM_THREADS='1', PYTHON=PY,
+               PORT=str(_free_port()))
+    done = subprocess.run([
+        'bash', osp.join(REPO, 'tools', 'dist_test.sh'), DEMO_CFG,
+        str(straight / 'iter_4.pth'), '2', '--work-dir',
+        str(tmp_path / 'dist_test'), '--cfg-options',
+        f'test_dataloader.dataset.data_root={data_root}'
+    ], capture_output=True, text=True, env=env, timeout=600, cwd=REPO)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert 'mIoU' in done.stdout + done.stderr
+    usage = subprocess.run(
+        ['bash', osp.join(REPO, 'tools', 'dist_train.sh'), DEMO_CFG],
+        capture_output=True, text=True)
+    assert usage.returncode == 2 and 'usage:' in usage.stderr
+
 
 # --------------------------------------------------------------------------
 # Two processes (torchrun, gloo on the CPU): both ranks end identical
@@ -190,9 +206,9 @@ def test_two_process_training_ranks_agree(data_root, tmp_path):
             data_root, 3, 'model.backbone.norm_cfg.type=SyncBN',
             'model.decode_head.norm_cfg.type=SyncBN',
             'model.auxiliary_head.norm_cfg.type=SyncBN',
-            # 'lsq' initialises its step sizes from each rank's first batch
-            # (not synchronised across ranks yet): use 'gsb' here
-            'model.backbone.attn_binarizer=gsb',
+            # the default 'lsq' binarizer: its data-driven initial step must
+            # come out the same on both ranks
+            'model.backbone.attn_binarizer=lsq',
             'val_dataloader=None', 'val_cfg=None', 'val_evaluator=None')
     ])
     assert done.returncode == 0, done.stderr[-4000:]

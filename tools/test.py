@@ -24,8 +24,9 @@ import mmbhvit  # noqa: E402,F401  (before mmseg: mmcv-lite shim, registries)
 from mmbhvit.datasets import DatasetMetaError  # noqa: E402
 from mmbhvit.utils.data_check import (DataCheckError,  # noqa: E402
                                       check_data_config)
-from mmbhvit.utils.launch import setup_cpu_runtime  # noqa: E402
-from mmengine.config import Config, DictAction  # noqa: E402
+from mmbhvit.utils.launch import (add_runner_args,  # noqa: E402
+                                  parse_runner_args, setup_cpu_runtime)
+from mmengine.config import Config  # noqa: E402
 from mmengine.runner import Runner  # noqa: E402
 
 
@@ -52,27 +53,9 @@ def parse_args(argv=None):
     parser.add_argument(
         '--wait-time', type=float, default=2, help='the interval of show (s)')
     parser.add_argument(
-        '--cfg-options',
-        nargs='+',
-        action=DictAction,
-        help='override some settings in the used config, the key-value pair '
-        'in xxx=yyy format will be merged into config file. If the value to '
-        'be overwritten is a list, it should be like key="[a,b]" or key=a,b '
-        'It also allows nested list/tuple values, e.g. key="[(a,b),(c,d)]" '
-        'Note that the quotation marks are necessary and that no white space '
-        'is allowed.')
-    parser.add_argument(
-        '--launcher',
-        choices=['none', 'pytorch', 'slurm', 'mpi'],
-        default='none',
-        help='job launcher')
-    parser.add_argument(
         '--tta', action='store_true', help='Test time augmentation')
-    parser.add_argument('--local_rank', '--local-rank', type=int, default=0)
-    args = parser.parse_args(argv)
-    if 'LOCAL_RANK' not in os.environ:
-        os.environ['LOCAL_RANK'] = str(args.local_rank)
-    return args
+    add_runner_args(parser)
+    return parse_runner_args(parser, argv)
 
 
 def trigger_visualization_hook(cfg, args):

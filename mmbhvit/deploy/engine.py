@@ -73,7 +73,24 @@ class _Recorder:
         self.items.append((name, value.detach().clone()))
 
 
-class _MSGDCBlock:
+class _BlockTail:
+    """The end shared by both block kinds: binary MLP (expand + reduce
+    with its shortcut ``h``), then the shift branches."""
+
+    def mlp_and_shifts(self, hn: Tensor, h: Tensor, laps, rec) -> Tensor:
+        out = self.ffn(hn, h)
+        laps.lap('mlp expand + reduce (binary 1x1)')
+        if rec is not None:
+            rec.add(f'{self.name}.expand', self.ffn.expand.signs(hn))
+            rec.add(f'{self.name}.reduce',
+                    self.ffn.reduce.signs(self.ffn.expand(hn)))
+        if self.shift is not None:
+            out = self.shift(hn, out)
+            laps.lap('shift branches (float)')
+        return out
+
+
+class _MSGDCBlock(_BlockTail):
 
     def __init__(self, spec, tensors, dtype, backend):
         self.name = spec['prefix']
@@ -89,19 +106,10 @@ class _MSGDCBlock:
             rec.add(f'{self.name}.msgdc', self.mixer.signs(x))
         h, hn = self.mixer(x)
         laps.lap('msgdc (binary 3x3 convs)')
-        out = self.ffn(hn, h)
-        laps.lap('mlp expand + reduce (binary 1x1)')
-        if rec is not None:
-            rec.add(f'{self.name}.expand', self.ffn.expand.signs(hn))
-            rec.add(f'{self.name}.reduce',
-                    self.ffn.reduce.signs(self.ffn.expand(hn)))
-        if self.shift is not None:
-            out = self.shift(hn, out)
-            laps.lap('shift branches (float)')
-        return out
+        return self.mlp_and_shifts(hn, h, laps, rec)
 
 
-class _MSMHABlock:
+class _MSMHABlock(_BlockTail):
 
     def __init__(self, spec, tensors, dtype, backend):
         p = spec['prefix']
@@ -204,16 +212,7 @@ class _MSMHABlock:
         hn = h * self.n2_scale
         hn = hn + self.n2_bias
         laps.lap('norms (float)')
-        out = self.ffn(hn, h)
-        laps.lap('mlp expand + reduce (binary 1x1)')
-        if rec is not None:
-            rec.add(f'{self.name}.expand', self.ffn.expand.signs(hn))
-            rec.add(f'{self.name}.reduce',
-                    self.ffn.reduce.signs(self.ffn.expand(hn)))
-        if self.shift is not None:
-            out = self.shift(hn, out)
-            laps.lap('shift branches (float)')
-        return out
+        return self.mlp_and_shifts(hn, h, laps, rec)
 
 
 class _FPMerge:

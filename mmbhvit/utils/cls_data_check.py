@@ -10,7 +10,7 @@ import os
 import os.path as osp
 from typing import List, Tuple
 
-from .data_check import DataCheckError, _join
+from .data_check import DataCheckError, _join, missing_data_error
 from .data_check import _cfg_get as _get
 from .data_check import iter_datasets as _leaf_datasets
 
@@ -72,16 +72,9 @@ def check_cls_data_exists(cfg, phases=('train', 'val', 'test')) -> None:
                     types.append(ds_type)
     if not missing:
         return
-    hints = [CLS_PREPARE_HINTS.get(t, CLS_GENERIC_HINT) for t in types]
-    raise DataCheckError(
-        f'Dataset files not found ({", ".join(map(str, types))}). Missing:\n'
-        + '\n'.join(missing) +
-        f'\n(relative paths are resolved from {os.getcwd()})\n\n' +
-        '\n\n'.join(dict.fromkeys(hints)) +
-        '\n\nOr point the config at your copy, e.g. --cfg-options '
-        'train_dataloader.dataset.data_root=PATH '
-        'val_dataloader.dataset.data_root=PATH '
-        'test_dataloader.dataset.data_root=PATH')
+    raise missing_data_error(types, missing,
+                             [CLS_PREPARE_HINTS.get(t, CLS_GENERIC_HINT)
+                              for t in types])
 
 
 def check_teacher_checkpoint(cfg) -> None:

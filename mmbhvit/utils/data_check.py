@@ -122,8 +122,17 @@ def check_data_exists(cfg, phases=('train', 'val', 'test')) -> None:
         f'  {path}   ({", ".join(dict.fromkeys(uses))})'
         for path, uses in missing.items()
     ]
-    hints = [PREPARE_HINTS.get(t, GENERIC_HINT) for t in types]
-    raise DataCheckError(
+    raise missing_data_error(types, missing,
+                             [PREPARE_HINTS.get(t, GENERIC_HINT)
+                              for t in types])
+
+
+def missing_data_error(types: List[str], missing: List[str],
+                       hints: List[str]) -> DataCheckError:
+    """The error for missing dataset files: which dataset types, which
+    paths (``missing``: one line each), how to prepare them (``hints``) and
+    how to point the config elsewhere."""
+    return DataCheckError(
         f'Dataset files not found ({", ".join(map(str, types))}). Missing:\n'
         + '\n'.join(missing) +
         f'\n(relative paths are resolved from {os.getcwd()})\n\n' +

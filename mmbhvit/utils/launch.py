@@ -20,6 +20,40 @@ from typing import Any
 from mmengine.logging import print_log
 
 
+def add_runner_args(parser) -> None:
+    """The options ``tools/train.py`` and ``tools/test.py`` share, as in
+    mmseg: ``--cfg-options``, ``--launcher`` and ``--local-rank``."""
+    from mmengine.config import DictAction
+    parser.add_argument(
+        '--cfg-options',
+        nargs='+',
+        action=DictAction,
+        help='override some settings in the used config, the key-value pair '
+        'in xxx=yyy format will be merged into config file. If the value to '
+        'be overwritten is a list, it should be like key="[a,b]" or key=a,b '
+        'It also allows nested list/tuple values, e.g. key="[(a,b),(c,d)]" '
+        'Note that the quotation marks are necessary and that no white space '
+        'is allowed.')
+    parser.add_argument(
+        '--launcher',
+        choices=['none', 'pytorch', 'slurm', 'mpi'],
+        default='none',
+        help='job launcher')
+    # torch.distributed.launch passes --local-rank (torch >= 2.0) or
+    # --local_rank; torchrun sets LOCAL_RANK instead.
+    parser.add_argument('--local_rank', '--local-rank', type=int, default=0)
+
+
+def parse_runner_args(parser, argv=None):
+    """``parser.parse_args(argv)``, exporting ``LOCAL_RANK`` when the
+    launcher passed it as an option."""
+    import os
+    args = parser.parse_args(argv)
+    if 'LOCAL_RANK' not in os.environ:
+        os.environ['LOCAL_RANK'] = str(args.local_rank)
+    return args
+
+
 def accelerator_available() -> bool:
     """Whether mmengine would train on an accelerator (CUDA, NPU, MLU)."""
     from mmengine.device import (is_cuda_available, is_mlu_available,

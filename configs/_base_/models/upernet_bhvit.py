@@ -1,39 +1,7 @@
 # BHViT-small + UPerNet (+ FCN auxiliary head on stage 3), mmseg style.
-# Importing mmbhvit registers BHViT, RSLVFDataset and CheckLabelRange and
-# lets mmseg run on mmcv-lite.
-custom_imports = dict(imports=['mmbhvit'], allow_failed_imports=False)
+_base_ = ['./bhvit_encoder_decoder.py']
 norm_cfg = dict(type='SyncBN', requires_grad=True)
-data_preprocessor = dict(
-    type='SegDataPreProcessor',
-    mean=[123.675, 116.28, 103.53],
-    std=[58.395, 57.12, 57.375],
-    bgr_to_rgb=True,
-    pad_val=0,
-    seg_pad_val=255)
 model = dict(
-    type='EncoderDecoder',
-    data_preprocessor=data_preprocessor,
-    pretrained=None,
-    backbone=dict(
-        type='BHViT',
-        arch='small',
-        in_channels=3,
-        img_size=224,  # the ImageNet resolution: sizes the pos. embeddings
-        attn_binarizer='lsq',
-        binary_merge=False,
-        weight_bits=1,
-        act_bits=1,
-        drop_path_rate=0.1,
-        norm_cfg=norm_cfg,
-        out_indices=(0, 1, 2, 3),
-        final_norm=True,
-        frozen_stages=-1,
-        norm_eval=False,
-        # ImageNet-pretrained BHViT: pass the file with
-        #   --cfg-options model.backbone.init_cfg.checkpoint=PATH
-        # None keeps a random initialisation (with a warning).
-        init_cfg=dict(type='Pretrained', checkpoint=None,
-                      prefix='backbone.')),
     decode_head=dict(
         type='UPerHead',
         in_channels=[64, 128, 256, 512],
@@ -58,6 +26,4 @@ model = dict(
         norm_cfg=norm_cfg,
         align_corners=False,
         loss_decode=dict(
-            type='CrossEntropyLoss', use_sigmoid=False, loss_weight=0.4)),
-    train_cfg=dict(),
-    test_cfg=dict(mode='whole'))
+            type='CrossEntropyLoss', use_sigmoid=False, loss_weight=0.4)))
