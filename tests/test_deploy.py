@@ -489,6 +489,30 @@ def test_mmseg_inference_with_packed_backbone(seg_model, tmp_path):
         use_packed_backbone(other, export_model(_reduced_backbone()))
 
 
+
+def test_fast_heads_same_logits(seg_model):
+    """use_packed_backbone's default head preparation (BN folded into the
+    convs, channels-last) leaves the segmentation logits unchanged."""
+    from torch.nn.modules.batchnorm import _BatchNorm
+
+    from mmbhvit.deploy.mmseg_backend import use_packed_backbone
+    packed = export_model(copy.deepcopy(seg_model))
+    x = torch.randn(1, 3, 96, 160, generator=torch.Generator().manual_seed(5))
+    plain = use_packed_backbone(copy.deepcopy(seg_model), packed,
+                                fast_heads=False)
+    fast = use_packed_backbone(copy.deepcopy(seg_model), packed)
+    assert any(isinstance(m, _BatchNorm) for m in plain.decode_head.modules())
+    assert not any(
+        isinstance(m, _BatchNorm) for m in fast.decode_head.modules())
+    with torch.no_grad():
+        feats = fast.backbone(x)
+        assert all(f.is_contiguous(memory_format=torch.channels_last)
+                   for f in feats)
+        ref = plain(x, mode='tensor')
+        out = fast(x, mode='tensor')
+    assert out.shape == ref.shape == (1, 5, 24, 40)
+    assert diff_stats(out, ref)['max_rel'] < 1e-4
+
 def test_benchmark_tool_smoke(capsys):
     from mmbhvit.deploy.benchmark import benchmark_task, format_result
     binary = _reduced_classifier()

@@ -25,6 +25,7 @@ from torch import nn
 
 from .engine import Laps, PackedBHViT, PackedClassifier
 from .export import export_model, state_dict_bytes
+from .mmseg_backend import use_packed_backbone
 from .ops import resolve_backend
 from .testing import calibrate_random_model
 
@@ -163,8 +164,9 @@ def benchmark_task(task: str, binary: nn.Module, fp: nn.Module,
         laps_owner = engine.backbone
     else:
         engine = PackedBHViT(packed, backend=backend).eval()
-        seg_packed = copy.deepcopy(binary)
-        seg_packed.backbone = engine
+        # the segmentor as users run it: use_packed_backbone's defaults
+        seg_packed = use_packed_backbone(
+            copy.deepcopy(binary), packed, backend=backend)
         forms = {
             '(a) pytorch fp32 backbone': lambda: fp.backbone(x),
             '(b) pytorch binary backbone (simulated)':
@@ -173,7 +175,8 @@ def benchmark_task(task: str, binary: nn.Module, fp: nn.Module,
             '(a) pytorch fp32 full model': lambda: fp(x, mode='tensor'),
             '(b) pytorch binary full model':
             lambda: binary(x, mode='tensor'),
-            '(c) packed backbone + pytorch heads':
+            '(c) packed backbone + pytorch heads (BN folded, '
+            'channels-last)':
             lambda: seg_packed(x, mode='tensor'),
         }
         laps_owner = engine

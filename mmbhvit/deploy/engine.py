@@ -250,11 +250,16 @@ class PackedBHViT(nn.Module):
             ``'torch'`` (pure-PyTorch fallback on the same packed bits).
         out_dtype (torch.dtype, optional): dtype of the returned maps
             (default ``dtype``), e.g. float32 for float32 heads.
+        channels_last (bool): return the maps in channels-last memory
+            (NCHW shape, NHWC strides): the engine's own layout, so no copy,
+            and the faster layout for channels-last heads. Default False
+            (contiguous NCHW, like the PyTorch backbone).
     """
 
     def __init__(self, packed: Union[str, dict],
                  dtype: torch.dtype = torch.float32, backend: str = 'auto',
-                 out_dtype: Optional[torch.dtype] = None):
+                 out_dtype: Optional[torch.dtype] = None,
+                 channels_last: bool = False):
         super().__init__()
         packed = load_packed(packed)
         g = packed['graph']['backbone']
@@ -262,6 +267,8 @@ class PackedBHViT(nn.Module):
         self.graph = packed['graph']
         self.dtype = dtype
         self.out_dtype = out_dtype or dtype
+        self.memory_format = (torch.channels_last if channels_last else
+                              torch.contiguous_format)
         self.backend = resolve_backend(backend)
         p = g['prefix']
         t = float_getter(tensors, p, dtype)
@@ -358,8 +365,8 @@ class PackedBHViT(nn.Module):
     def forward(self, x: Tensor) -> Tuple[Tensor, ...]:
         outs = self.forward_nhwc(x)
         res = tuple(
-            o.permute(0, 3, 1, 2).to(self.out_dtype).contiguous()
-            for o in outs)
+            o.permute(0, 3, 1, 2).to(self.out_dtype).contiguous(
+                memory_format=self.memory_format) for o in outs)
         if self.laps is not None:
             self.laps.lap('layout (NHWC -> NCHW outputs)')
         return res

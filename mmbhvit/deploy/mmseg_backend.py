@@ -10,9 +10,12 @@ Example::
     use_packed_backbone(model, 'bhvit.packed.pth')
     result = inference_model(model, 'demo.png')   # same API as before
 
-Only the backbone changes: the data preprocessor, the decode/auxiliary heads
-and the post-processing stay the mmseg modules, with the checkpoint's
-weights.
+The backbone is replaced; the data preprocessor, the neck and heads and the
+post-processing stay the mmseg modules with the checkpoint's weights. By
+default the neck and heads are also prepared for inference: their
+BatchNorms are folded into the preceding convolutions (mmcv's
+``fuse_conv_bn``) and they run in channels-last memory, which the engine
+produces without a copy. The model is then for inference only.
 """
 from typing import Union
 
@@ -21,18 +24,40 @@ from torch import nn
 
 from .engine import PackedBHViT
 
+#: The modules after the backbone in mmseg's segmentors.
+HEAD_NAMES = ('neck', 'decode_head', 'auxiliary_head')
+
+
+def optimize_heads(model: nn.Module) -> nn.Module:
+    """Fold the BatchNorms of the neck and heads into their convolutions
+    and store them channels-last, in place (inference only: the folded
+    convs use the BN running statistics). Returns ``model``."""
+    from mmcv.cnn import fuse_conv_bn
+    for name in HEAD_NAMES:
+        head = getattr(model, name, None)
+        if head is None:
+            continue
+        head.eval()
+        fuse_conv_bn(head)
+        head.to(memory_format=torch.channels_last)
+    return model
+
 
 def use_packed_backbone(model: nn.Module, packed: Union[str, dict],
                         backend: str = 'auto',
-                        dtype: torch.dtype = torch.float32) -> nn.Module:
+                        dtype: torch.dtype = torch.float32,
+                        fast_heads: bool = True) -> nn.Module:
     """Replace ``model.backbone`` (a BHViT) by the packed engine built from
     ``packed`` (an exported file or dict), in place; returns ``model``.
 
     The engine is a module with the same ``forward(x)`` → tuple of NCHW
     feature maps, returned in the dtype of the model's heads (``dtype`` is
-    the engine's own float dtype; float64 only to check exactness). Raises
-    ``ValueError`` when the packed backbone does not fit the model (widths
-    or output stages).
+    the engine's own float dtype; float64 only to check exactness). With
+    ``fast_heads`` (default) the neck and heads go through
+    :func:`optimize_heads` and the engine hands them channels-last maps
+    (same values up to float rounding; ~1.3x faster heads on a CPU).
+    Raises ``ValueError`` when the packed backbone does not fit the model
+    (widths or output stages).
     """
     if not hasattr(model, 'backbone'):
         raise TypeError(f'{type(model).__name__} has no backbone to replace')
@@ -42,7 +67,7 @@ def use_packed_backbone(model: nn.Module, packed: Union[str, dict],
     ]
     out_dtype = head_params[0].dtype if head_params else dtype
     engine = PackedBHViT(packed, dtype=dtype, backend=backend,
-                         out_dtype=out_dtype)
+                         out_dtype=out_dtype, channels_last=fast_heads)
     old = model.backbone
     old_dims = getattr(old, 'num_features', None)
     if old_dims is not None and tuple(old_dims) != engine.embed_dims:
@@ -60,4 +85,6 @@ def use_packed_backbone(model: nn.Module, packed: Union[str, dict],
     was_training = model.training
     model.backbone = engine
     model.train(was_training)
+    if fast_heads:
+        optimize_heads(model)
     return model
