@@ -9,7 +9,8 @@
 // The ±1 dot products are exact integers: popcounts of XOR (or AND, for
 // the 0/1 attention planes) of 64-bit words. With AVX-512 VPOPCNTDQ eight
 // words are counted per instruction, eight output channels side by side;
-// otherwise the scalar popcount instruction is used.
+// with AVX2 a nibble lookup table (vpshufb) counts 256 bits at a time;
+// the generic kernels use the scalar popcount.
 #include <cstdint>
 
 #include "kernel_api.h"
@@ -1007,7 +1008,7 @@ void context(const ContextParams<T>& p, int64_t begin, int64_t end) {
       } else {
         for (int64_t c = 0; c < d; ++c) {
           int32_t lv = 0;
-          for (int pl = 0; pl < nplanes; ++pl) lv += sums.ptr[pl * d + c] << pl;
+          for (int pl = 0; pl < nplanes; ++pl) lv += sums.ptr[pl * d + c] * (1 << pl);
           cx[c] = T(lv) * step;
         }
       }

@@ -35,13 +35,16 @@ bool cpu_has(Isa isa) {
              __builtin_cpu_supports("avx512dq") &&
              __builtin_cpu_supports("avx512vl") &&
              __builtin_cpu_supports("avx512vpopcntdq") &&
+             __builtin_cpu_supports("avx512bitalg") &&
              __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
-             __builtin_cpu_supports("bmi2") &&
+             __builtin_cpu_supports("bmi") && __builtin_cpu_supports("bmi2") &&
+             __builtin_cpu_supports("f16c") &&
              __builtin_cpu_supports("popcnt");
     case Isa::kAvx2:
       return avx2_kernels_built() && __builtin_cpu_supports("avx2") &&
              __builtin_cpu_supports("fma") && __builtin_cpu_supports("bmi") &&
              __builtin_cpu_supports("bmi2") &&
+             __builtin_cpu_supports("f16c") &&
              __builtin_cpu_supports("popcnt");
     default:
       return true;
@@ -145,6 +148,8 @@ struct ProjArgs {
 };
 
 void check_proj(const torch::Tensor& x, int64_t cin, const ProjArgs& p) {
+  TORCH_CHECK(cin > 0 && p.cout > 0, "channel counts must be positive, got ",
+              cin, " -> ", p.cout);
   check_vec(p.thr, x, cin, "thr");
   check_words(p.wt, "wt");
   const int64_t words = words_for(cin);
@@ -229,21 +234,9 @@ torch::Tensor proj(const torch::Tensor& x, const torch::Tensor& thr,
   TORCH_CHECK(x.dim() >= 1, "x must have a channel dimension");
   const int64_t cin = x.size(-1);
   const int64_t tokens = cin > 0 ? x.numel() / cin : 0;
-  check_vec(thr, x, cin, "thr");
-  check_words(wt, "wt");
-  const int64_t words = words_for(cin);
-  TORCH_CHECK(wt.dim() == 2 && wt.size(0) == words && wt.size(1) >= cout &&
-                  wt.size(1) % 8 == 0,
-              "wt must be (", words, ", cout_pad >= ", cout,
-              ", a multiple of 8), got ", wt.sizes());
-  for (auto* t : {&a, &b, &slope, &post_scale, &post_bias})
-    check_vec(*t, x, cout, "per-channel parameter");
-  TORCH_CHECK(shortcut >= kNone && shortcut <= kGroupMean, "bad shortcut");
-  if (shortcut == kIdentity) TORCH_CHECK(cin == cout, "identity: cin != cout");
-  if (shortcut == kTile)
-    TORCH_CHECK(cout % cin == 0, "tile shortcut: cout % cin != 0");
-  if (shortcut == kGroupMean)
-    TORCH_CHECK(cin % cout == 0, "mean shortcut: cin % cout != 0");
+  const ProjArgs args{thr, wt, a, b, slope, post_scale, post_bias, cout,
+                      shortcut};
+  check_proj(x, cin, args);
   auto out_sizes = x.sizes().vec();
   out_sizes.back() = cout;
   torch::Tensor y = torch::empty(out_sizes, x.options());
@@ -253,25 +246,13 @@ torch::Tensor proj(const torch::Tensor& x, const torch::Tensor& thr,
                 y.sizes(), ", got ", residual->sizes());
   }
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "mmbhvit_proj", [&] {
-    ProjParams<scalar_t> p{};
+    ProjParams<scalar_t> p = proj_params<scalar_t>(args, cin);
     p.x = ptr<scalar_t>(x);
     p.tokens = tokens;
-    p.cin = cin;
-    p.cout = cout;
-    p.thr = ptr<scalar_t>(thr);
-    p.wt = wptr(wt);
-    p.words = words;
-    p.cout_pad = wt.size(1);
-    p.a = ptr<scalar_t>(a);
-    p.b = ptr<scalar_t>(b);
-    p.slope = ptr<scalar_t>(slope);
-    p.post_scale = ptr<scalar_t>(post_scale);
-    p.post_bias = ptr<scalar_t>(post_bias);
-    p.shortcut = static_cast<int>(shortcut);
     p.residual = residual.has_value() ? ptr<scalar_t>(*residual) : nullptr;
     p.y = y.data_ptr<scalar_t>();
     MMBHVIT_PARALLEL(proj, scalar_t, p, tokens,
-                     4 * grain_for(words * p.cout_pad + cin + cout));
+                     4 * grain_for(p.words * p.cout_pad + cin + cout));
   });
   return y;
 }
@@ -294,32 +275,6 @@ PackParams<T> pack_params(const torch::Tensor& x, int64_t c, int64_t groups,
   p.thr = ptr<T>(thr);
   p.bits = wptr_mut(bits);
   return p;
-}
-
-torch::Tensor pack_signs(const torch::Tensor& x, const torch::Tensor& thr,
-                         const c10::optional<torch::Tensor>& in_scale,
-                         const c10::optional<torch::Tensor>& in_bias,
-                         int64_t groups) {
-  check_float(x, x, "x");
-  const int64_t c = x.size(-1);
-  TORCH_CHECK(groups >= 1 && c % groups == 0, "channels ", c,
-              " not divisible by groups ", groups);
-  check_vec(thr, x, c, "thr");
-  TORCH_CHECK(in_scale.has_value() == in_bias.has_value(),
-              "in_scale and in_bias go together");
-  if (in_scale.has_value()) {
-    check_vec(*in_scale, x, c, "in_scale");
-    check_vec(*in_bias, x, c, "in_bias");
-  }
-  auto sizes = x.sizes().vec();
-  sizes.back() = groups;
-  sizes.push_back(words_for(c / groups));
-  torch::Tensor bits = torch::empty(sizes, x.options().dtype(torch::kInt64));
-  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "mmbhvit_pack", [&] {
-    auto p = pack_params<scalar_t>(x, c, groups, in_scale, in_bias, thr, bits);
-    MMBHVIT_PARALLEL(pack, scalar_t, p, p.pixels, grain_for(c));
-  });
-  return bits;
 }
 
 // ---------------------------------------------------------------------------
@@ -345,7 +300,7 @@ std::vector<torch::Tensor> msgdc(
                   static_cast<int>(bs.size()) == ndil &&
                   static_cast<int>(slopes.size()) == ndil,
               "one weight/a/b/slope per dilation");
-  // lane path: AVX-512 kernels, 4 groups of 16 or 32 channels
+  // lane path (AVX-512 and AVX2 kernels): 4 groups of 16 or 32 channels
   bool lanes = false;
 #if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
   const int cgi = static_cast<int>(cg);
@@ -451,7 +406,9 @@ torch::Tensor merge(const torch::Tensor& x, const torch::Tensor& thr,
   TORCH_CHECK(x.dim() == 4 && x.size(1) % 2 == 0 && x.size(2) % 2 == 0,
               "x must be (N, H, W, C) with even H, W, got ", x.sizes());
   const int64_t n = x.size(0), h = x.size(1), w = x.size(2), cin = x.size(3);
-  TORCH_CHECK(cout % cin == 0, "binary merging tiles its input: cout % cin");
+  TORCH_CHECK(cin > 0 && cout > 0 && cout % cin == 0,
+              "binary merging tiles its input: cout must be a positive "
+              "multiple of cin, got ", cin, " -> ", cout);
   const int64_t words = words_for(cin);
   check_words(wt, "wt");
   TORCH_CHECK(wt.dim() == 3 && wt.size(0) == 4 && wt.size(1) == words &&
@@ -493,20 +450,13 @@ torch::Tensor merge(const torch::Tensor& x, const torch::Tensor& thr,
 }
 
 // ---------------------------------------------------------------------------
-void check_tokens(const torch::Tensor& t, const torch::Tensor& like,
-                  const char* name) {
-  check_float(t, like, name);
-  TORCH_CHECK(t.sizes() == like.sizes(), name, " must be ", like.sizes(),
-              ", got ", t.sizes());
-}
-
 torch::Tensor attn_scores(const torch::Tensor& q, const torch::Tensor& k,
                           const torch::Tensor& thr_q,
                           const torch::Tensor& thr_k, int64_t heads,
                           double scale) {
   check_float(q, q, "q");
   TORCH_CHECK(q.dim() == 3, "q must be (B, T, C), got ", q.sizes());
-  check_tokens(k, q, "k");
+  check_tokens_like(k, q, "k");
   const int64_t b = q.size(0), t = q.size(1), c = q.size(2);
   TORCH_CHECK(heads >= 1 && c % heads == 0, "channels not divisible by heads");
   const int64_t d = c / heads, wd = words_for(d), t_pad = (t + 7) / 8 * 8;
@@ -563,8 +513,8 @@ torch::Tensor attn_context(const torch::Tensor& probs, const torch::Tensor& q,
                            const torch::Tensor& post_bias) {
   check_float(q, q, "q");
   TORCH_CHECK(q.dim() == 3, "q must be (B, T, C), got ", q.sizes());
-  check_tokens(k, q, "k");
-  check_tokens(v, q, "v");
+  check_tokens_like(k, q, "k");
+  check_tokens_like(v, q, "v");
   const int64_t b = q.size(0), t = q.size(1), c = q.size(2);
   TORCH_CHECK(heads >= 1 && c % heads == 0, "channels not divisible by heads");
   const int64_t d = c / heads, tw = words_for(t);
@@ -655,7 +605,7 @@ torch::Tensor shift(const torch::Tensor& x,
   TORCH_CHECK(ntaps <= 16, "at most 16 taps");
   check_vec(wk, x, int64_t(ntaps) * c, "wk");
   check_vec(bias, x, c, "bias");
-  if (res.has_value()) check_tokens(*res, x, "res");
+  if (res.has_value()) check_tokens_like(*res, x, "res");
   torch::Tensor y = torch::empty_like(x);
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "mmbhvit_shift", [&] {
     ShiftParams<scalar_t> p{};
@@ -781,29 +731,35 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("x"), py::arg("thr"), py::arg("wt"), py::arg("cout"),
         py::arg("a"), py::arg("b"), py::arg("slope"), py::arg("post_scale"),
         py::arg("post_bias"), py::arg("shortcut"),
-        py::arg("residual") = py::none());
+        py::arg("residual") = py::none(),
+        py::call_guard<py::gil_scoped_release>());
   m.def("ffn", &ffn, "binary MLP (expand, reduce, + residual), fused",
         py::arg("x"), py::arg("residual"), py::arg("expand"),
         py::arg("hidden"), py::arg("expand_shortcut"), py::arg("reduce"),
-        py::arg("reduce_shortcut"));
-  m.def("pack_signs", &pack_signs, "packed sign bits per channel group",
-        py::arg("x"), py::arg("thr"), py::arg("in_scale") = py::none(),
-        py::arg("in_bias") = py::none(), py::arg("groups") = 1);
+        py::arg("reduce_shortcut"),
+        py::call_guard<py::gil_scoped_release>());
   m.def("msgdc", &msgdc, "MSGDC token mixer + residual (+ next norm)",
         py::arg("x"), py::arg("in_scale"), py::arg("in_bias"), py::arg("thr"),
         py::arg("groups"), py::arg("dilations"), py::arg("wts"),
         py::arg("a"), py::arg("b"), py::arg("slopes"), py::arg("out_scale"),
         py::arg("out_bias"), py::arg("n2_scale"), py::arg("n2_bias"),
-        py::arg("lane_wts") = std::vector<torch::Tensor>());
-  m.def("merge", &merge, "binary 2x2 stride-2 patch merging");
-  m.def("attn_scores", &attn_scores, "scores of binary queries and keys");
+        py::arg("lane_wts") = std::vector<torch::Tensor>(),
+        py::call_guard<py::gil_scoped_release>());
+  m.def("merge", &merge, "binary 2x2 stride-2 patch merging",
+        py::call_guard<py::gil_scoped_release>());
+  m.def("attn_scores", &attn_scores, "scores of binary queries and keys",
+        py::call_guard<py::gil_scoped_release>());
   m.def("attn_context", &attn_context,
-        "context of a bit-plane attention map with binary values");
+        "context of a bit-plane attention map with binary values",
+        py::call_guard<py::gil_scoped_release>());
   m.def("attn_tokens", &attn_tokens,
-        "MSMHA tokens: norm1, padding, windows + merged tokens (pre-LN)");
+        "MSMHA tokens: norm1, padding, windows + merged tokens (pre-LN)",
+        py::call_guard<py::gil_scoped_release>());
   m.def("attn_untokens", &attn_untokens,
-        "MSMHA tokens back to a map: windows, merged-token means, mix, crop");
+        "MSMHA tokens back to a map: windows, merged-token means, mix, crop",
+        py::call_guard<py::gil_scoped_release>());
   m.def("shift", &shift, "sparse circular depthwise conv + residual",
         py::arg("x"), py::arg("res"), py::arg("dy"), py::arg("dx"),
-        py::arg("wk"), py::arg("bias"));
+        py::arg("wk"), py::arg("bias"),
+        py::call_guard<py::gil_scoped_release>());
 }

@@ -2,27 +2,22 @@
 """The analysis CLIs (get_flops, benchmark, analyze_logs) and the model
 index."""
 import glob
-import importlib.util
 import json
 import os.path as osp
 
 import pytest
 import torch
 import yaml
+from _helpers import load_tool
 
 ROOT = osp.dirname(osp.dirname(osp.abspath(__file__)))
-TOOLS = osp.join(ROOT, 'tools', 'analysis_tools')
 ARCH = ("dict(_delete_=True, embed_dims=[16, 32, 64, 128], "
         "depths=[1, 1, 1, 1], num_heads=[1, 1, 2, 4], "
         "mlp_ratios=[2, 2, 2, 2])")
 
 
 def _tool(name):
-    spec = importlib.util.spec_from_file_location(
-        f'_tool_{name}', osp.join(TOOLS, f'{name}.py'))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_tool(f'analysis_tools/{name}.py')
 
 
 @pytest.fixture

@@ -1,7 +1,6 @@
 # Copyright (c) mmbhvit contributors. Licensed under the Apache License 2.0.
 """RS-LVF loader, label checks, bad inputs, the demo data and the data
 checks of the tools (no training here)."""
-import importlib.util
 import json
 import os
 import os.path as osp
@@ -20,6 +19,7 @@ from mmbhvit.utils.data_check import (DataCheckError, check_data_exists,
                                       check_num_classes)
 from mmengine.config import Config
 from mmengine.registry import init_default_scope
+from _helpers import load_script
 
 REPO = osp.dirname(osp.dirname(osp.abspath(__file__)))
 PY = sys.executable
@@ -30,14 +30,9 @@ init_default_scope('mmseg')
 DEFAULT_SCOPE = 'mmseg'  # see tests/conftest.py
 
 
-def _load(path, name):
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
-maker = _load(
+maker = load_script(
     osp.join(REPO, 'tools', 'dataset_converters', 'make_demo_dataset.py'),
     'make_demo_dataset')
 

@@ -11,7 +11,6 @@ float64 model as the float32 PyTorch model is (with a margin), and the
 C++ kernels and the pure-PyTorch fallback are asserted to agree exactly.
 """
 import copy
-import importlib.util
 import json
 import logging
 import os.path as osp
@@ -30,6 +29,7 @@ from mmbhvit.deploy.testing import (calibrate_random_model, decision_flips,
                                     diff_stats)
 from mmbhvit.models import BHViT
 from mmbhvit.testing.parity import build_classifier
+from _helpers import load_tool
 
 ROOT = osp.dirname(osp.dirname(osp.abspath(__file__)))
 FIXTURES = osp.join(ROOT, '..', 'shared', 'fixtures', 'bhvit_reference')
@@ -365,18 +365,39 @@ def test_export_rejects_full_precision_counterpart():
         export_model(fp)
 
 
-def _tool(rel):
-    path = osp.join(ROOT, 'tools', rel)
-    spec = importlib.util.spec_from_file_location(osp.basename(rel)[:-3],
-                                                  path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+def test_engine_refuses_what_it_cannot_do():
+    packed = export_model(_reduced_backbone())
+    engine = PackedBHViT(packed)
+    # bad files: short messages that say what is wrong
+    with pytest.raises(ValueError, match='the given dict is incomplete'):
+        PackedBHViT(dict(graph=packed['graph']))
+    broken = dict(packed, tensors=dict(packed['tensors']))
+    key = next(k for k in broken['tensors'] if k.endswith('mixer.thr'))
+    del broken['tensors'][key]
+    with pytest.raises(KeyError, match='no tensor .*mixer.thr.* corrupt'):
+        PackedBHViT(broken)
+    # dtypes, devices and batches it does not compute
+    with pytest.raises(ValueError, match='float32 or float64'):
+        PackedBHViT(packed, dtype=torch.float16)
+    for move in (lambda m: m.half(), lambda m: m.double(),
+                 lambda m: m.to(torch.bfloat16)):
+        with pytest.raises(RuntimeError, match='stays on the CPU'):
+            move(engine)
+    assert engine.to('cpu').float() is engine  # CPU moves are no-ops
+    with pytest.raises(ValueError, match='empty batch'):
+        engine(torch.zeros(0, 3, 64, 64))
+    # keep-ratio inference sees many sizes: the resized positional
+    # embeddings of only the last few are kept
+    with torch.no_grad():
+        for w in range(64, 64 + 4 * 12, 4):
+            engine(torch.zeros(1, 3, 48, w))
+    assert len(engine._pos_cache) <= 4 * engine.POS_CACHE_SIZES
+
 
 
 def test_export_cli(tmp_path, capsys):
     out = str(tmp_path / 'demo.packed.pth')
-    tool = _tool('deployment/export_binary.py')
+    tool = load_tool('deployment/export_binary.py')
     config = osp.join(ROOT, 'configs/bhvit/bhvit-reduced_demo-cls.py')
     assert tool.main([config, 'none', out]) == 0
     text = capsys.readouterr().out

@@ -1,7 +1,6 @@
 # Copyright (c) mmbhvit contributors. Licensed under the Apache License 2.0.
 """Parity with the official implementation, through the key converter."""
 import glob
-import importlib.util
 import os.path as osp
 import shutil
 
@@ -9,20 +8,13 @@ import pytest
 import torch
 
 from mmbhvit.testing import run_parity
+from _helpers import load_tool
 
 ROOT = osp.dirname(osp.dirname(osp.abspath(__file__)))
 FIXTURES = osp.join(ROOT, '..', 'shared', 'fixtures', 'bhvit_reference')
 FIXTURE_DIRS = sorted(
     osp.dirname(p) for p in glob.glob(osp.join(FIXTURES, '*', 'config.json')))
 
-
-def _tool(rel):
-    path = osp.join(ROOT, 'tools', rel)
-    spec = importlib.util.spec_from_file_location(osp.basename(rel)[:-3],
-                                                  path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
 
 
 def test_fixtures_are_present():
@@ -51,7 +43,7 @@ def test_check_parity_cli_fails_on_a_wrong_reference(tmp_path, capsys):
     logits[0, 3] += 1e-3
     (dst / 'logits.pt').chmod(0o644)
     torch.save(logits, dst / 'logits.pt')
-    tool = _tool('analysis_tools/check_parity.py')
+    tool = load_tool('analysis_tools/check_parity.py')
     assert tool.main([str(dst)]) == 1
     out = capsys.readouterr().out
     assert 'FAIL eval logits' in out
@@ -60,7 +52,7 @@ def test_check_parity_cli_fails_on_a_wrong_reference(tmp_path, capsys):
 def test_converter_cli_roundtrip_into_classifier(tmp_path):
     src = osp.join(FIXTURES, 'tiny_gsb', 'state_dict.pt')
     dst = tmp_path / 'converted.pth'
-    tool = _tool('model_converters/bhvit2mmbhvit.py')
+    tool = load_tool('model_converters/bhvit2mmbhvit.py')
     assert tool.main([src, str(dst)]) == 0
     ckpt = torch.load(dst, weights_only=True)   # slim: weights-only loads it
     assert set(ckpt) == {'meta', 'state_dict'}
@@ -85,7 +77,7 @@ def test_converter_cli_roundtrip_into_classifier(tmp_path):
 
 def test_converter_rejects_unknown_and_incomplete(tmp_path, capsys):
     sd = torch.load(osp.join(FIXTURES, 'tiny_default', 'state_dict.pt'))
-    tool = _tool('model_converters/bhvit2mmbhvit.py')
+    tool = load_tool('model_converters/bhvit2mmbhvit.py')
     bad = dict(sd)
     bad['vit.encoder.layerA.0.mystery.weight'] = torch.zeros(1)
     torch.save({'model': bad}, tmp_path / 'unknown.pth')

@@ -3,7 +3,6 @@
 the regularization switch, the configs, and an end-to-end CPU demo (teacher
 -> distilled student -> inference and hand-off to segmentation)."""
 import glob
-import importlib.util
 import json
 import os.path as osp
 import subprocess
@@ -31,6 +30,7 @@ from mmbhvit.utils.cls_data_check import (check_cls_config,
                                           check_cls_data_exists,
                                           check_teacher_checkpoint)
 from mmbhvit.utils.data_check import DataCheckError
+from _helpers import load_tool
 
 ROOT = osp.dirname(osp.dirname(osp.abspath(__file__)))
 CONFIGS = osp.join(ROOT, 'configs', 'bhvit')
@@ -51,14 +51,6 @@ IN1K_CONFIGS = {
     'bhvit-tiny-fpmerge_2xb128_in1k': ('tiny', False),
 }
 
-
-def _tool(rel):
-    path = osp.join(ROOT, 'tools', rel)
-    spec = importlib.util.spec_from_file_location(osp.basename(rel)[:-3],
-                                                  path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
 
 
 def _build(cfg, scope='mmpretrain'):
@@ -479,7 +471,7 @@ def test_missing_imagenet_is_a_clear_error(tmp_path, monkeypatch):
     msg = str(err.value)
     assert 'data/imagenet/train' in msg and 'data/imagenet/val' in msg
     assert str(tmp_path) in msg and 'ImageNet-1k' in msg
-    _tool('dataset_converters/make_demo_cls_dataset.py').make_dataset(
+    load_tool('dataset_converters/make_demo_cls_dataset.py').make_dataset(
         str(tmp_path / 'data' / 'imagenet'), num_train=1, num_val=1, size=8)
     check_cls_data_exists(cfg, ('train', 'val'))  # now present
     with pytest.raises(DataCheckError, match='deit-small'):
@@ -535,7 +527,7 @@ def demo(tmp_path_factory):
 
 def _run_demo(root):
     data = root / 'data'
-    _tool('dataset_converters/make_demo_cls_dataset.py').make_dataset(
+    load_tool('dataset_converters/make_demo_cls_dataset.py').make_dataset(
         str(data), num_train=80, num_val=20, size=64, seed=0)
     teacher_acc = _train(
         _demo_cfg('resnet18-w16_demo-cls.py', root / 'teacher', data))

@@ -1,7 +1,6 @@
 # Copyright (c) mmbhvit contributors. Licensed under the Apache License 2.0.
 """tools/train.py, tools/test.py, torchrun multi-process training and
 demo/image_demo.py, run as a user would (subprocesses, tiny settings)."""
-import importlib.util
 import os
 import os.path as osp
 import socket
@@ -13,6 +12,7 @@ import cv2
 import numpy as np
 import pytest
 import torch
+from _helpers import load_script
 
 REPO = osp.dirname(osp.dirname(osp.abspath(__file__)))
 PY = sys.executable
@@ -22,16 +22,11 @@ DEMO_CFG = osp.join(REPO, 'configs', 'bhvit',
                     'upernet_bhvit-tiny_demo-shapes.py')
 
 
-def _load(path, name):
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.fixture(scope='module')
 def data_root(tmp_path_factory):
-    maker = _load(
+    maker = load_script(
         osp.join(REPO, 'tools', 'dataset_converters',
                  'make_demo_dataset.py'), 'make_demo_dataset')
     root = str(tmp_path_factory.mktemp('data') / 'shapes')
@@ -286,7 +281,7 @@ def test_image_demo_packed_backend_matches_pytorch(tmp_path, data_root):
 
 
 def test_image_demo_backend_arguments(tmp_path):
-    demo = _load(osp.join(REPO, 'demo', 'image_demo.py'), 'image_demo')
+    demo = load_script(osp.join(REPO, 'demo', 'image_demo.py'), 'image_demo')
     base = ['img.png', DEMO_CFG]
     assert demo.parse_args(base).backend == 'pytorch'
     for extra, message in [

@@ -16,6 +16,7 @@ import json
 import logging
 import os
 import statistics
+import tempfile
 import time
 from collections import defaultdict
 from typing import Callable, Dict, List, Optional
@@ -54,12 +55,10 @@ def build_pair(config: str, checkpoint: Optional[str] = None,
     cfg = Config.fromfile(config)
     cfg.model.backbone.weight_bits = 32
     cfg.model.backbone.act_bits = 32
-    tmp = f'/tmp/mmbhvit_fp_{os.getpid()}.py'
-    cfg.dump(tmp)
-    try:
-        fp = build_model_from_config(tmp, None)
-    finally:
-        os.remove(tmp)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, 'fp32_counterpart.py')
+        cfg.dump(path)
+        fp = build_model_from_config(path, None)
     torch.manual_seed(0)
     calibrate_random_model(fp, calib_size)
     return binary.eval(), fp.eval()

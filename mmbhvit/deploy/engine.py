@@ -14,7 +14,7 @@ Internally every feature map is channels-last ``(N, H, W, C)`` (the packed
 dimension is the channel); the outputs are NCHW like the PyTorch backbone.
 """
 import time
-from collections import defaultdict
+from collections import OrderedDict, defaultdict
 from typing import Dict, List, Optional, Tuple, Union
 
 import torch
@@ -77,6 +77,13 @@ class _BlockTail:
     """The end shared by both block kinds: binary MLP (expand + reduce
     with its shortcut ``h``), then the shift branches."""
 
+    def build_tail(self, spec, tensors, dtype, backend) -> None:
+        self.ffn = BinaryFFN(
+            BinaryProj(spec['expand'], tensors, dtype, backend),
+            BinaryProj(spec['reduce'], tensors, dtype, backend))
+        self.shift = (ShiftConv(spec['shift'], tensors, dtype, backend)
+                      if spec['shift'] else None)
+
     def mlp_and_shifts(self, hn: Tensor, h: Tensor, laps, rec) -> Tensor:
         out = self.ffn(hn, h)
         laps.lap('mlp expand + reduce (binary 1x1)')
@@ -95,11 +102,7 @@ class _MSGDCBlock(_BlockTail):
     def __init__(self, spec, tensors, dtype, backend):
         self.name = spec['prefix']
         self.mixer = MSGDCMixer(spec, tensors, dtype, backend)
-        self.ffn = BinaryFFN(
-            BinaryProj(spec['expand'], tensors, dtype, backend),
-            BinaryProj(spec['reduce'], tensors, dtype, backend))
-        self.shift = (ShiftConv(spec['shift'], tensors, dtype, backend)
-                      if spec['shift'] else None)
+        self.build_tail(spec, tensors, dtype, backend)
 
     def __call__(self, x: Tensor, laps, rec) -> Tensor:
         if rec is not None:
@@ -132,11 +135,7 @@ class _MSMHABlock(_BlockTail):
         self.attn = BinaryAttention(spec, tensors, dtype, backend)
         self.ext = self.attn.ext
         self.proj = BinaryProj(spec['proj'], tensors, dtype, backend)
-        self.ffn = BinaryFFN(
-            BinaryProj(spec['expand'], tensors, dtype, backend),
-            BinaryProj(spec['reduce'], tensors, dtype, backend))
-        self.shift = (ShiftConv(spec['shift'], tensors, dtype, backend)
-                      if spec['shift'] else None)
+        self.build_tail(spec, tensors, dtype, backend)
 
     def tokens(self, x: Tensor) -> Tuple[Tensor, tuple]:
         """Norm1, window partition and merged tokens, LayerNorm."""
@@ -261,6 +260,11 @@ class PackedBHViT(nn.Module):
                  out_dtype: Optional[torch.dtype] = None,
                  channels_last: bool = False):
         super().__init__()
+        if dtype not in (torch.float32, torch.float64) or (
+                out_dtype is not None and not out_dtype.is_floating_point):
+            raise ValueError('the packed engine computes in float32 or '
+                             f'float64, got dtype={dtype}, out_dtype='
+                             f'{out_dtype}')
         packed = load_packed(packed)
         g = packed['graph']['backbone']
         tensors = packed['tensors']
@@ -291,9 +295,25 @@ class PackedBHViT(nn.Module):
         ]
         if self.final_norm:
             self.norm_scale, self.norm_bias = t('norm.scale'), t('norm.bias')
-        self._pos_cache: Dict[tuple, Tensor] = {}
+        # resized positional embeddings of the last few input sizes
+        self._pos_cache: 'OrderedDict[tuple, Tensor]' = OrderedDict()
         self.laps: Optional[Laps] = None
         self.recorder: Optional[_Recorder] = None
+
+    #: input sizes whose resized positional embeddings are kept
+    POS_CACHE_SIZES = 8
+
+    def _apply(self, fn, recurse=True):
+        """``.to()``, ``.cuda()``, ``.half()`` ... reach the engine through
+        the model around it; its tensors are not parameters, so refuse what
+        would change them instead of ignoring it (CPU moves are no-ops)."""
+        probe = fn(torch.zeros(1, dtype=self.dtype))
+        if probe.device.type != 'cpu' or probe.dtype != self.dtype:
+            raise RuntimeError(
+                f'the packed engine stays on the CPU in {self.dtype} '
+                f'(asked for {probe.dtype} on {probe.device}); build it '
+                'with PackedBHViT(..., dtype=...) instead')
+        return self
 
     # ------------------------------------------------------------------
     def _pos(self, i: int, h: int, w: int) -> Tensor:
@@ -308,12 +328,22 @@ class PackedBHViT(nn.Module):
                                    align_corners=False)
             pos = pe[0].permute(1, 2, 0).contiguous()
             self._pos_cache[key] = pos
+            # bounded: keep-ratio inference sees a new size per image
+            while len(self._pos_cache) > self.POS_CACHE_SIZES * 4:
+                self._pos_cache.popitem(last=False)
+        else:
+            self._pos_cache.move_to_end(key)
         return pos
 
     def _check_input(self, x: Tensor):
         if not isinstance(x, Tensor) or x.dim() != 4:
             raise ValueError('PackedBHViT expects a 4-D image batch (N, C, H, '
                              f'W), got {getattr(x, "shape", type(x))}')
+        if x.device.type != 'cpu':
+            raise ValueError('the packed engine runs on the CPU; got an input '
+                             f'on {x.device}')
+        if x.shape[0] == 0:
+            raise ValueError('PackedBHViT got an empty batch (N = 0)')
         if x.shape[1] != self.in_channels:
             raise ValueError(f'PackedBHViT was exported for '
                              f'{self.in_channels} input channels, got '

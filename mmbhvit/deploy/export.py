@@ -340,8 +340,14 @@ def export_backbone(backbone: nn.Module, wr: _Writer,
 def _export_head(wr: _Writer, model: nn.Module) -> Optional[dict]:
     """GAP neck + linear classification head of an mmpretrain classifier."""
     neck, head = getattr(model, 'neck', None), getattr(model, 'head', None)
+    if head is None:  # a segmentor or a bare backbone
+        return None
     fc = getattr(head, 'fc', None)
     if neck is None or not isinstance(fc, nn.Linear):
+        warnings.warn(f'head {type(head).__name__} (neck '
+                      f'{type(neck).__name__}) is not exported: only GAP + '
+                      'a linear head are; the packed file holds the backbone '
+                      'only and load_engine() returns feature maps')
         return None
     if type(neck).__name__ != 'GlobalAveragePooling':
         warnings.warn(f'neck {type(neck).__name__} is not exported; the '
@@ -403,14 +409,20 @@ def load_packed(path_or_dict) -> dict:
     else:
         packed = torch.load(path_or_dict, map_location='cpu',
                             weights_only=True)
+    what = ('the given dict' if isinstance(path_or_dict, dict) else
+            repr(path_or_dict))
     graph = packed.get('graph') if isinstance(packed, dict) else None
     if not isinstance(graph, dict) or graph.get('format') != FORMAT:
-        raise ValueError(f'{path_or_dict!r} is not an exported packed BHViT '
+        raise ValueError(f'{what} is not an exported packed BHViT '
                          f"(format {FORMAT!r}); write one with "
                          'tools/deployment/export_binary.py')
     if graph.get('version') != VERSION:
         raise ValueError(f"packed file version {graph.get('version')} is not "
                          f'supported (this mmbhvit reads version {VERSION})')
+    if not isinstance(packed.get('tensors'), dict) or not isinstance(
+            graph.get('backbone'), dict):
+        raise ValueError(f'{what} is incomplete: it lacks the backbone graph '
+                         'or the tensors (a corrupt export?)')
     return packed
 
 

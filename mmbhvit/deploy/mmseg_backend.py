@@ -65,6 +65,10 @@ def use_packed_backbone(model: nn.Module, packed: Union[str, dict],
         p for n, p in model.named_parameters()
         if not n.startswith('backbone.')
     ]
+    devices = {str(p.device) for p in head_params}
+    if devices - {'cpu'}:
+        raise ValueError('the packed engine runs on the CPU: build the model '
+                         f"with device='cpu' (its heads are on {devices})")
     out_dtype = head_params[0].dtype if head_params else dtype
     engine = PackedBHViT(packed, dtype=dtype, backend=backend,
                          out_dtype=out_dtype, channels_last=fast_heads)

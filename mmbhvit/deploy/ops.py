@@ -113,12 +113,25 @@ def pm1_weight(words: Tensor, taps: int, cin: int, dtype) -> Tensor:
     return bits_to_pm1(weight_bits(words, taps, cin), dtype)
 
 
+def packed_tensor(tensors: dict, key: str) -> Tensor:
+    """``tensors[key]``, or a ``KeyError`` that says the packed file is
+    incomplete."""
+    try:
+        return tensors[key]
+    except KeyError:
+        raise KeyError(f'the packed model has no tensor {key!r}: the file is '
+                       'corrupt or was not written by '
+                       'tools/deployment/export_binary.py of this '
+                       'version') from None
+
+
 def float_getter(tensors: dict, prefix: str, dtype):
     """``get(name)`` → ``tensors[prefix + '.' + name]`` in ``dtype``,
     contiguous."""
 
     def get(name: str) -> Tensor:
-        return tensors[f'{prefix}.{name}'].to(dtype).contiguous()
+        return packed_tensor(tensors, f'{prefix}.{name}').to(
+            dtype).contiguous()
 
     return get
 
@@ -150,15 +163,12 @@ class _Layer:
         self.dtype = dtype
         self.backend = resolve_backend(backend)
         self._tensors = tensors
+        self.f = float_getter(tensors, prefix, dtype)
         self.ext = load_extension() if self.backend == 'cpp' else None
 
-    def f(self, name: str) -> Tensor:
-        """A float tensor of this layer, in the engine dtype."""
-        return self._tensors[f'{self.prefix}.{name}'].to(
-            self.dtype).contiguous()
-
     def words(self, name: str) -> Tensor:
-        return self._tensors[f'{self.prefix}.{name}']
+        """A packed (integer) tensor of this layer, as stored."""
+        return packed_tensor(self._tensors, f'{self.prefix}.{name}')
 
 
 class BinaryProj(_Layer):
@@ -250,15 +260,14 @@ class MSGDCMixer(_Layer):
     """
 
     def __init__(self, spec: dict, tensors: dict, dtype, backend: str):
-        super().__init__(tensors, spec['prefix'], dtype, backend)
         blk = spec['prefix']
+        super().__init__(tensors, f'{blk}.mixer', dtype, backend)
         self.c = spec['channels']
         self.groups = spec['groups']
         self.dilations = list(spec['dilations'])
         t = float_getter(tensors, blk, dtype)
         self.in_scale, self.in_bias = t('norm1.scale'), t('norm1.bias')
         self.n2_scale, self.n2_bias = t('norm2.scale'), t('norm2.bias')
-        self.prefix = f'{blk}.mixer'
         self.thr = self.f('thr')
         self.out_scale, self.out_bias = self.f('out_scale'), self.f('out_bias')
         self.a = [self.f(f'conv{i}.a') for i in range(len(self.dilations))]

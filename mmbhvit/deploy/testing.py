@@ -53,7 +53,8 @@ def calibrate_random_model(model: nn.Module, input_size: Sequence[int] = (
         m.momentum = None  # cumulative average over the calibration batches
     model.train()
     for _ in range(batches):
-        x = torch.randn(2, 3, *input_size, generator=g)
+        x = torch.randn(2, getattr(backbone, 'in_channels', 3), *input_size,
+                        generator=g)
         backbone(x)
     for m, mom in zip(bns, momenta):
         m.momentum = mom
