@@ -161,6 +161,12 @@ def test_lsq_attention_levels_and_data_init():
         q.step.fill_(0.7)
     q(p)
     assert torch.all(q.step == 0.7)
+    # loading an uninitialised state makes the next step initialise again
+    q.load_state_dict(LSQAttentionQuantizer(num_heads=2).double().state_dict())
+    assert q.initialized.item() == 0
+    q(p)
+    assert q.initialized.item() == 1
+    assert torch.allclose(q.step.detach(), expected_step)
     with pytest.raises(ValueError, match='heads=2'):
         q(torch.rand(1, 3, 4, 4))
 

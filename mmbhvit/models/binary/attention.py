@@ -109,6 +109,13 @@ class LSQAttentionQuantizer(nn.Module):
         self.step = nn.Parameter(torch.ones(num_heads))
         self.zero_point = nn.Parameter(torch.zeros(num_heads))
         self.register_buffer('initialized', torch.zeros(1))
+        # Python-side mirror of `initialized` once read: later steps skip
+        # the host sync (and torch.compile sees no graph break)
+        self._init_checked = False
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        super()._load_from_state_dict(*args, **kwargs)
+        self._init_checked = False  # read the loaded flag again
 
     @torch.no_grad()
     def _init_from(self, x: Tensor):
@@ -131,8 +138,10 @@ class LSQAttentionQuantizer(nn.Module):
                              f'{self.step.numel()}, queries, keys), got '
                              f'{tuple(p.shape)}')
         x = p * self.levels
-        if self.training and self.initialized.item() == 0:
-            self._init_from(x)
+        if self.training and not self._init_checked:
+            if self.initialized.item() == 0:
+                self._init_from(x)
+            self._init_checked = True
         g = self.step.numel() / math.sqrt(x.numel() * self.levels)
         step = ScaleGrad.apply(self.step, g).view(1, -1, 1, 1)
         zero = ScaleGrad.apply(self.zero_point, g).view(1, -1, 1, 1)
