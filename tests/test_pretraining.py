@@ -645,3 +645,27 @@ def test_demo_checkpoint_with_mmpretrain_inference_api(demo):
     assert preds['in1k'] == preds['demo']
     accuracy = sum(p == t for p, t in zip(preds['in1k'], labels)) / len(labels)
     assert accuracy >= 0.45, accuracy
+
+
+def test_demo_checkpoint_with_the_test_tool(demo, tmp_path):
+    """tools/test.py on a classification config: top-1, --out dumps the
+    predictions (.pkl), --show-dir draws every image."""
+    import pickle
+    tool = load_tool('test.py')
+    config = osp.join(CONFIGS, 'bhvit-reduced_demo-cls.py')
+    data = f'test_dataloader.dataset.data_root={demo.data}'
+    out, show = tmp_path / 'preds.pkl', tmp_path / 'show'
+    metrics = tool.main([
+        config, demo.student_ckpt, '--work-dir', str(tmp_path / 'work'),
+        '--out', str(out), '--show-dir', str(show), '--cfg-options', data
+    ])
+    assert metrics['accuracy/top1'] >= 45, metrics
+    with open(out, 'rb') as f:
+        preds = pickle.load(f)
+    n = len(glob.glob(str(demo.data / 'val' / '*' / '*.png')))
+    assert n > 0 and len(preds) == n
+    assert all('pred_label' in p for p in preds)
+    assert len(list(show.rglob('*.png'))) == n
+    with pytest.raises(SystemExit):  # --out of a classifier is a .pkl
+        tool.main([config, demo.student_ckpt, '--out', str(tmp_path / 'x'),
+                   '--cfg-options', data])

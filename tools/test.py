@@ -42,7 +42,9 @@ def parse_args(argv=None):
     parser.add_argument(
         '--out',
         type=str,
-        help='The directory to save output prediction for offline evaluation')
+        help='segmentation: the directory to save output prediction for '
+        'offline evaluation; classification: a .pkl file for the dumped '
+        'predictions')
     parser.add_argument(
         '--show', action='store_true', help='show prediction results')
     parser.add_argument(
@@ -58,6 +60,11 @@ def parse_args(argv=None):
     return parse_runner_args(parser, argv)
 
 
+def is_classification(cfg) -> bool:
+    """An mmpretrain config (the classification configs of this repo)."""
+    return cfg.get('default_scope') == 'mmpretrain'
+
+
 def trigger_visualization_hook(cfg, args):
     default_hooks = cfg.default_hooks
     if 'visualization' not in default_hooks:
@@ -65,15 +72,48 @@ def trigger_visualization_hook(cfg, args):
             'VisualizationHook must be included in default_hooks, e.g. '
             '"visualization=dict(type=\'SegVisualizationHook\')"')
     hook = default_hooks['visualization']
-    hook['draw'] = True
-    # mmseg's default draws every 50th batch only; draw them all here
+    # both hooks draw every 50th / 5000th batch by default: draw them all
     hook['interval'] = 1
     if args.show:
         hook['show'] = True
         hook['wait_time'] = args.wait_time
-    if args.show_dir:
-        cfg.visualizer['save_dir'] = args.show_dir
+    if is_classification(cfg):
+        # mmpretrain's VisualizationHook: `enable`, images to `out_dir`
+        hook['enable'] = True
+        if args.show_dir:
+            hook['out_dir'] = args.show_dir
+    else:
+        hook['draw'] = True
+        if args.show_dir:
+            cfg.visualizer['save_dir'] = args.show_dir
     return cfg
+
+
+def setup_outputs(cfg, args) -> list:
+    """``--tta`` and ``--out``; returns metrics to add to the test evaluator.
+
+    Segmentation (mmseg): ``--out DIR`` writes the predicted label maps as
+    PNGs. Classification (mmpretrain): ``--out FILE.pkl`` dumps the
+    predictions (mmengine's ``DumpResults``), as mmpretrain's tool does.
+    """
+    if args.tta:
+        if 'tta_model' not in cfg or 'tta_pipeline' not in cfg:
+            raise ValueError(f'--tta: {osp.basename(args.config)} defines no '
+                             '`tta_model` / `tta_pipeline`')
+        cfg.test_dataloader.dataset.pipeline = cfg.tta_pipeline
+        cfg.tta_model.module = cfg.model
+        cfg.model = cfg.tta_model
+    if args.out is None:
+        return []
+    if is_classification(cfg):
+        if not args.out.endswith(('.pkl', '.pickle')):
+            raise ValueError('--out for a classification config is a pickle '
+                             f'file (.pkl), got {args.out!r}')
+        from mmengine.evaluator import DumpResults
+        return [DumpResults(out_file_path=args.out)]
+    cfg.test_evaluator['output_dir'] = args.out
+    cfg.test_evaluator['keep_results'] = True
+    return []
 
 
 def drop_training_settings(cfg: Config) -> None:
@@ -116,27 +156,23 @@ def main(argv=None):
         sys.stderr.write(f'\nERROR: checkpoint {args.checkpoint} not found.\n')
         sys.exit(2)
     try:
-        if cfg.get('default_scope') == 'mmpretrain':  # classification
+        if is_classification(cfg):
             from mmbhvit.utils.cls_data_check import check_cls_config
             check_cls_config(cfg, ('test', ), check_teacher=False)
         else:
             check_data_config(cfg, phases=('test', ))
-    except (DataCheckError, DatasetMetaError, FileNotFoundError) as e:
+        extra_metrics = setup_outputs(cfg, args)
+    except (DataCheckError, DatasetMetaError, FileNotFoundError,
+            ValueError) as e:
         sys.stderr.write(f'\nERROR ({osp.basename(args.config)}): {e}\n')
         sys.exit(2)
 
-    if args.tta:
-        cfg.test_dataloader.dataset.pipeline = cfg.tta_pipeline
-        cfg.tta_model.module = cfg.model
-        cfg.model = cfg.tta_model
-    if args.out is not None:
-        cfg.test_evaluator['output_dir'] = args.out
-        cfg.test_evaluator['keep_results'] = True
-
     runner = Runner.from_cfg(cfg)
+    if extra_metrics:
+        runner.test_evaluator.metrics.extend(extra_metrics)
     with getattr(mmbhvit.compat, 'resume_safe_globals',
                  contextlib.nullcontext)():
-        runner.test()
+        return runner.test()
 
 
 if __name__ == '__main__':

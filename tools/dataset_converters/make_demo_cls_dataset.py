@@ -14,11 +14,13 @@ reduced BHViT to beat chance clearly within a CPU minute, which is all the
 demo has to show. The output uses the ImageNet folder layout read by
 mmpretrain's ``ImageNet`` / ``CustomDataset``::
 
-    OUT_DIR/train/<class>/000000.png
-    OUT_DIR/val/<class>/000000.png
+    OUT_DIR/train/<class>/<class>_000000.png
+    OUT_DIR/val/<class>/<class>_000000.png
     OUT_DIR/meta/classes.txt          one class name per line
 
-The files only depend on the arguments (same seed -> same files).
+File names are unique across classes, as ImageNet's are (tools that name
+their outputs after the image, e.g. ``tools/test.py --show-dir``, rely on
+it). The files only depend on the arguments (same seed -> same files).
 
 Example::
 
@@ -95,7 +97,7 @@ def make_dataset(out_dir: str, num_train: int = 80, num_val: int = 20,
             os.makedirs(folder, exist_ok=True)
             for i in range(num):
                 img = make_image(name, size, rng)
-                cv2.imwrite(osp.join(folder, f'{i:06d}.png'),
+                cv2.imwrite(osp.join(folder, f'{name}_{i:06d}.png'),
                             cv2.cvtColor(img, cv2.COLOR_RGB2BGR))
         counts[split] = num * len(CLASSES)
     os.makedirs(osp.join(out_dir, 'meta'), exist_ok=True)
