@@ -25,7 +25,8 @@ from mmbhvit.datasets import DatasetMetaError  # noqa: E402
 from mmbhvit.utils.data_check import (DataCheckError,  # noqa: E402
                                       check_data_config)
 from mmbhvit.utils.launch import (add_runner_args,  # noqa: E402
-                                  parse_runner_args, setup_cpu_runtime)
+                                  is_classification, parse_runner_args,
+                                  setup_cpu_runtime)
 from mmengine.config import Config  # noqa: E402
 from mmengine.runner import Runner  # noqa: E402
 
@@ -58,11 +59,6 @@ def parse_args(argv=None):
         '--tta', action='store_true', help='Test time augmentation')
     add_runner_args(parser)
     return parse_runner_args(parser, argv)
-
-
-def is_classification(cfg) -> bool:
-    """An mmpretrain config (the classification configs of this repo)."""
-    return cfg.get('default_scope') == 'mmpretrain'
 
 
 def trigger_visualization_hook(cfg, args):

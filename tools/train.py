@@ -29,8 +29,8 @@ from mmbhvit.datasets import DatasetMetaError  # noqa: E402
 from mmbhvit.utils.data_check import (DataCheckError,  # noqa: E402
                                       check_data_config)
 from mmbhvit.utils.launch import (add_runner_args,  # noqa: E402
-                                  parse_runner_args, setup_amp,
-                                  setup_cpu_runtime)
+                                  is_classification, parse_runner_args,
+                                  setup_amp, setup_cpu_runtime)
 from mmengine.config import Config  # noqa: E402
 from mmengine.runner import Runner  # noqa: E402
 
@@ -85,7 +85,7 @@ def main(argv=None):
     cfg = build_cfg(args)
     phases = ('train', 'val') if cfg.get('val_cfg') else ('train', )
     try:
-        if cfg.get('default_scope') == 'mmpretrain':  # classification
+        if is_classification(cfg):
             from mmbhvit.utils.cls_data_check import check_cls_config
             check_cls_config(cfg, phases)
         else:

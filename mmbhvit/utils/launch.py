@@ -15,6 +15,7 @@ on machines without CUDA as well:
   to full precision with a warning instead of an assertion error.
 """
 import logging
+import os
 from typing import Any
 
 from mmengine.logging import print_log
@@ -47,11 +48,16 @@ def add_runner_args(parser) -> None:
 def parse_runner_args(parser, argv=None):
     """``parser.parse_args(argv)``, exporting ``LOCAL_RANK`` when the
     launcher passed it as an option."""
-    import os
     args = parser.parse_args(argv)
     if 'LOCAL_RANK' not in os.environ:
         os.environ['LOCAL_RANK'] = str(args.local_rank)
     return args
+
+
+def is_classification(cfg) -> bool:
+    """An mmpretrain config (this repo's classification configs); the
+    others are mmseg segmentation configs."""
+    return cfg.get('default_scope') == 'mmpretrain'
 
 
 def accelerator_available() -> bool:
