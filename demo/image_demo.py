@@ -14,7 +14,6 @@ weights)::
     python demo/image_demo.py demo.png CONFIG --checkpoint CKPT \
         --backend packed --packed-model bhvit.packed.pth
 """
-import contextlib
 import os.path as osp
 import sys
 import warnings
@@ -27,8 +26,10 @@ import mmbhvit.datasets  # noqa: E402,F401
 import numpy as np  # noqa: E402
 from mmengine.config import Config  # noqa: E402
 
-from mmseg.apis import (inference_model, init_model,  # noqa: E402
-                        show_result_pyplot)
+from mmbhvit.apis import (CheckpointMismatchError,  # noqa: E402
+                          CheckpointReadError, build_model)
+
+from mmseg.apis import inference_model, show_result_pyplot  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -106,18 +107,35 @@ def main(argv=None):
     args = parse_args(argv)
     if not osp.isfile(args.img):
         raise SystemExit(f'Image not found: {args.img}')
+    # a 0-byte / truncated / non-image file: named now, not a cv2 assertion
+    from mmbhvit.utils.image_header import ImageFileError, check_image_file
+    try:
+        check_image_file(args.img)
+    except ImageFileError as e:
+        raise SystemExit(f'ERROR: cannot read the image {e}')
     if not 0 < args.opacity <= 1:
         raise SystemExit(f'--opacity must be in (0, 1], got {args.opacity}')
     cfg = Config.fromfile(args.config)
     if args.checkpoint is None:
         warnings.warn('No --checkpoint given: the model has random weights, '
                       'the segmentation is meaningless.')
-    with getattr(mmbhvit.compat, 'resume_safe_globals',
-                 contextlib.nullcontext)():
-        model = init_model(cfg, args.checkpoint, device=args.device)
+    # strict: a checkpoint of another model is an error, not a bad picture
+    try:
+        model = build_model(cfg, args.checkpoint, device=args.device,
+                            init_scope=True)
+    except (CheckpointMismatchError, CheckpointReadError) as e:
+        raise SystemExit(f'ERROR: {e}')
     if args.backend == 'packed':
         from mmbhvit.deploy.mmseg_backend import use_packed_backbone
-        use_packed_backbone(model, args.packed_model)
+        from mmbhvit.deploy.spec import PackedFormatError
+        try:
+            # the file must fit the config (full spec) and, when the
+            # checkpoint is given, hold its backbone weights (probe outputs)
+            use_packed_backbone(
+                model, args.packed_model,
+                verify='outputs' if args.checkpoint else 'spec')
+        except PackedFormatError as e:
+            raise SystemExit(f'ERROR: {e}')
         if args.checkpoint is None:
             warnings.warn('--backend packed without --checkpoint: the heads '
                           'have random weights.')

@@ -40,7 +40,6 @@ import contextlib
 import importlib
 import importlib.machinery
 import importlib.util
-import os
 import os.path as osp
 import pickle
 import sys
@@ -305,7 +304,9 @@ def save_slim_checkpoint(state_dict: Dict[str, Any],
         state_dict (dict): Parameter name to tensor. Tensors are detached,
             moved to the CPU, and copied when they are views of a larger
             storage (so the file holds only their own data).
-        path (str): Output file; parent folders are created.
+        path (str): Output file; parent folders are created. Written
+            atomically (:func:`mmbhvit.utils.io.atomic_write`): a failure,
+            e.g. a full disk, leaves any previous file there unchanged.
         meta (dict, optional): Plain metadata (numpy values are converted;
             other objects raise ``TypeError``). Defaults to ``{}``.
     """
@@ -333,9 +334,8 @@ def save_slim_checkpoint(state_dict: Dict[str, Any],
         'meta': _to_plain(dict(meta or {}), 'meta'),
         'state_dict': weights
     }
-    folder = osp.dirname(osp.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    torch.save(checkpoint, path)
+    from .utils.io import atomic_torch_save
+    atomic_torch_save(checkpoint, path)
 
 
 def _history_buffer_getattr(obj: Any, name: str) -> Any:

@@ -24,3 +24,15 @@ def load_tool(rel: str):
     """``tools/<rel>`` (e.g. ``'deployment/export_binary.py'``) as a
     module."""
     return load_script(osp.join('tools', rel))
+
+
+def make_shapes(folder, num_train: int = 8, num_val: int = 2,
+                size: int = 64, seed: int = 3) -> str:
+    """A small "demo shapes" dataset (tools/dataset_converters/
+    make_demo_dataset.py) in ``folder/shapes``; returns its root."""
+    maker = load_script(osp.join('tools', 'dataset_converters',
+                                 'make_demo_dataset.py'), 'make_demo_dataset')
+    root = osp.join(str(folder), 'shapes')
+    maker.make_dataset(root, num_train=num_train, num_val=num_val, size=size,
+                       seed=seed)
+    return root

@@ -10,6 +10,14 @@ restored afterwards.
 import pytest
 
 
+def pytest_configure(config):
+    # `make test` runs everything; `-m "not slow"` leaves out the tests that
+    # train in subprocesses for a while.
+    config.addinivalue_line(
+        'markers', 'slow: trains real tools/train.py processes (tens of '
+        'seconds)')
+
+
 @pytest.fixture(autouse=True)
 def _isolated_default_scope(request):
     from mmengine.registry import DefaultScope

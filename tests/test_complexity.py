@@ -7,7 +7,8 @@ import torch
 
 import mmbhvit  # noqa: F401
 from mmbhvit.analysis import (BinaryFlopAnalyzer, analyze_config,
-                              analyze_model, build_model_from_config)
+                              analyze_model)
+from mmbhvit.apis import build_model
 from mmbhvit.models.backbones.bhvit import MSGDC, MSMHA
 from mmbhvit.models.binary import BinaryConv2d
 
@@ -190,11 +191,11 @@ def test_building_leaves_the_default_scope_alone():
         return None if scope is None else scope.scope_name
 
     before = current()
-    model, task = build_model_from_config(
+    model = build_model(
         osp.join(ROOT, 'configs/bhvit/fpn_bhvit-tiny_ade20k.py'),
         cfg_options={'model.backbone.arch': ARCH,
                      'model.neck.in_channels': [16, 32, 64, 128]})
-    assert task == 'segmentation' and not model.training
+    assert model.task == 'segmentation' and not model.training
     assert current() == before
     # SyncBN of the config is built as BN (costs and CPU runs)
     assert not any(isinstance(m, torch.nn.SyncBatchNorm)

@@ -143,8 +143,10 @@ def test_check_label_range_transform_directly():
     with pytest.raises(LabelRangeError, match='reduce_zero_label'):
         t(dict(gt_seg_map=np.array([[150]], np.uint8), seg_map_path='x.png',
                reduce_zero_label=True))
-    # inference pipelines have no label: nothing to check
-    assert t(dict(img=np.zeros((2, 2, 3)))) is not None
+    # inference pipelines have no label: nothing to check, results pass
+    # through unchanged
+    no_label = dict(img=np.zeros((2, 2, 3)))
+    assert t(no_label) is no_label
     with pytest.raises(ValueError, match='num_classes'):
         CheckLabelRange()(dict(gt_seg_map=np.zeros((2, 2), np.uint8)))
 

@@ -1,9 +1,11 @@
 # Copyright (c) mmbhvit contributors. Licensed under the Apache License 2.0.
-"""Test (and evaluate) a segmentor (mmseg's ``tools/test.py`` CLI).
+"""Test (and evaluate) a BHViT segmentor or classifier with the CLI of
+mmseg's ``tools/test.py``.
 
 Like ``tools/train.py``: imports ``mmbhvit`` first, checks the test data and
-the class count before building the Runner, adapts CPU runs, and loads
-mmengine checkpoints under torch >= 2.6.
+the class count before building the Runner, adapts CPU runs, and loads the
+checkpoint strictly: a checkpoint that does not fit the config's model stops
+with an error naming the file, the config and the keys.
 
 Example::
 
@@ -11,7 +13,6 @@ Example::
         --show-dir vis --out preds
 """
 import argparse
-import contextlib
 import os
 import os.path as osp
 import sys
@@ -24,9 +25,11 @@ import mmbhvit  # noqa: E402,F401  (before mmseg: mmcv-lite shim, registries)
 from mmbhvit.datasets import DatasetMetaError  # noqa: E402
 from mmbhvit.utils.data_check import (DataCheckError,  # noqa: E402
                                       check_data_config)
+from mmbhvit.apis import (CheckpointMismatchError,  # noqa: E402
+                          CheckpointReadError, task_of,
+                          use_verified_loading)
 from mmbhvit.utils.launch import (add_runner_args,  # noqa: E402
-                                  is_classification, parse_runner_args,
-                                  setup_cpu_runtime)
+                                  parse_runner_args, setup_cpu_runtime)
 from mmengine.config import Config  # noqa: E402
 from mmengine.runner import Runner  # noqa: E402
 
@@ -57,6 +60,12 @@ def parse_args(argv=None):
         '--wait-time', type=float, default=2, help='the interval of show (s)')
     parser.add_argument(
         '--tta', action='store_true', help='Test time augmentation')
+    parser.add_argument(
+        '--skip-data-check',
+        action='store_true',
+        help='do not check every test image/annotation before testing '
+        '(present, readable header, matching sizes, no empty split); '
+        'folders, class names and counts are still checked')
     add_runner_args(parser)
     return parse_runner_args(parser, argv)
 
@@ -73,7 +82,7 @@ def trigger_visualization_hook(cfg, args):
     if args.show:
         hook['show'] = True
         hook['wait_time'] = args.wait_time
-    if is_classification(cfg):
+    if task_of(cfg) == 'classification':
         # mmpretrain's VisualizationHook: `enable`, images to `out_dir`
         hook['enable'] = True
         if args.show_dir:
@@ -101,7 +110,7 @@ def setup_outputs(cfg, args) -> list:
         cfg.model = cfg.tta_model
     if args.out is None:
         return []
-    if is_classification(cfg):
+    if task_of(cfg) == 'classification':
         if not args.out.endswith(('.pkl', '.pickle')):
             raise ValueError('--out for a classification config is a pickle '
                              f'file (.pkl), got {args.out!r}')
@@ -152,11 +161,13 @@ def main(argv=None):
         sys.stderr.write(f'\nERROR: checkpoint {args.checkpoint} not found.\n')
         sys.exit(2)
     try:
-        if is_classification(cfg):
+        if task_of(cfg) == 'classification':
             from mmbhvit.utils.cls_data_check import check_cls_config
-            check_cls_config(cfg, ('test', ), check_teacher=False)
+            check_cls_config(cfg, ('test', ), check_teacher=False,
+                             check_files=not args.skip_data_check)
         else:
-            check_data_config(cfg, phases=('test', ))
+            check_data_config(cfg, phases=('test', ),
+                              check_files=not args.skip_data_check)
         extra_metrics = setup_outputs(cfg, args)
     except (DataCheckError, DatasetMetaError, FileNotFoundError,
             ValueError) as e:
@@ -166,9 +177,12 @@ def main(argv=None):
     runner = Runner.from_cfg(cfg)
     if extra_metrics:
         runner.test_evaluator.metrics.extend(extra_metrics)
-    with getattr(mmbhvit.compat, 'resume_safe_globals',
-                 contextlib.nullcontext)():
+    use_verified_loading(runner, strict=True)
+    try:
         return runner.test()
+    except (CheckpointMismatchError, CheckpointReadError) as e:
+        sys.stderr.write(f'\nERROR ({osp.basename(args.config)}): {e}\n')
+        sys.exit(2)
 
 
 if __name__ == '__main__':

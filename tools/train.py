@@ -1,13 +1,15 @@
 # Copyright (c) mmbhvit contributors. Licensed under the Apache License 2.0.
-"""Train a segmentor (mmseg's ``tools/train.py`` CLI) with BHViT.
+"""Train a BHViT segmentor (mmseg config) or classifier (mmpretrain config)
+with the CLI of mmseg's ``tools/train.py``.
 
 Differences from mmseg's script: ``mmbhvit`` is imported first (mmcv-lite
-support, registries), the dataset folders and the class count are checked
-before the Runner is built (one clear message instead of a worker stack
-trace), runs without CUDA are adapted (gloo, SyncBN -> BN, ``--amp``
-falls back to float32 with a warning), and ``--resume`` can read mmengine
-checkpoints under torch >= 2.6 (weights-only loading, with mmengine's few
-extra classes allow-listed).
+support, registries), the data are checked before the Runner is built (one
+clear message instead of a worker stack trace hours in), runs without CUDA
+are adapted (gloo, SyncBN -> BN, ``--amp`` falls back to float32 with a
+warning), and checkpoints are loaded strictly (``load_from`` and
+``--resume``, see :func:`mmbhvit.apis.use_verified_loading`; set
+``allow_partial_load=True`` in the config to fine-tune from a different
+model on purpose) with weights-only loading under torch >= 2.6.
 
 Example::
 
@@ -15,7 +17,6 @@ Example::
         --cfg-options model.backbone.init_cfg.checkpoint=PATH
 """
 import argparse
-import contextlib
 import os
 import os.path as osp
 import sys
@@ -26,11 +27,15 @@ os.environ.setdefault('OMP_WAIT_POLICY', 'PASSIVE')
 
 import mmbhvit  # noqa: E402,F401  (before mmseg: mmcv-lite shim, registries)
 from mmbhvit.datasets import DatasetMetaError  # noqa: E402
+from mmbhvit.models.finite import NonFiniteError  # noqa: E402
 from mmbhvit.utils.data_check import (DataCheckError,  # noqa: E402
                                       check_data_config)
+from mmbhvit.apis import (CheckpointMismatchError,  # noqa: E402
+                          CheckpointReadError, task_of,
+                          use_verified_loading)
 from mmbhvit.utils.launch import (add_runner_args,  # noqa: E402
-                                  is_classification, parse_runner_args,
-                                  setup_amp, setup_cpu_runtime)
+                                  parse_runner_args, setup_amp,
+                                  setup_cpu_runtime)
 from mmengine.config import Config  # noqa: E402
 from mmengine.runner import Runner  # noqa: E402
 
@@ -52,6 +57,12 @@ def parse_args(argv=None):
         default=False,
         help='enable automatic-mixed-precision training (needs a GPU; '
         'ignored with a warning on the CPU)')
+    parser.add_argument(
+        '--skip-data-check',
+        action='store_true',
+        help='do not check every image/annotation before training (present, '
+        'readable header, matching sizes, no empty split); folders, class '
+        'names and counts are still checked')
     add_runner_args(parser)
     return parse_runner_args(parser, argv)
 
@@ -74,22 +85,18 @@ def build_cfg(args) -> Config:
     return cfg
 
 
-def checkpoint_context():
-    """Allow-list mmengine's checkpoint classes for weights-only loading."""
-    return getattr(mmbhvit.compat, 'resume_safe_globals',
-                   contextlib.nullcontext)()
-
-
 def main(argv=None):
     args = parse_args(argv)
     cfg = build_cfg(args)
     phases = ('train', 'val') if cfg.get('val_cfg') else ('train', )
     try:
-        if is_classification(cfg):
+        if task_of(cfg) == 'classification':
             from mmbhvit.utils.cls_data_check import check_cls_config
-            check_cls_config(cfg, phases)
+            check_cls_config(cfg, phases,
+                             check_files=not args.skip_data_check)
         else:
-            check_data_config(cfg, phases)
+            check_data_config(cfg, phases,
+                              check_files=not args.skip_data_check)
     except (DataCheckError, DatasetMetaError, FileNotFoundError) as e:
         sys.stderr.write(f'\nERROR ({osp.basename(args.config)}): {e}\n')
         sys.exit(2)
@@ -98,8 +105,15 @@ def main(argv=None):
         runner = Runner.from_cfg(cfg)
     else:
         runner = RUNNERS.build(cfg)
-    with checkpoint_context():
+    # strict checkpoint loading (load_from, --resume), see mmbhvit.apis
+    use_verified_loading(runner,
+                         strict=not cfg.get('allow_partial_load', False))
+    try:
         runner.train()
+    except (CheckpointMismatchError, CheckpointReadError,
+            NonFiniteError) as e:
+        sys.stderr.write(f'\nERROR ({osp.basename(args.config)}): {e}\n')
+        sys.exit(2)
 
 
 if __name__ == '__main__':

@@ -11,6 +11,10 @@ vis_backends = [dict(type='LocalVisBackend')]
 visualizer = dict(
     type='SegLocalVisualizer', vis_backends=vis_backends, name='visualizer')
 log_processor = dict(by_epoch=False)
+# Checkpoints carry the random states and the data position, so that
+# --resume continues bit-identically (mmbhvit.engine.ExactResumeHook).
+# Configs that set their own custom_hooks must list it again.
+custom_hooks = [dict(type='ExactResumeHook')]
 log_level = 'INFO'
 load_from = None
 resume = False

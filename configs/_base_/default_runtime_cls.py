@@ -11,7 +11,14 @@ default_hooks = dict(
     checkpoint=dict(type='CheckpointHook', interval=1, max_keep_ckpts=3),
     sampler_seed=dict(type='DistSamplerSeedHook'),
     visualization=dict(type='VisualizationHook', enable=False),
+    # NaN/inf input or loss: stop before any weight or BN statistic changes
+    nonfinite_check=dict(type='NonFiniteCheckHook'),
 )
+
+# Checkpoints carry the random states and the data position, so that
+# --resume continues bit-identically (mmbhvit.engine.ExactResumeHook).
+# Configs that set their own custom_hooks must list it again.
+custom_hooks = [dict(type='ExactResumeHook')]
 
 env_cfg = dict(
     cudnn_benchmark=False,

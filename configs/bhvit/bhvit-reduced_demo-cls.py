@@ -65,7 +65,11 @@ test_cfg = dict()
 
 # L_re on for the last quarter (epochs 6 and 7) to show its pull in a short
 # run; the ImageNet configs use the paper's last 10%.
-custom_hooks = [dict(type='RegLossSwitchHook', begin_ratio=0.75)]
+# (a list replaces the base one: ExactResumeHook of the runtime is repeated)
+custom_hooks = [
+    dict(type='RegLossSwitchHook', begin_ratio=0.75),
+    dict(type='ExactResumeHook'),
+]
 
 default_hooks = dict(
     logger=dict(type='LoggerHook', interval=10),

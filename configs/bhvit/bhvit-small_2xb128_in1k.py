@@ -39,6 +39,10 @@ model = dict(
 )
 
 # L_re on for the last 10% of the epochs (epochs 90-99).
-custom_hooks = [dict(type='RegLossSwitchHook', begin_ratio=0.9)]
+# (a list replaces the base one: ExactResumeHook of the runtime is repeated)
+custom_hooks = [
+    dict(type='RegLossSwitchHook', begin_ratio=0.9),
+    dict(type='ExactResumeHook'),
+]
 
 auto_scale_lr = dict(base_batch_size=256)

@@ -2,10 +2,9 @@
 """Cost analysis of binary models: BOPs, FLOPs, OPs and parameters."""
 from .complexity import (BOPS_PER_FLOP, BinaryFlopAnalyzer, ComplexityReport,
                          CostRow, analyze_config, analyze_model,
-                         build_model_from_config, operand_bits)
+                         operand_bits)
 
 __all__ = [
     'BOPS_PER_FLOP', 'BinaryFlopAnalyzer', 'ComplexityReport', 'CostRow',
-    'analyze_config', 'analyze_model', 'build_model_from_config',
-    'operand_bits'
+    'analyze_config', 'analyze_model', 'operand_bits'
 ]

@@ -53,7 +53,6 @@ The binarization of weights (``abs``/``mean``/``sign`` of the latent
 weights) is traced too, but it is neither a MAC nor counted: at deployment
 the binary weights are precomputed.
 """
-import copy
 import math
 import os.path as osp
 from collections import Counter, OrderedDict, defaultdict
@@ -477,97 +476,8 @@ class ComplexityReport:
 
 
 # --------------------------------------------------------------------------
-# Models from configs
+# Traceable graphs of whole models
 # --------------------------------------------------------------------------
-def _replace_norm(cfg, old: str = 'SyncBN', new: str = 'BN') -> None:
-    """SyncBN → BN in a model config (in place): costs and CPU runs do not
-    depend on cross-process statistics."""
-    if isinstance(cfg, dict):
-        if cfg.get('type') == old:
-            cfg['type'] = new
-        for v in cfg.values():
-            _replace_norm(v, old, new)
-    elif isinstance(cfg, (list, tuple)):
-        for v in cfg:
-            _replace_norm(v, old, new)
-
-
-def _registry(cfg: Config, model_type: str):
-    from mmpretrain.registry import MODELS as PRETRAIN_MODELS
-    from mmseg.registry import MODELS as SEG_MODELS
-    registries = {'mmseg': SEG_MODELS, 'mmpretrain': PRETRAIN_MODELS}
-    scope = cfg.get('default_scope')
-    if scope in registries:
-        return scope, registries[scope]
-    if scope is not None:
-        raise ValueError(f'default_scope {scope!r} is not supported; '
-                         f'expected one of {sorted(registries)}')
-    for scope, registry in registries.items():
-        if registry.get(model_type) is not None:
-            return scope, registry
-    raise KeyError(f'model type {model_type!r} is in neither the mmseg nor '
-                   'the mmpretrain MODELS registry')
-
-
-def load_config(config: Union[str, Config],
-                cfg_options: Optional[dict] = None) -> Config:
-    """A :class:`Config` from a path (or a copy of a Config), with
-    ``cfg_options`` merged and its ``custom_imports`` imported."""
-    if isinstance(config, Config):
-        cfg = copy.deepcopy(config)
-    else:
-        if not osp.isfile(config):
-            raise FileNotFoundError(f'config file not found: {config}')
-        cfg = Config.fromfile(config)
-    if cfg_options:
-        cfg.merge_from_dict(cfg_options)
-    import mmbhvit  # noqa: F401  (mmcv-lite shim, registries)
-    if cfg.get('custom_imports'):
-        from mmengine.utils import import_modules_from_strings
-        import_modules_from_strings(**cfg.custom_imports)
-    return cfg
-
-
-def build_model_from_config(config: Union[str, Config],
-                            full_precision: bool = False,
-                            cfg_options: Optional[dict] = None
-                            ) -> Tuple[nn.Module, str]:
-    """Build the model of a classification (mmpretrain) or segmentation
-    (mmseg) config in eval mode, SyncBN replaced by BN.
-
-    Args:
-        config (str | Config): config path or object.
-        full_precision (bool): build the full-precision counterpart
-            (``weight_bits=act_bits=32`` on the backbone).
-        cfg_options (dict, optional): overrides merged into the config.
-
-    Returns:
-        (model, task) with task ``'classification'`` or ``'segmentation'``.
-    """
-    from mmengine.registry import DefaultScope
-    from mmseg.models.segmentors import BaseSegmentor
-    cfg = load_config(config, cfg_options)
-    model_cfg = copy.deepcopy(cfg.model)
-    _replace_norm(model_cfg)
-    if full_precision:
-        backbone = model_cfg.get('backbone', {})
-        if backbone.get('type') != 'BHViT' and 'weight_bits' not in backbone:
-            raise ValueError(
-                'full_precision needs a backbone with weight_bits/act_bits '
-                f'(BHViT); got {backbone.get("type")!r}')
-        backbone.update(weight_bits=32, act_bits=32)
-    scope, registry = _registry(cfg, model_cfg['type'])
-    # Sub-modules are built in the current default scope: make it the
-    # config's while building, and restore the caller's afterwards.
-    with DefaultScope.overwrite_default_scope(scope):
-        model = registry.build(model_cfg)
-    model.eval()
-    task = 'segmentation' if isinstance(model, BaseSegmentor) \
-        else 'classification'
-    return model, task
-
-
-
 class ClassifierGraph(nn.Module):
     """backbone → neck → head of an mmpretrain classifier as one traceable
     ``forward(images)`` (the data preprocessor is left out). Sub-module
@@ -724,8 +634,10 @@ def analyze_config(config: Union[str, Config],
         count_bn (bool): count BatchNorm (see :class:`BinaryFlopAnalyzer`).
         cfg_options (dict, optional): overrides merged into the config.
     """
-    model, task = build_model_from_config(config, full_precision,
-                                          cfg_options)
+    from ..apis import build_model
+    model = build_model(config, cfg_options=cfg_options,
+                        full_precision=full_precision, student_only=True)
+    task = model.task
     if shape is None:
         shape = (224, 224) if task == 'classification' else (512, 512)
     shape = tuple(int(s) for s in shape)

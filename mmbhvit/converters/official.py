@@ -187,11 +187,36 @@ class OfficialConversion:
         return TRANSFORMS[self.key_map[official_key][1]](tensor)
 
 
+#: A key every official BHViT state dict has (the stem convolution).
+OFFICIAL_STEM_KEY = 'vit.embeddings.patch_embeddings.proj.weight'
+
+
+class NotOfficialCheckpointError(ValueError):
+    """The input of the converter is not an official BHViT state dict."""
+
+
 def _strip_wrapper(ckpt) -> dict:
+    """The official state dict inside ``ckpt`` (raw or under ``model`` /
+    ``state_dict``); anything else raises NotOfficialCheckpointError."""
     if isinstance(ckpt, dict):
         for key in ('model', 'state_dict'):
             if key in ckpt and isinstance(ckpt[key], dict):
-                return ckpt[key]
+                ckpt = ckpt[key]
+                break
+    if not isinstance(ckpt, dict) or not ckpt:
+        raise NotOfficialCheckpointError(
+            f'expected a state dict (a dict of tensors), got '
+            f'{type(ckpt).__name__}')
+    if OFFICIAL_STEM_KEY not in ckpt:
+        keys = sorted(str(k) for k in ckpt)
+        if any(k.startswith('backbone.') for k in keys):
+            raise NotOfficialCheckpointError(
+                'this is already an mmbhvit checkpoint (keys start with '
+                "'backbone.'): load it directly, no conversion needed")
+        raise NotOfficialCheckpointError(
+            f'not an official BHViT (IMRL/BHViT) state dict: it has no '
+            f'{OFFICIAL_STEM_KEY!r}; its first keys are {keys[:5]} '
+            f'({len(keys)} keys)')
     return ckpt
 
 

@@ -7,9 +7,11 @@ from .engine import PackedBHViT, PackedClassifier, load_engine
 from .export import export_model, load_packed, save_packed
 from .ops import extension_available, extension_error, resolve_backend
 from .packing import pack_bits, unpack_bits
+from .spec import PackedFormatError, arch_spec
 
 __all__ = [
     'export_model', 'save_packed', 'load_packed', 'PackedBHViT',
     'PackedClassifier', 'load_engine', 'extension_available',
-    'extension_error', 'resolve_backend', 'pack_bits', 'unpack_bits'
+    'extension_error', 'resolve_backend', 'pack_bits', 'unpack_bits',
+    'PackedFormatError', 'arch_spec'
 ]

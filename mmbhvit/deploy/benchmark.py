@@ -12,11 +12,9 @@ three forms. Used by ``tools/deployment/benchmark_binary.py``.
 """
 import argparse
 import copy
-import json
 import logging
 import os
 import statistics
-import tempfile
 import time
 from collections import defaultdict
 from typing import Callable, Dict, List, Optional
@@ -29,9 +27,12 @@ from .export import export_model, state_dict_bytes
 from .mmseg_backend import use_packed_backbone
 from .ops import resolve_backend
 from .testing import calibrate_random_model
+from ..utils.io import atomic_write_json
 
 DEFAULT_CLS_CONFIG = 'configs/bhvit/bhvit-small_2xb128_in1k.py'
 DEFAULT_SEG_CONFIG = 'configs/bhvit/upernet_bhvit_ade20k.py'
+#: the short task names of this benchmark
+TASK_KEYS = {'classification': 'cls', 'segmentation': 'seg'}
 
 
 def _quiet():
@@ -44,21 +45,13 @@ def build_pair(config: str, checkpoint: Optional[str] = None,
     """The binary model of ``config`` (``checkpoint`` loaded, or a random
     initialisation made realistic by :func:`calibrate_random_model`) and
     its full-precision counterpart (same config, 32-bit)."""
-    from mmengine.config import Config
-
-    from .export import build_model_from_config
+    from ..apis import build_model
     _quiet()
-    binary = build_model_from_config(config, checkpoint)
+    binary = build_model(config, checkpoint, student_only=True)
     if checkpoint is None:
         torch.manual_seed(0)
         calibrate_random_model(binary, calib_size)
-    cfg = Config.fromfile(config)
-    cfg.model.backbone.weight_bits = 32
-    cfg.model.backbone.act_bits = 32
-    with tempfile.TemporaryDirectory() as tmp:
-        path = os.path.join(tmp, 'fp32_counterpart.py')
-        cfg.dump(path)
-        fp = build_model_from_config(path, None)
+    fp = build_model(config, full_precision=True, student_only=True)
     torch.manual_seed(0)
     calibrate_random_model(fp, calib_size)
     return binary.eval(), fp.eval()
@@ -287,16 +280,11 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def _task_of(config: str) -> str:
-    from mmengine.config import Config
-    return 'seg' if 'EncoderDecoder' in Config.fromfile(config).model.get(
-        'type', '') else 'cls'
-
-
 def main(argv=None) -> int:
     args = parse_args(argv)
-    import mmbhvit  # noqa: F401
-    jobs = ([(args.config, _task_of(args.config))] if args.config else
+    from ..apis import task_of
+    jobs = ([(args.config, TASK_KEYS[task_of(args.config)])]
+            if args.config else
             [(DEFAULT_CLS_CONFIG, 'cls'), (DEFAULT_SEG_CONFIG, 'seg')])
     threads = args.threads or sorted({1, torch.get_num_threads()})
     load = ', '.join(f'{v:.2f}' for v in os.getloadavg())
@@ -322,6 +310,5 @@ def main(argv=None) -> int:
               ', '.join(f'{v:.2f}' for v in res['load_after']))
         results.append(res)
     if args.json:
-        with open(args.json, 'w') as f:
-            json.dump(results, f, indent=1)
+        atomic_write_json(results, args.json, indent=1)
     return 0

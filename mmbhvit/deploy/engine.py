@@ -24,6 +24,7 @@ from torch import Tensor, nn
 from .export import load_packed
 from .ops import (BinaryAttention, BinaryFFN, BinaryMerge, BinaryProj,
                   MSGDCMixer, ShiftConv, float_getter, resolve_backend)
+from .spec import check_tensor_shapes
 
 
 class _NoLaps:
@@ -265,9 +266,13 @@ class PackedBHViT(nn.Module):
             raise ValueError('the packed engine computes in float32 or '
                              f'float64, got dtype={dtype}, out_dtype='
                              f'{out_dtype}')
-        packed = load_packed(packed)
+        packed = load_packed(packed)  # verified once (digests, spec)
         g = packed['graph']['backbone']
         tensors = packed['tensors']
+        # every tensor's shape and dtype against the spec, once, before any
+        # layer (C++ or PyTorch backend) reads one
+        check_tensor_shapes(packed['graph'], tensors, packed.source)
+        self.source = packed.source
         self.graph = packed['graph']
         self.dtype = dtype
         self.out_dtype = out_dtype or dtype
@@ -352,6 +357,9 @@ class PackedBHViT(nn.Module):
             raise ValueError(f'PackedBHViT needs images of at least '
                              f'{self.min_input_size}x{self.min_input_size}, '
                              f'got {x.shape[-2]}x{x.shape[-1]}')
+        # the backbone's test and message (NaN / inf -> NonFiniteError)
+        from ..models.finite import check_finite_input
+        check_finite_input(x, 'PackedBHViT')
 
     def forward_nhwc(self, x: Tensor) -> List[Tensor]:
         """Channels-last outputs ``(N, H, W, C)`` for ``out_indices``."""

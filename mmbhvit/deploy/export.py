@@ -1,13 +1,22 @@
 # Copyright (c) mmbhvit contributors. Licensed under the Apache License 2.0.
 """Export a trained BHViT into a deployable file with bit-packed weights.
 
-The file is a plain ``torch.save`` of ``{'graph': dict, 'tensors': dict}``
-(loads with ``torch.load(path, weights_only=True)``):
+The file (format version 2) is a plain ``torch.save`` of
+``{'graph': dict, 'tensors': dict}`` (loads with ``torch.load(path,
+weights_only=True)``), written atomically (:func:`save_packed`):
 
-* ``graph`` – JSON-able description: architecture, options, the list of
-  layers with their sizes, and provenance/statistics;
+* ``graph`` – JSON-able description: ``arch``, the complete architecture
+  spec derived from the model (:func:`mmbhvit.deploy.spec.arch_spec`);
+  ``backbone`` / ``head``, the engine's layer graph; ``tensors``, the
+  manifest of every tensor's shape, dtype and SHA-256; ``tensors_sha256``
+  over all tensors; ``meta`` with the SHA-256 of the source checkpoint and of
+  the resolved config; statistics; and ``graph_sha256`` over all of it;
 * ``tensors`` – ``{name: tensor}``; binary weights are int64 words of 64
   sign bits (:mod:`mmbhvit.deploy.packing`), everything else float.
+
+:func:`load_packed` verifies all of it (format, version, digests, manifest,
+spec consistency); the engine checks every tensor's shape against the spec
+when it is built (:func:`mmbhvit.deploy.spec.check_tensor_shapes`).
 
 What is folded (all in float64, then stored in ``param_dtype``):
 
@@ -32,11 +41,11 @@ tap contributes 0); :func:`export_model` counts zero centred weights and
 warns if there are any.
 """
 import argparse
+import hashlib
 import io
-import logging
-import json
 import os
 import os.path as osp
+import re
 import warnings
 from typing import Dict, Optional, Tuple
 
@@ -44,10 +53,16 @@ import torch
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from ..utils.io import DiskFullError, atomic_torch_save, sha256_file
 from .packing import pack_bits
+from .spec import (PackedFormatError, arch_spec, check_graph,
+                   check_tensor_shapes, digest_tensors, dtype_name,
+                   graph_sha256, tensor_manifest)
 
 FORMAT = 'mmbhvit.packed-bhvit'
-VERSION = 1
+VERSION = 2
+#: the command that writes packed files (named in every "re-export" error)
+EXPORT_TOOL = 'tools/deployment/export_binary.py CONFIG CHECKPOINT OUT'
 
 SIGN_CONVENTION = (
     'activation bit = (x > threshold) (x + shift > 0); weight bit = '
@@ -359,18 +374,49 @@ def _export_head(wr: _Writer, model: nn.Module) -> Optional[dict]:
                 num_classes=fc.out_features, in_channels=fc.in_features)
 
 
+_SHA256_HEX = re.compile(r'^[0-9a-f]{64}$')
+#: provenance digests every file records (None when unknown)
+PROVENANCE_KEYS = ('config_sha256', 'checkpoint_sha256')
+
+
+def _export_meta(meta: Optional[dict]) -> dict:
+    """``meta`` with validated ``config_sha256`` / ``checkpoint_sha256``
+    (hex SHA-256 or None; always present) and the torch version."""
+    meta = dict(meta or {})
+    for key in PROVENANCE_KEYS:
+        value = meta.get(key)
+        if isinstance(value, str):
+            value = value.lower()
+        if value is not None and not (isinstance(value, str)
+                                      and _SHA256_HEX.match(value)):
+            raise ValueError(f'export_model: meta[{key!r}] must be a hex '
+                             f'SHA-256 (64 hex digits) or None, got '
+                             f'{value!r}')
+        meta[key] = value
+    meta['torch'] = str(torch.__version__)
+    return meta
+
+
 def export_model(model: nn.Module,
                  param_dtype: torch.dtype = torch.float32,
                  meta: Optional[dict] = None) -> dict:
     """Export a BHViT backbone, or a model with a ``.backbone`` (mmpretrain
     classifier: the GAP + linear head is exported too; mmseg segmentor: the
-    backbone only) into the deployable dict ``{'graph', 'tensors'}``."""
+    backbone only) into the deployable dict ``{'graph', 'tensors'}``
+    (format version 2, sealed with its manifest and digests).
+
+    ``meta`` is recorded in ``graph['meta']``; its ``config_sha256`` and
+    ``checkpoint_sha256`` (hex SHA-256 of the resolved config text and of
+    the checkpoint file, see :func:`resolved_config_sha256` and
+    :func:`mmbhvit.utils.io.sha256_file`) are validated and always present
+    (None when not given)."""
     from ..models import BHViT
     backbone = model if isinstance(model, BHViT) else getattr(
         model, 'backbone', None)
     if not isinstance(backbone, BHViT):
         raise TypeError('export_model needs a BHViT or a model whose '
                         f'.backbone is a BHViT, got {type(model).__name__}')
+    meta = _export_meta(meta)
     was_training = model.training
     model.eval()
     try:
@@ -378,7 +424,8 @@ def export_model(model: nn.Module,
             wr = _Writer(param_dtype)
             graph = dict(format=FORMAT, version=VERSION,
                          sign_convention=SIGN_CONVENTION,
-                         param_dtype=str(param_dtype).replace('torch.', ''))
+                         param_dtype=dtype_name(param_dtype))
+            graph['arch'] = arch_spec(backbone)
             graph['backbone'] = export_backbone(backbone, wr)
             graph['head'] = (None if model is backbone else
                              _export_head(wr, model))
@@ -390,40 +437,161 @@ def export_model(model: nn.Module,
             'equal to their mean (torch.sign gives 0 there, the packed file '
             '-1): the exported model can differ slightly')
     graph['stats'] = dict(wr.stats)
-    graph['meta'] = dict(meta or {}, torch=str(torch.__version__))
-    json.dumps(graph)  # the graph must stay JSON-able
-    return dict(graph=graph, tensors=wr.tensors)
+    graph['meta'] = meta
+    # the exporter's own output must satisfy the checks of the loader
+    check_graph(graph, 'the export')
+    check_tensor_shapes(graph, wr.tensors, 'the export')
+    return seal_packed(graph, wr.tensors)
+
+
+def seal_packed(graph: dict, tensors: Dict[str, Tensor]) -> dict:
+    """``{'graph', 'tensors'}`` with the graph's manifest (every tensor's
+    shape, dtype and SHA-256), ``tensors_sha256`` and ``graph_sha256``
+    (re)computed. Used by :func:`export_model`; tests use it to build files
+    that are consistent but do not fit their spec."""
+    graph = {
+        k: v for k, v in graph.items()
+        if k not in ('manifest', 'tensors_sha256', 'graph_sha256')
+    }
+    overall, per_tensor = digest_tensors(tensors)
+    graph['manifest'] = tensor_manifest(tensors, per_tensor)
+    graph['tensors_sha256'] = overall
+    graph['graph_sha256'] = graph_sha256(graph)
+    return dict(graph=graph, tensors=dict(tensors))
 
 
 def save_packed(packed: dict, path: str):
-    """Write an exported dict (see :func:`export_model`)."""
-    d = osp.dirname(osp.abspath(path))
-    os.makedirs(d, exist_ok=True)
-    torch.save(packed, path)
+    """Write an exported dict (see :func:`export_model`) atomically: to a
+    temporary file in the same folder, fsync'ed, then renamed over ``path``.
+    A dict that would not load is refused; a full disk raises
+    :class:`~mmbhvit.utils.io.DiskFullError` naming the file and leaves any
+    previous file at ``path`` untouched."""
+    packed = load_packed(packed)  # verify before writing
+    atomic_torch_save(dict(graph=packed['graph'], tensors=packed['tensors']),
+                      path)
+
+
+class VerifiedPacked(dict):
+    """A packed dict that passed :func:`load_packed` (``source`` names the
+    file); the engines do not verify it a second time."""
+
+    def __init__(self, graph: dict, tensors: dict, source: str):
+        super().__init__(graph=graph, tensors=tensors)
+        self.source = source
+
+
+def _reexport(what: str) -> str:
+    return f'{what}; re-export it with {EXPORT_TOOL}'
+
+
+def _check_manifest(manifest: dict, tensors: dict, what: str) -> None:
+    errs = []
+    for name in sorted(set(manifest) | set(tensors), key=str):
+        m, t = manifest.get(name), tensors.get(name)
+        if not isinstance(m, dict):
+            errs.append(f'tensor {name!r} is not in its manifest')
+        elif t is None:
+            errs.append(f'it has no tensor {name!r} (its manifest lists '
+                        f"shape {tuple(m.get('shape', ()))}, "
+                        f"{m.get('dtype')})")
+        elif not isinstance(t, Tensor):
+            errs.append(f'{name!r} is a {type(t).__name__}, not a tensor')
+        elif list(t.shape) != m.get('shape'):
+            errs.append(f'tensor {name!r} has shape {tuple(t.shape)}, its '
+                        f"manifest says {tuple(m.get('shape') or ())}")
+        elif dtype_name(t.dtype) != m.get('dtype'):
+            errs.append(f'tensor {name!r} has dtype {dtype_name(t.dtype)}, '
+                        f"its manifest says {m.get('dtype')}")
+    if errs:
+        more = f'; ... and {len(errs) - 4} more' if len(errs) > 4 else ''
+        raise PackedFormatError(
+            _reexport(f'{what} is corrupt or incomplete: ' +
+                      '; '.join(errs[:4]) + more))
 
 
 def load_packed(path_or_dict) -> dict:
-    """Read an exported file with weights-only loading and check it."""
+    """Read an exported file (weights-only loading) or take an exported
+    dict, and verify it: format and version (a version-1 file is refused
+    with a "re-export" message), the SHA-256 of its graph and of its
+    tensors (corruption), the manifest against the tensors present
+    (missing, extra, shape, dtype) and the internal consistency of the
+    architecture spec. Returns a :class:`VerifiedPacked` (a dict).
+
+    Raises:
+        PackedFormatError (a ValueError): naming the file and the problem.
+    """
+    if isinstance(path_or_dict, VerifiedPacked):
+        return path_or_dict
     if isinstance(path_or_dict, dict):
-        packed = path_or_dict
+        packed, what = path_or_dict, 'the given dict'
     else:
-        packed = torch.load(path_or_dict, map_location='cpu',
-                            weights_only=True)
-    what = ('the given dict' if isinstance(path_or_dict, dict) else
-            repr(path_or_dict))
+        path = os.fspath(path_or_dict)
+        what = f'packed file {path!r}'
+        if not osp.isfile(path):
+            raise FileNotFoundError(f'{what} not found')
+        try:
+            packed = torch.load(path, map_location='cpu', weights_only=True)
+        except Exception as e:  # damaged zip, not a torch file, pickles
+            msg = str(e).strip().splitlines()
+            raise PackedFormatError(_reexport(
+                f'{what} cannot be read ({type(e).__name__}: '
+                f"{msg[0] if msg else ''}): it is truncated, corrupt or not "
+                'a packed BHViT')) from e
     graph = packed.get('graph') if isinstance(packed, dict) else None
     if not isinstance(graph, dict) or graph.get('format') != FORMAT:
-        raise ValueError(f'{what} is not an exported packed BHViT '
-                         f"(format {FORMAT!r}); write one with "
-                         'tools/deployment/export_binary.py')
-    if graph.get('version') != VERSION:
-        raise ValueError(f"packed file version {graph.get('version')} is not "
-                         f'supported (this mmbhvit reads version {VERSION})')
-    if not isinstance(packed.get('tensors'), dict) or not isinstance(
-            graph.get('backbone'), dict):
-        raise ValueError(f'{what} is incomplete: it lacks the backbone graph '
-                         'or the tensors (a corrupt export?)')
-    return packed
+        raise PackedFormatError(f'{what} is not an exported packed BHViT '
+                                f'(format {FORMAT!r}); write one with '
+                                f'{EXPORT_TOOL}')
+    version = graph.get('version')
+    if version != VERSION:
+        if isinstance(version, int) and version < VERSION:
+            raise PackedFormatError(_reexport(
+                f'{what} has the old packed format version {version} '
+                '(no architecture spec, no checksums), which this mmbhvit '
+                f'no longer reads (it reads version {VERSION})'))
+        raise PackedFormatError(
+            f'{what} has packed format version {version!r}; this mmbhvit '
+            f'reads version {VERSION} (written by a newer mmbhvit? update '
+            f'mmbhvit, or re-export it with this one: {EXPORT_TOOL})')
+    tensors = packed.get('tensors')
+    if not isinstance(tensors, dict) or not all(
+            isinstance(graph.get(k), dict)
+            for k in ('arch', 'backbone', 'manifest')):
+        raise PackedFormatError(_reexport(
+            f'{what} is incomplete: it lacks the tensors, the layer graph, '
+            'the architecture spec or the manifest (a corrupt export?)'))
+    try:
+        graph_ok = graph.get('graph_sha256') == graph_sha256(graph)
+    except (TypeError, ValueError):  # not JSON-able any more
+        graph_ok = False
+    if not graph_ok:
+        raise PackedFormatError(
+            f'{what} is corrupt: its graph (architecture spec, manifest, '
+            'metadata) does not match its SHA-256 (damaged or edited after '
+            f'export); copy it again or re-export it with {EXPORT_TOOL}')
+    _check_manifest(graph['manifest'], tensors, what)
+    overall, per_tensor = digest_tensors(tensors)
+    if overall != graph.get('tensors_sha256'):
+        bad = [k for k in sorted(per_tensor)
+               if per_tensor[k] != graph['manifest'][k].get('sha256')]
+        raise PackedFormatError(
+            f'{what} is corrupt: the SHA-256 of its tensors does not match '
+            f'the one recorded at export (damaged: '
+            f"{', '.join(bad[:4]) or 'unknown'}"
+            f"{f' and {len(bad) - 4} more' if len(bad) > 4 else ''}): it "
+            'changed after export (a damaged copy, download or disk); copy '
+            f'it again or re-export it with {EXPORT_TOOL}')
+    check_graph(graph, what)
+    return VerifiedPacked(graph, tensors, what)
+
+
+def resolved_config_sha256(config) -> str:
+    """SHA-256 of the resolved config text (``_base_`` files merged), as
+    ``Config.dump()`` writes it (``pretty_text``) for a ``.py`` config: the
+    digest of the ``config.py`` a training run dumps into its work dir."""
+    from mmengine.config import Config
+    cfg = config if isinstance(config, Config) else Config.fromfile(config)
+    return hashlib.sha256(cfg.pretty_text.encode('utf-8')).hexdigest()
 
 
 def state_dict_bytes(module: nn.Module, dtype=torch.float32) -> int:
@@ -455,57 +623,6 @@ def size_report(packed: dict, fp32_bytes: int, packed_bytes: int) -> str:
 # --------------------------------------------------------------------------
 # Command line (tools/deployment/export_binary.py)
 # --------------------------------------------------------------------------
-def build_model_from_config(config: str, checkpoint: Optional[str]):
-    """An eval model from an mmseg (EncoderDecoder) or mmpretrain
-    (ImageClassifier) config, with ``checkpoint`` loaded (None: random
-    initialisation)."""
-    import mmbhvit  # noqa: F401  (registries, mmcv-lite shim)
-    from mmengine.config import Config
-    from mmengine.logging import MMLogger
-    from mmengine.registry import init_default_scope
-    from mmengine.runner import load_checkpoint
-
-    from ..compat import resume_safe_globals
-    cfg = Config.fromfile(config)
-    cfg.model.pop('pretrained', None)
-    backbone = cfg.model.get('backbone', {})
-    if isinstance(backbone.get('init_cfg'), dict) and \
-            backbone['init_cfg'].get('checkpoint') is None:
-        backbone['init_cfg'] = None
-    if 'EncoderDecoder' in cfg.model.get('type', ''):
-        import mmseg.models  # noqa: F401
-        from mmseg.registry import MODELS
-        init_default_scope('mmseg')
-    else:
-        import mmpretrain.models  # noqa: F401
-        from mmpretrain.registry import MODELS
-        init_default_scope('mmpretrain')
-        if cfg.model.get('type') != 'ImageClassifier':
-            # e.g. DistillImageClassifier: deploy the student only
-            cfg.model = dict(
-                type='ImageClassifier',
-                **{k: cfg.model[k] for k in ('backbone', 'neck', 'head',
-                                             'data_preprocessor')
-                   if cfg.model.get(k) is not None})
-    model = MODELS.build(cfg.model)
-    logger = MMLogger.get_current_instance()
-    level = logger.level
-    logger.setLevel(logging.WARNING)  # init_weights logs every tensor
-    try:
-        if not checkpoint:
-            model.init_weights()
-    finally:
-        logger.setLevel(level)
-    if checkpoint:
-        with resume_safe_globals():
-            # strict=False: a distillation checkpoint also holds the teacher
-            load_checkpoint(model, checkpoint, map_location='cpu',
-                            strict=False, revise_keys=[(r'^module\.', '')])
-    from mmengine.model import revert_sync_batchnorm
-    model = revert_sync_batchnorm(model)
-    return model.eval()
-
-
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(
         description='Export a trained BHViT (classifier or segmentor '
@@ -529,12 +646,18 @@ def main(argv=None) -> int:
     ckpt = None if args.checkpoint.lower() == 'none' else args.checkpoint
     if ckpt is not None and not osp.isfile(ckpt):
         raise SystemExit(f'checkpoint not found: {ckpt}')
-    model = build_model_from_config(args.config, ckpt)
+    from ..apis import build_model
+    model = build_model(args.config, ckpt, student_only=True)
     packed = export_model(
         model, getattr(torch, args.param_dtype),
         meta=dict(config=osp.abspath(args.config),
-                  checkpoint=osp.abspath(ckpt) if ckpt else None))
-    save_packed(packed, args.out)
+                  checkpoint=osp.abspath(ckpt) if ckpt else None,
+                  config_sha256=resolved_config_sha256(args.config),
+                  checkpoint_sha256=sha256_file(ckpt) if ckpt else None))
+    try:
+        save_packed(packed, args.out)
+    except DiskFullError as e:
+        raise SystemExit(f'ERROR: {e}')
     out_bytes = os.path.getsize(args.out)
     exported = model if packed['graph']['head'] else model.backbone
     fp32 = state_dict_bytes(exported)
@@ -546,4 +669,7 @@ def main(argv=None) -> int:
     if ckpt is not None:
         print(f'checkpoint file {ckpt}: {os.path.getsize(ckpt):,} bytes '
               '(whole model, may include optimizer state)')
+    meta = packed['graph']['meta']
+    print(f"sha256: tensors {packed['graph']['tensors_sha256']}, config "
+          f"{meta['config_sha256']}, checkpoint {meta['checkpoint_sha256']}")
     return 0

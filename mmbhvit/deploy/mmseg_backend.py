@@ -3,10 +3,12 @@
 
 Example::
 
-    from mmseg.apis import inference_model, init_model, show_result_pyplot
+    from mmseg.apis import inference_model
+    from mmbhvit.apis import build_model
     from mmbhvit.deploy.mmseg_backend import use_packed_backbone
 
-    model = init_model(config, checkpoint, device='cpu')
+    # strict loading, CPU, eval; the default scope set as init_model does
+    model = build_model(config, checkpoint, init_scope=True)
     use_packed_backbone(model, 'bhvit.packed.pth')
     result = inference_model(model, 'demo.png')   # same API as before
 
@@ -17,10 +19,10 @@ BatchNorms are folded into the preceding convolutions (mmcv's
 ``fuse_conv_bn``) and they run in channels-last memory, which the engine
 produces without a copy. The model is then for inference only.
 """
-from typing import Union
+from typing import List, Union
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from .engine import PackedBHViT
 
@@ -43,10 +45,86 @@ def optimize_heads(model: nn.Module) -> nn.Module:
     return model
 
 
+#: side of the fixed probe image of :func:`use_packed_backbone`
+PROBE_SIZE = 64
+#: largest accepted RMS difference between the packed and the PyTorch
+#: backbone on the probe, relative to the RMS of the PyTorch output (per
+#: output map). Float rounding gives ~1e-7 (float64) to ~1e-6 (float32);
+#: another checkpoint or an untrained model of the same architecture 0.8-9.
+PROBE_RTOL = 1e-3
+VERIFY_MODES = ('outputs', 'spec')
+
+
+def probe_input(channels: int, size: int = PROBE_SIZE,
+                dtype: torch.dtype = torch.float32) -> Tensor:
+    """A fixed, deterministic ``(1, channels, size, size)`` image of roughly
+    unit scale (like a normalised image): integer-hash noise, a tilted wave
+    and 8-pixel blocks, different in every channel."""
+    y, x = torch.meshgrid(torch.arange(size), torch.arange(size),
+                          indexing='ij')
+    planes = []
+    for k in range(channels):
+        h = ((x * 73856093) ^ (y * 19349663) ^ ((k + 1) * 83492791)) % 2048
+        noise = h.double() / 1024 - 1
+        wave = torch.sin(x * (0.23 + 0.07 * k) + y * (0.11 + 0.05 * k))
+        blocks = ((x // 8 + y // 8 + k) % 2) * 2.0 - 1
+        planes.append(0.7 * noise + 0.6 * wave + 0.4 * blocks)
+    return torch.stack(planes)[None].to(dtype)
+
+
+def _rms_rel(out: Tensor, ref: Tensor) -> float:
+    out, ref = out.double(), ref.double()
+    scale = ref.pow(2).mean().sqrt().clamp_min(1e-30)
+    return float((out - ref).pow(2).mean().sqrt() / scale)
+
+
+def _reference_spec(old: nn.Module) -> dict:
+    from ..models import BHViT
+    from .spec import arch_spec
+    if isinstance(old, BHViT):
+        return arch_spec(old)
+    if isinstance(old, PackedBHViT):
+        return old.graph['arch']
+    raise TypeError('use_packed_backbone replaces a BHViT backbone (built '
+                    'from the config the packed file was exported from); '
+                    f'the model has a {type(old).__name__}')
+
+
+@torch.no_grad()
+def _probe_errors(old: nn.Module, engine: PackedBHViT, packed,
+                  backend: str) -> List[float]:
+    """Per output map, the RMS difference between ``engine`` and the
+    backbone ``old`` (eval mode) on :func:`probe_input`, relative to
+    ``old``'s output. If float32 exceeds :data:`PROBE_RTOL`, decide in
+    float64 (a sign decision within rounding of its threshold can flip in
+    float32 and binarized attention amplifies it; in float64 it does not)."""
+    x = probe_input(engine.in_channels)
+    ref_params = [p for p in old.parameters() if p.is_floating_point()]
+    ref_dtype = ref_params[0].dtype if ref_params else torch.float32
+    was_training = old.training
+    old.eval()
+    try:
+        ref = old(x.to(ref_dtype))
+        errs = [_rms_rel(o, r) for o, r in zip(engine(x), ref)]
+        if max(errs) <= PROBE_RTOL or isinstance(old, PackedBHViT) or (
+                engine.dtype == ref_dtype == torch.float64):
+            return errs
+        engine64 = PackedBHViT(packed, dtype=torch.float64, backend=backend)
+        old.double()  # exact round trip float32 -> float64 -> float32
+        try:
+            ref = old(x.double())
+        finally:
+            old.to(ref_dtype)
+        return [_rms_rel(o, r) for o, r in zip(engine64(x), ref)]
+    finally:
+        old.train(was_training)
+
+
 def use_packed_backbone(model: nn.Module, packed: Union[str, dict],
                         backend: str = 'auto',
                         dtype: torch.dtype = torch.float32,
-                        fast_heads: bool = True) -> nn.Module:
+                        fast_heads: bool = True,
+                        verify: str = 'outputs') -> nn.Module:
     """Replace ``model.backbone`` (a BHViT) by the packed engine built from
     ``packed`` (an exported file or dict), in place; returns ``model``.
 
@@ -56,9 +134,38 @@ def use_packed_backbone(model: nn.Module, packed: Union[str, dict],
     ``fast_heads`` (default) the neck and heads go through
     :func:`optimize_heads` and the engine hands them channels-last maps
     (same values up to float rounding; ~1.3x faster heads on a CPU).
-    Raises ``ValueError`` when the packed backbone does not fit the model
-    (widths or output stages).
+
+    Before replacing anything the packed file is checked against the
+    backbone it replaces (the model is left unchanged on an error):
+
+    * always: the file itself (:func:`~mmbhvit.deploy.export.load_packed`:
+      format, digests, manifest; every tensor's shape at engine build) and
+      its **complete architecture spec** against the spec derived, by the
+      exporter's own function (:func:`mmbhvit.deploy.spec.arch_spec`), from
+      the PyTorch backbone (every block's kind and options, widths, depths,
+      heads, window, MLP ratios, binarizer, shifts, merging, image size,
+      outputs); the differing fields are listed;
+    * ``verify='outputs'`` (default): also the **weights**. The packed and
+      the PyTorch backbone (eval mode) run on a fixed ``1×C×64×64`` probe
+      (:func:`probe_input`); each output map must agree within
+      :data:`PROBE_RTOL` (RMS, relative; float rounding is ~1e-6, another
+      checkpoint or an untrained model ~1). This refuses a file exported from
+      another checkpoint than the one the model (and its heads) was loaded
+      from. Costs one forward of each backbone at 64×64, once.
+    * ``verify='spec'``: the architecture only; for a PyTorch backbone that
+      deliberately holds other weights (e.g. a model built without a
+      checkpoint, when the packed file brings the trained backbone).
+
+    Raises:
+        ValueError (:class:`~mmbhvit.deploy.spec.PackedFormatError`): the
+            file is corrupt or of an old format, or does not fit the
+            backbone (architecture or, with ``'outputs'``, weights).
     """
+    from .export import load_packed
+    from .spec import PackedFormatError, diff_specs, format_diffs
+    if verify not in VERIFY_MODES:
+        raise ValueError(f'verify must be one of {VERIFY_MODES}, got '
+                         f'{verify!r}')
     if not hasattr(model, 'backbone'):
         raise TypeError(f'{type(model).__name__} has no backbone to replace')
     head_params = [
@@ -70,22 +177,35 @@ def use_packed_backbone(model: nn.Module, packed: Union[str, dict],
         raise ValueError('the packed engine runs on the CPU: build the model '
                          f"with device='cpu' (its heads are on {devices})")
     out_dtype = head_params[0].dtype if head_params else dtype
+    packed = load_packed(packed)
+    old = model.backbone
+    diffs = diff_specs(packed['graph']['arch'], _reference_spec(old))
+    if diffs:
+        raise PackedFormatError(
+            f'{packed.source} does not fit the model: its backbone '
+            f'architecture differs from the model\'s in {len(diffs)} '
+            'field(s) (export it from the same config: '
+            'tools/deployment/export_binary.py CONFIG CHECKPOINT OUT):\n' +
+            format_diffs(diffs, 'packed file', 'model'))
     engine = PackedBHViT(packed, dtype=dtype, backend=backend,
                          out_dtype=out_dtype, channels_last=fast_heads)
-    old = model.backbone
-    old_dims = getattr(old, 'num_features', None)
-    if old_dims is not None and tuple(old_dims) != engine.embed_dims:
-        raise ValueError(f'packed backbone widths {engine.embed_dims} do not '
-                         f'match the model backbone {tuple(old_dims)}')
-    old_out = getattr(old, 'out_indices', None)
-    if old_out is not None and tuple(old_out) != engine.out_indices:
-        raise ValueError(f'packed backbone outputs stages '
-                         f'{engine.out_indices}, the model expects '
-                         f'{tuple(old_out)}: export from the same config')
-    final_norm = getattr(old, 'final_norm', None)
-    if final_norm is not None and bool(final_norm) != engine.final_norm:
-        raise ValueError('final_norm differs between the packed backbone and '
-                         'the model: export from the same config')
+    if verify == 'outputs':
+        errs = _probe_errors(old, engine, packed, engine.backend)
+        if max(errs) > PROBE_RTOL:
+            meta = packed['graph'].get('meta') or {}
+            src = meta.get('checkpoint') or 'no checkpoint (random weights)'
+            sha = meta.get('checkpoint_sha256')
+            raise PackedFormatError(
+                f'{packed.source} does not hold the weights of the model\'s '
+                f'backbone: on a fixed {PROBE_SIZE}x{PROBE_SIZE} probe '
+                'its output maps differ from the PyTorch backbone\'s by '
+                f"{', '.join(f'{e:.3g}' for e in errs)} (RMS, relative; "
+                f'float rounding stays below {PROBE_RTOL:g}). It was '
+                f'exported from {src}'
+                f"{f' (sha256 {sha[:16]}...)' if sha else ''}, not from the "
+                'checkpoint the model was loaded from. Export it from that '
+                'checkpoint, or pass verify=\'spec\' if the PyTorch '
+                'backbone deliberately holds other weights.')
     was_training = model.training
     model.backbone = engine
     model.train(was_training)

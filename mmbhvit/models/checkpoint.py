@@ -43,6 +43,71 @@ def read_state_dict(filename: str, prefix: str = None) -> dict:
     return state
 
 
+def _listed(items, limit: int = 8) -> str:
+    """``count: first few`` of a list of keys, for error messages."""
+    items = list(items)
+    shown = ', '.join(items[:limit])
+    more = f', ... ({len(items) - limit} more)' if len(items) > limit else ''
+    return f'{len(items)}: {shown}{more}'
+
+
+class StateDictMismatch:
+    """How a state dict read from a file differs from a module's own.
+
+    ``missing`` keys of the module absent from the file, ``unexpected`` keys
+    of the file the module lacks, ``mismatched`` shape differences as text;
+    positional embeddings that differ only in their grid are resized
+    (bicubic) in ``state`` instead of being reported.
+    """
+
+    def __init__(self, state: dict, own: dict, ignore_unexpected=()):
+        self.state = dict(state)
+        self.missing = sorted(set(own) - set(state))
+        self.unexpected = sorted(
+            k for k in set(state) - set(own)
+            if not any(k.startswith(p) for p in ignore_unexpected))
+        self.mismatched = []
+        self.resized = []
+        for k in sorted(set(own) & set(state)):
+            src, dst = state[k], own[k]
+            if not isinstance(src, torch.Tensor):
+                self.mismatched.append(f'{k}: checkpoint holds a '
+                                       f'{type(src).__name__}, not a tensor')
+                continue
+            if src.shape == dst.shape:
+                continue
+            if k.endswith('pos_embed') and src.dim() == dst.dim() == 4 and \
+                    src.shape[:2] == dst.shape[:2]:
+                self.state[k] = resize_pos_embed(src.float(),
+                                                 dst.shape[-2:]).to(dst.dtype)
+                self.resized.append(f'{k} from {tuple(src.shape)} to '
+                                    f'{tuple(dst.shape)}')
+                continue
+            self.mismatched.append(f'{k}: checkpoint {tuple(src.shape)} vs '
+                                   f'model {tuple(dst.shape)}')
+        self.matched = sorted(set(own) & set(state))
+
+    def __bool__(self) -> bool:
+        """True when anything differs."""
+        return bool(self.missing or self.unexpected or self.mismatched)
+
+    def describe(self) -> str:
+        lines = []
+        if self.missing:
+            lines.append(f'  missing keys {_listed(self.missing)}')
+        if self.unexpected:
+            lines.append(f'  unexpected keys {_listed(self.unexpected)}')
+        if self.mismatched:
+            lines.append(f'  shape mismatches {_listed(self.mismatched, 5)}')
+        return '\n'.join(lines)
+
+    def loadable(self, own: dict) -> dict:
+        """The entries that fit the module (shapes equal after resizing)."""
+        return {k: v for k, v in self.state.items()
+                if k in own and isinstance(v, torch.Tensor)
+                and v.shape == own[k].shape}
+
+
 def load_pretrained(module: torch.nn.Module, init_cfg: dict):
     """Load ``init_cfg['checkpoint']`` (with optional ``prefix``) into
     ``module`` strictly: every parameter/buffer must be present with its
@@ -57,35 +122,18 @@ def load_pretrained(module: torch.nn.Module, init_cfg: dict):
         return False
     state = read_state_dict(filename, init_cfg.get('prefix'))
     own = module.state_dict()
-    missing = sorted(set(own) - set(state))
-    unexpected = sorted(
-        k for k in set(state) - set(own)
-        if not (k.startswith('norm.') and not getattr(module, 'final_norm',
-                                                      True)))
-    mismatched = []
-    for k in sorted(set(own) & set(state)):
-        src, dst = state[k], own[k]
-        if src.shape == dst.shape:
-            continue
-        if k.endswith('pos_embed') and src.dim() == dst.dim() == 4 and \
-                src.shape[:2] == dst.shape[:2]:
-            state[k] = resize_pos_embed(src.float(), dst.shape[-2:])
-            print_log(f'resized {k} from {tuple(src.shape)} to '
-                      f'{tuple(dst.shape)}', logger='current')
-            continue
-        mismatched.append(f'{k}: checkpoint {tuple(src.shape)} vs model '
-                          f'{tuple(dst.shape)}')
-    if missing or unexpected or mismatched:
+    ignore = () if getattr(module, 'final_norm', True) else ('norm.', )
+    diff = StateDictMismatch(state, own, ignore_unexpected=ignore)
+    if diff:
         raise KeyError(
             f'Checkpoint {filename!r} does not match '
             f'{type(module).__name__} (prefix {init_cfg.get("prefix")!r}):\n'
-            f'  missing keys: {missing[:20]}{" ..." if len(missing) > 20 else ""}\n'
-            f'  unexpected keys: {unexpected[:20]}'
-            f'{" ..." if len(unexpected) > 20 else ""}\n'
-            f'  shape mismatches: {mismatched[:20]}\n'
+            f'{diff.describe()}\n'
             'Check that the checkpoint was trained/converted for the same '
             'arch and options (binary_merge, attn_binarizer, shift3/5).')
-    state = {k: v for k, v in state.items() if k in own}
+    for line in diff.resized:
+        print_log(f'resized {line}', logger='current')
+    state = diff.loadable(own)
     module.load_state_dict(state, strict=True)
     print_log(f'{type(module).__name__}: loaded {len(state)} tensors from '
               f'{filename}', logger='current')

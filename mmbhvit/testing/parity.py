@@ -53,20 +53,19 @@ def _load(path):
 
 
 def build_classifier(backbone_cfg: dict, num_classes: int):
-    """An mmpretrain ImageClassifier: BHViT (final norm) + GAP + linear."""
-    from mmengine.registry import DefaultScope
-    from mmpretrain.registry import MODELS
-    import mmbhvit  # noqa: F401
+    """An mmpretrain ImageClassifier: BHViT (final norm) + GAP + linear,
+    in train mode (built by :func:`mmbhvit.apis.build_model`)."""
+    from ..apis import build_model
     from ..models import BHViT
     backbone = dict(backbone_cfg, out_indices=(3, ), final_norm=True)
     arch = backbone_cfg.get('arch', 'small')
     arch = BHViT.arch_zoo[arch] if isinstance(arch, str) else arch
-    with DefaultScope.overwrite_default_scope('mmpretrain'):
-        return MODELS.build(dict(
-            type='ImageClassifier', backbone=backbone,
-            neck=dict(type='GlobalAveragePooling'),
-            head=dict(type='LinearClsHead', num_classes=num_classes,
-                      in_channels=arch['embed_dims'][-1])))
+    model = dict(
+        type='ImageClassifier', backbone=backbone,
+        neck=dict(type='GlobalAveragePooling'),
+        head=dict(type='LinearClsHead', num_classes=num_classes,
+                  in_channels=arch['embed_dims'][-1]))
+    return build_model(dict(default_scope='mmpretrain', model=model)).train()
 
 
 def run_parity(fixture_dir: str, tolerance: float = DEFAULT_TOLERANCE,

@@ -54,12 +54,6 @@ def parse_runner_args(parser, argv=None):
     return args
 
 
-def is_classification(cfg) -> bool:
-    """An mmpretrain config (this repo's classification configs); the
-    others are mmseg segmentation configs."""
-    return cfg.get('default_scope') == 'mmpretrain'
-
-
 def accelerator_available() -> bool:
     """Whether mmengine would train on an accelerator (CUDA, NPU, MLU)."""
     from mmengine.device import (is_cuda_available, is_mlu_available,
@@ -72,8 +66,7 @@ def replace_norm_type(cfg: Any, old: str = 'SyncBN', new: str = 'BN') -> int:
     ``cfg`` (recursively, in place); return how many were replaced."""
     count = 0
     if isinstance(cfg, dict):
-        if cfg.get('type') == old and ('requires_grad' in cfg or len(cfg) == 1
-                                       or old.endswith('BN')):
+        if cfg.get('type') == old:
             cfg['type'] = new
             count += 1
         for value in cfg.values():

@@ -25,9 +25,7 @@ weights binarized at every call): no bit-packed kernels are used, so the
 ratio measures the emulation overhead, not the speed of a binary engine.
 """
 import argparse
-import json
 import os.path as osp
-import platform
 import statistics
 import sys
 import time
@@ -39,7 +37,9 @@ sys.path.insert(0, osp.dirname(osp.dirname(osp.dirname(osp.abspath(
 import torch  # noqa: E402
 from mmengine.config import DictAction  # noqa: E402
 
-from mmbhvit.analysis.complexity import build_model_from_config  # noqa: E402
+from mmbhvit.apis import build_model  # noqa: E402
+from mmbhvit.utils.io import atomic_write_json  # noqa: E402
+from mmbhvit.utils.sysinfo import cpu_description  # noqa: E402
 
 MODELS = ('binary', 'full precision')
 
@@ -94,26 +94,16 @@ def stats(times: List[float]) -> Dict[str, float]:
                 max=max(times), q1=q1, q3=q3, iqr=q3 - q1)
 
 
-def cpu_name() -> str:
-    try:
-        with open('/proc/cpuinfo') as f:
-            for line in f:
-                if line.startswith('model name'):
-                    return line.split(':', 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def run(args) -> dict:
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     forwards, task = {}, None
     for name in MODELS:
-        model, task = build_model_from_config(
+        model = build_model(
             args.config, full_precision=name != 'binary',
-            cfg_options=args.cfg_options)
+            cfg_options=args.cfg_options, student_only=True)
+        task = model.task
         shape = tuple(args.shape) if args.shape else (
             (224, 224) if task == 'classification' else (512, 512))
         forwards[name] = make_forward(model, task, shape)
@@ -149,7 +139,7 @@ def run(args) -> dict:
     return dict(config=args.config, task=task, shape=list(shape),
                 batch=args.batch, repeats=args.repeats, warmup=args.warmup,
                 threads=torch.get_num_threads(), torch=torch.__version__,
-                cpu=cpu_name(), results=results, ratios=ratios)
+                cpu=cpu_description(), results=results, ratios=ratios)
 
 
 def render(report: dict) -> str:
@@ -183,8 +173,7 @@ def main(argv=None):
     report = run(args)
     print(render(report))
     if args.json:
-        with open(args.json, 'w') as f:
-            json.dump(report, f, indent=2)
+        atomic_write_json(report, args.json, indent=2)
         print(f'\nresults written to {args.json}')
     return report
 

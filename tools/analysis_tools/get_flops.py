@@ -17,7 +17,6 @@ ops are not (the uncounted ops are listed). See
 ``mmbhvit/analysis/complexity.py``.
 """
 import argparse
-import json
 import os.path as osp
 import sys
 
@@ -27,6 +26,7 @@ sys.path.insert(0, osp.dirname(osp.dirname(osp.dirname(osp.abspath(
 from mmengine.config import DictAction  # noqa: E402
 
 from mmbhvit.analysis import analyze_config  # noqa: E402
+from mmbhvit.utils.io import atomic_write_json  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -89,8 +89,8 @@ def main(argv=None):
     for report in reports:
         print(render(report))
     if args.json:
-        with open(args.json, 'w') as f:
-            json.dump([r.to_dict() for r in reports], f, indent=2)
+        atomic_write_json([r.to_dict() for r in reports], args.json,
+                          indent=2)
         print(f'results written to {args.json}')
     return reports
 

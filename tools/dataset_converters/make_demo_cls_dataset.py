@@ -34,6 +34,8 @@ import os.path as osp
 import cv2
 import numpy as np
 
+from mmbhvit.utils.io import atomic_write, write_image
+
 # Sorted: readers of the folder layout number the classes in folder order.
 CLASSES = ('blobs', 'checker', 'dots', 'hstripes', 'vstripes')
 MAX_TILT = np.deg2rad(15)
@@ -97,11 +99,11 @@ def make_dataset(out_dir: str, num_train: int = 80, num_val: int = 20,
             os.makedirs(folder, exist_ok=True)
             for i in range(num):
                 img = make_image(name, size, rng)
-                cv2.imwrite(osp.join(folder, f'{name}_{i:06d}.png'),
+                write_image(osp.join(folder, f'{name}_{i:06d}.png'),
                             cv2.cvtColor(img, cv2.COLOR_RGB2BGR))
         counts[split] = num * len(CLASSES)
     os.makedirs(osp.join(out_dir, 'meta'), exist_ok=True)
-    with open(osp.join(out_dir, 'meta', 'classes.txt'), 'w') as f:
+    with atomic_write(osp.join(out_dir, 'meta', 'classes.txt'), 'w') as f:
         f.write('\n'.join(CLASSES) + '\n')
     return counts
 

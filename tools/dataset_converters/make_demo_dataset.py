@@ -26,12 +26,13 @@ Example::
 """
 import argparse
 import colorsys
-import json
 import os
 import os.path as osp
 
 import cv2
 import numpy as np
+
+from mmbhvit.utils.io import atomic_write_json, write_image
 
 CLASSES = ('background', 'circle', 'square', 'triangle', 'ring')
 PALETTE = [[0, 0, 0], [230, 25, 75], [60, 180, 75], [255, 225, 25],
@@ -137,10 +138,10 @@ def make_dataset(out_dir, num_train=400, num_val=60, size=96, seed=0):
         for i in range(count):
             img, label = make_sample(rng, size)
             name = f'{i:06d}.png'
-            cv2.imwrite(osp.join(img_dir, name), img[..., ::-1])  # RGB->BGR
-            cv2.imwrite(osp.join(ann_dir, name), label)
-    with open(osp.join(out_dir, 'classes.json'), 'w', encoding='utf-8') as f:
-        json.dump(dict(classes=list(CLASSES), palette=PALETTE), f, indent=1)
+            write_image(osp.join(img_dir, name), img[..., ::-1])  # RGB->BGR
+            write_image(osp.join(ann_dir, name), label)
+    atomic_write_json(dict(classes=list(CLASSES), palette=PALETTE),
+                      osp.join(out_dir, 'classes.json'), indent=1)
     return list(CLASSES)
 
 

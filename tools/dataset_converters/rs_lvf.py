@@ -28,13 +28,14 @@ Example::
         --classes /data/RS-LVF-raw/classes.json --ignore-colour 255,255,255
 """
 import argparse
-import json
 import os
 import os.path as osp
 import sys
 
 import cv2
 import numpy as np
+
+from mmbhvit.utils.io import atomic_write_json, write_image
 
 IMG_EXTS = ('.png', '.jpg', '.jpeg', '.tif', '.tiff', '.bmp')
 
@@ -181,14 +182,13 @@ def main(argv=None):
             if label.shape != img.shape[:2]:
                 raise SystemExit(f'{mask_path} is {label.shape} but '
                                  f'{img_path} is {img.shape[:2]}.')
-            cv2.imwrite(osp.join(img_dir, stem + '.png'), img)
-            cv2.imwrite(osp.join(ann_dir, stem + '.png'), label)
+            write_image(osp.join(img_dir, stem + '.png'), img)
+            write_image(osp.join(ann_dir, stem + '.png'), label)
         print(f'{split}: {len(pairs)} images')
     out_meta = dict(classes=list(classes))
     if palette is not None:
         out_meta['palette'] = [list(p) for p in palette]
-    with open(osp.join(args.out, 'classes.json'), 'w', encoding='utf-8') as f:
-        json.dump(out_meta, f, indent=1)
+    atomic_write_json(out_meta, osp.join(args.out, 'classes.json'), indent=1)
     print(f'Wrote {args.out} ({len(classes)} classes)')
 
 

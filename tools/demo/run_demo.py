@@ -7,17 +7,15 @@
    mmengine Runner (iteration based, its usual logging and checkpoint);
 3. evaluates mIoU on the validation split and compares it with the
    majority-class baseline (predict the most frequent class everywhere);
-4. reloads the checkpoint with ``mmseg.apis.init_model`` and writes
+4. reloads the checkpoint with ``mmbhvit.apis.build_model`` and writes
    ``input | ground truth | prediction`` PNGs for a few validation images.
 
 Outputs go to ``--work-dir`` (``work_dirs/demo`` by default), among them
 ``demo_result.json`` (mIoU, baseline, wall time) and ``predictions/*.png``.
 """
 import argparse
-import contextlib
 import glob
 import importlib.util
-import json
 import os
 import os.path as osp
 import sys
@@ -35,6 +33,7 @@ import numpy as np  # noqa: E402
 import mmbhvit  # noqa: E402,F401  (before mmseg: mmcv-lite shim, registries)
 import mmbhvit.datasets  # noqa: E402,F401
 from mmbhvit.utils.data_check import check_data_config  # noqa: E402
+from mmbhvit.utils.io import atomic_write_json, write_image  # noqa: E402
 from mmbhvit.utils.launch import setup_cpu_runtime  # noqa: E402
 
 CONFIG = osp.join(REPO, 'configs', 'bhvit',
@@ -150,7 +149,7 @@ def draw_predictions(model, img_paths, ann_dir, out_dir, palette):
         ], axis=1)
         rows.append(row)
         name = osp.splitext(osp.basename(path))[0]
-        cv2.imwrite(
+        write_image(
             osp.join(out_dir, f'{name}.png'),
             _caption(row, 'input | ground truth | prediction')[..., ::-1])
     return rows
@@ -194,7 +193,7 @@ def main(argv=None) -> dict:
     ensure_dataset(args)
 
     from mmengine.runner import Runner
-    from mmseg.apis import init_model
+    from mmbhvit.apis import build_model
 
     cfg = build_cfg(args)
     check_data_config(cfg, phases=('train', 'val'))
@@ -214,9 +213,7 @@ def main(argv=None) -> dict:
 
     with open(osp.join(args.work_dir, 'last_checkpoint')) as f:
         checkpoint = f.read().strip()
-    with getattr(mmbhvit.compat, 'resume_safe_globals',
-                 contextlib.nullcontext)():
-        model = init_model(cfg, checkpoint, device='cpu')
+    model = build_model(cfg, checkpoint, init_scope=True)
     val_imgs = sorted(
         glob.glob(osp.join(args.data_root, 'img_dir', 'val', '*.png')))
     pred_dir = osp.join(args.work_dir, 'predictions')
@@ -229,7 +226,7 @@ def main(argv=None) -> dict:
              for r in rows[:4]], axis=0)
         overview = _caption(overview, 'input | ground truth | prediction')
         os.makedirs(osp.dirname(osp.abspath(args.doc_image)), exist_ok=True)
-        cv2.imwrite(args.doc_image, overview[..., ::-1],
+        write_image(args.doc_image, overview[..., ::-1],
                     [cv2.IMWRITE_PNG_COMPRESSION, 9])
 
     result = dict(
@@ -245,8 +242,8 @@ def main(argv=None) -> dict:
         checkpoint=checkpoint,
         predictions=pred_dir,
         classes=list(classes))
-    with open(osp.join(args.work_dir, 'demo_result.json'), 'w') as f:
-        json.dump(result, f, indent=1)
+    atomic_write_json(result, osp.join(args.work_dir, 'demo_result.json'),
+                      indent=1)
     summary = (
         f'\nDemo finished in {result["total_seconds"]:.0f} s '
         f'(training {result["train_seconds"]:.0f} s, {result["iters"]} '

@@ -44,7 +44,11 @@ def check_complete(conversion) -> None:
 
 
 def convert_file(src: str, dst: str, num_heads=None) -> dict:
-    ckpt = torch.load(src, map_location='cpu', weights_only=True)
+    try:
+        ckpt = torch.load(src, map_location='cpu', weights_only=True)
+    except Exception as exc:  # pickle, zip, EOF, weights-only refusals
+        raise ValueError(f'cannot read {src} as a PyTorch checkpoint: '
+                         f'{type(exc).__name__}: {exc}') from exc
     conversion = convert_official_state_dict(ckpt, num_heads=num_heads)
     check_complete(conversion)
     meta = dict(converted_from=str(src), source='IMRL/BHViT official',
@@ -69,8 +73,10 @@ def main(argv=None):
     args = parse_args(argv)
     try:
         meta = convert_file(args.src, args.dst, args.num_heads)
-    except (KeyError, ValueError) as err:
-        print(f'error: {err}', file=sys.stderr)
+    except (KeyError, ValueError, OSError) as err:
+        # KeyError's str() is the repr of its message: print the message
+        msg = err.args[0] if isinstance(err, KeyError) and err.args else err
+        print(f'error ({args.src}): {msg}', file=sys.stderr)
         return 1
     print(f'wrote {args.dst}: arch={meta["arch"]} '
           f'options={meta["backbone_options"]}')

@@ -39,4 +39,6 @@ default_hooks = dict(
     param_scheduler=dict(type='ParamSchedulerHook'),
     checkpoint=dict(type='CheckpointHook', by_epoch=False, interval=16000),
     sampler_seed=dict(type='DistSamplerSeedHook'),
-    visualization=dict(type='SegVisualizationHook'))
+    visualization=dict(type='SegVisualizationHook'),
+    # NaN/inf input or loss: stop before any weight or BN statistic changes
+    nonfinite_check=dict(type='NonFiniteCheckHook'))

@@ -30,6 +30,7 @@ from ..checkpoint import load_pretrained
 from ..binary import (BinaryConv2d, GSBAttentionBinarizer, LayerScale,
                       LearnableBias, LSQAttentionQuantizer, RPReLU,
                       sign_ste)
+from ..finite import check_finite_input, is_tracing
 from ..layout import (ChannelLayerNorm, pad_to_multiple, resize_pos_embed,
                       window_partition, window_reverse)
 
@@ -646,11 +647,16 @@ class BHViT(BaseModule):
         self._is_init = True
 
     # ------------------------------------------------------------------
-    def _check_input(self, x: Tensor):
+    def _check_input(self, x: Tensor) -> Tensor:
+        """Validate the image batch ``x`` and return it in the dtype of the
+        parameters (see :meth:`forward`)."""
         if not isinstance(x, Tensor) or x.dim() != 4:
             shape = tuple(x.shape) if isinstance(x, Tensor) else type(x)
             raise ValueError('BHViT expects a 4-D image batch (N, C, H, W), '
                              f'got {shape}')
+        if x.shape[0] == 0:
+            raise ValueError('BHViT got an empty batch (N = 0, input shape '
+                             f'{tuple(x.shape)})')
         if x.shape[1] != self.in_channels:
             raise ValueError(f'BHViT was built for {self.in_channels} input '
                              f'channels, got {x.shape[1]} (input shape '
@@ -660,9 +666,45 @@ class BHViT(BaseModule):
                              f'{self.min_input_size}×{self.min_input_size} '
                              '(the last stage works at 1/32 resolution), got '
                              f'{x.shape[-2]}×{x.shape[-1]}')
+        if not x.is_floating_point():
+            raise TypeError(f'BHViT expects a floating-point image batch '
+                            f'(normalised by the data preprocessor), got '
+                            f'{x.dtype}')
+        note = ''
+        dtype = self.pos_embed.dtype
+        if x.dtype != dtype:
+            note = f', cast from {x.dtype}'
+            x = x.to(dtype)
+        if not is_tracing():
+            check_finite_input(x, 'BHViT', note)
+        return x
 
     def forward(self, x: Tensor):
-        self._check_input(x)
+        """NCHW feature maps for ``out_indices``.
+
+        Input checks (each a clear error instead of a failure deep inside a
+        layer, or a silently wrong output):
+
+        * 4-D, ``in_channels`` channels, at least ``min_input_size`` pixels
+          per side, N > 0: else ``ValueError``;
+        * floating point: a floating input of another dtype than the
+          parameters (float16 / bfloat16 / float64 images into a float32
+          model, or float32 images into a half model) is **cast to the
+          parameters' dtype**: the model's dtype sets the precision of the
+          computation and of the outputs (from float16 / bfloat16 the cast
+          is exact). Integer images (raw uint8 pixels) raise ``TypeError``.
+          Under ``torch.autocast`` the layers still run in the autocast
+          dtype;
+        * finite: NaN or ±inf pixels raise
+          :class:`~mmbhvit.models.finite.NonFiniteError` (a ``ValueError``)
+          naming the images, before any layer (and any BatchNorm running
+          statistic) sees them. This test reads the input once and, on an
+          accelerator, waits for it; it is skipped while the model is traced
+          or compiled (``torch.jit.trace``, ONNX export, ``torch.compile``),
+          where a data-dependent check would be frozen at trace time or
+          break the graph.
+        """
+        x = self._check_input(x)
         x = self.patch_embed(x)
         x = x + resize_pos_embed(self.pos_embed, x.shape[-2:])
         outs = []
