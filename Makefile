@@ -2,6 +2,8 @@
 #
 #   make venv   create $(VENV) and install the pinned stack + mmbhvit (editable)
 #   make test   run the test suite (extra pytest options: PYTEST_ARGS=...)
+#   make test-quick   the suite without the tests marked `slow` (training
+#               runs in subprocesses, torchrun, resume): the edit loop
 #   make demo   run tools/demo/run_demo.py
 #
 # VENV may point elsewhere, e.g. `make venv VENV=/tmp/scratch-venv`.
@@ -16,7 +18,7 @@ REQUIREMENTS := requirements/torch.txt requirements/runtime.txt \
 	requirements/tests.txt
 PIP := $(VENV_PY) -m pip --disable-pip-version-check
 
-.PHONY: venv test demo clean-venv
+.PHONY: venv test test-quick demo clean-venv
 
 venv: $(STAMP)
 
@@ -38,6 +40,9 @@ $(STAMP): $(REQUIREMENTS) setup.py setup.cfg
 
 test: venv
 	$(VENV_PY) -m pytest -q tests $(PYTEST_ARGS)
+
+test-quick: venv
+	$(VENV_PY) -m pytest -q tests -m "not slow" $(PYTEST_ARGS)
 
 demo: venv
 	$(VENV_PY) tools/demo/run_demo.py

@@ -200,7 +200,7 @@ def read_checkpoint(filename: str) -> dict:
     it."""
     from mmengine.runner.checkpoint import CheckpointLoader
 
-    from .compat import resume_safe_globals
+    from .checkpoint_io import resume_safe_globals
     if '://' not in filename and not osp.isfile(filename):
         raise FileNotFoundError(f'checkpoint not found: {filename}')
     try:

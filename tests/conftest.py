@@ -11,11 +11,12 @@ import pytest
 
 
 def pytest_configure(config):
-    # `make test` runs everything; `-m "not slow"` leaves out the tests that
-    # train in subprocesses for a while.
+    # `make test` runs everything; `make test-quick` (`-m "not slow"`) leaves
+    # out the tests that take more than a few seconds.
     config.addinivalue_line(
-        'markers', 'slow: trains real tools/train.py processes (tens of '
-        'seconds)')
+        'markers', 'slow: takes more than a few seconds (Runner training, '
+        'tools in subprocesses, torchrun, full-size models, kernel sweeps); '
+        'left out by make test-quick')
 
 
 @pytest.fixture(autouse=True)

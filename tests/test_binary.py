@@ -5,9 +5,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from mmbhvit.models.binary import (BinaryConv2d, GSBAttentionBinarizer,
-                                   LayerScale, LSQAttentionQuantizer, RPReLU,
-                                   binarize_weight, sign_ste)
+from mmbhvit.models.binary import (BinaryConv2d, ClippedSignSTE,
+                                   GSBAttentionBinarizer, LayerScale,
+                                   LSQAttentionQuantizer, QuantizerFunction,
+                                   RoundSTE, RPReLU, ScaleGrad, SignSTE,
+                                   binarize_weight, integer_range_bits,
+                                   quantizer_function, sign_ste)
 
 
 def test_sign_ste_values_and_polynomial_gradient():
@@ -82,6 +85,53 @@ def test_binary_conv_bits_switch():
     assert conv.is_binary
     with pytest.raises(ValueError, match='weight_bits must be one of'):
         BinaryConv2d(4, 4, 1, weight_bits=8)
+
+
+@pytest.mark.parametrize('bits', [1, 32])
+def test_binary_conv_forward_quantized_shares_the_input_quantization(bits):
+    torch.manual_seed(0)
+    conv = BinaryConv2d(8, 8, 3, padding=2, dilation=2, groups=4,
+                        weight_bits=bits, act_bits=bits).double()
+    x = torch.randn(2, 8, 6, 6, dtype=torch.float64)
+    xq = conv.quantize_input(x)
+    assert torch.equal(conv.forward_quantized(xq), conv(x))
+    ref = F.conv2d(xq, conv.quantized_weight(), conv.bias, padding=2,
+                   dilation=2, groups=4)
+    assert torch.equal(conv.forward_quantized(xq), ref)
+
+
+def test_quantizers_declare_their_precision():
+    assert SignSTE.precision == ClippedSignSTE.precision == 1
+    assert RoundSTE.precision is None and RoundSTE.integer_valued
+    assert not SignSTE.integer_valued
+    # each quantizer's output really has that many levels per scale
+    x = torch.randn(64)
+    assert set(SignSTE.apply(x).unique().tolist()) == {-1., 1.}
+    w = torch.randn(4, 16)
+    scale = w.abs().mean(1, keepdim=True)
+    assert set((ClippedSignSTE.apply(w, scale, 1.) / scale).unique().tolist()
+               ) == {-1., 1.}
+    # attention quantizers (modules) declare theirs too
+    assert GSBAttentionBinarizer(2).precision == 3
+    assert len(GSBAttentionBinarizer(2).masks(torch.rand(1, 2, 4, 4))[0]) == 3
+    assert LSQAttentionQuantizer(2).precision == 2  # levels 0..3
+    assert LSQAttentionQuantizer(2, levels=7).precision == 3
+    assert LSQAttentionQuantizer(2, levels=1).precision == 1
+    assert [integer_range_bits(0, n) for n in (1, 2, 3, 4)] == [1, 2, 2, 3]
+
+
+def test_quantizer_registry_is_built_from_the_classes():
+    """A trace names a Function node by its class name; the registry maps
+    that name back to the class, whose ``precision`` the counter reads."""
+    for cls in (SignSTE, ClippedSignSTE, RoundSTE):
+        assert issubclass(cls, QuantizerFunction)
+        assert quantizer_function(cls.__name__) is cls
+    assert quantizer_function('_GSBFunction').precision == 3
+    assert quantizer_function(ScaleGrad.__name__) is None  # not a quantizer
+    assert quantizer_function('QuantizerFunction') is None  # the base
+    with pytest.raises(TypeError, match="named 'SignSTE'"):
+        type('SignSTE', (QuantizerFunction, ), {})
+    assert quantizer_function('SignSTE') is SignSTE
 
 
 def test_rprelu_and_layerscale_formulas():

@@ -15,7 +15,7 @@ from _helpers import load_tool, make_shapes
 
 from mmbhvit.apis import (CheckpointMismatchError, CheckpointReadError,
                           build_model, load_weights, task_of)
-from mmbhvit.compat import save_slim_checkpoint
+from mmbhvit.checkpoint_io import save_slim_checkpoint
 from mmbhvit.utils.io import (DiskFullError, atomic_torch_save, atomic_write,
                               write_image)
 
@@ -176,6 +176,7 @@ def test_export_refuses_mismatched_checkpoints(seg_ckpt, junk_files,
     assert not osp.exists(out)
 
 
+@pytest.mark.slow
 def test_tools_exit_with_a_clear_error(seg_ckpt, data_root, tmp_path):
     """Case 2 through the command lines: tools/test.py and the image demo
     stop (exit code != 0) and name the checkpoint."""

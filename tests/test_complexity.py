@@ -9,8 +9,9 @@ import mmbhvit  # noqa: F401
 from mmbhvit.analysis import (BinaryFlopAnalyzer, analyze_config,
                               analyze_model)
 from mmbhvit.apis import build_model
-from mmbhvit.models.backbones.bhvit import MSGDC, MSMHA
-from mmbhvit.models.binary import BinaryConv2d
+from mmbhvit.models.backbones.bhvit import MSGDC, MSMHA, ShiftBranches
+from mmbhvit.models.binary import (BinaryConv2d, QuantizerFunction,
+                                   sign_ste)
 
 ROOT = osp.dirname(osp.dirname(osp.abspath(__file__)))
 BN = dict(type='BN')
@@ -63,8 +64,8 @@ def test_one_binary_operand_is_not_a_bop():
 
 @pytest.mark.parametrize('bits', [1, 32])
 def test_msgdc_convs_called_outside_forward_are_counted(bits):
-    # MSGDC calls conv._conv_forward directly: the convs' own forward never
-    # runs, the ops are attributed to the MSGDC module.
+    # MSGDC calls conv.forward_quantized (a method, not a module call): the
+    # convs' own forward never runs, the ops are attributed to MSGDC.
     mixer = MSGDC(16, BN, weight_bits=bits, act_bits=bits)
     counted = _count(mixer, torch.randn(1, 16, 14, 14))
     conv_macs = 3 * 14 * 14 * 16 * 4 * 9
@@ -110,6 +111,7 @@ def _msmha_hand_count(c, h, w, window, planes_p):
 def test_msmha_binary_attention(binarizer, planes):
     c, heads, h, w = 32, 2, 14, 14
     mixer = MSMHA(c, heads, BN, window_size=7, attn_binarizer=binarizer)
+    assert mixer.binarizer.precision == planes  # what the quantizer declares
     counted = _count(mixer, torch.randn(1, c, h, w))
     bops, flops, macs = _msmha_hand_count(c, h, w, 7, planes)
     assert counted.bops() == bops
@@ -126,6 +128,52 @@ def test_msmha_binary_attention(binarizer, planes):
                 torch.randn(1, c, h, w))
     assert fp.bops() == 0
     assert fp.flops() == macs + flops  # same MACs, all in floating point
+
+
+class _ThreeBitForTest(QuantizerFunction):
+    """A quantizer that only declares its precision (forward: identity)."""
+    precision = 3
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad
+
+
+class _Product(torch.nn.Module):
+
+    def forward(self, a, b):
+        return sign_ste(a) @ _ThreeBitForTest.apply(b).transpose(-2, -1)
+
+
+def test_counter_reads_the_declared_precision():
+    counted = _count(_Product(), torch.randn(1, 5, 8), torch.randn(1, 6, 8))
+    assert counted.by_operator() == {'bop_matmul_1x3': 5 * 6 * 8 * 3}
+    assert counted.binary_macs() == 5 * 6 * 8
+
+
+def test_shift_branches_are_counted_unfused_and_switched_back():
+    m = ShiftBranches(16, (1, 2)).eval()
+    x = torch.randn(1, 16, 9, 9)
+    with torch.no_grad():
+        for p in m.parameters():
+            p.copy_(torch.randn_like(p))
+        fused = m(x)
+        with m.unfused():
+            assert not m.fused
+            assert torch.equal(m(x), m.forward_rolls(x))
+        assert m.fused
+        assert torch.allclose(m(x), fused, atol=1e-5)
+    rows, counted = analyze_model(m, (x, ))
+    assert m.fused  # analysis switched it back
+    assert counted.by_operator() == {}  # shifts and gates: no MACs
+    assert _count(m, x).flops() > 0  # traced fused: a depthwise conv
+    m.fused = False  # a previous setting survives the analysis as well
+    analyze_model(m, (x, ))
+    assert m.fused is False
 
 
 def test_config_report_parts_add_up():

@@ -454,6 +454,7 @@ def test_classification_ann_file(textures):
 # --------------------------------------------------------------------------
 # The tools
 # --------------------------------------------------------------------------
+@pytest.mark.slow
 def test_train_stops_before_the_runner_on_a_missing_annotation(shapes,
                                                                tmp_path):
     missing = _path(shapes, 'ann_dir', 'train', 2)
@@ -480,6 +481,7 @@ def test_tools_take_skip_data_check(tool, extra):
     assert not module.parse_args([SEG_CFG, *extra]).skip_data_check
 
 
+@pytest.mark.slow
 def test_image_demo_names_an_undecodable_image(tmp_path):
     img = tmp_path / 'empty.png'
     img.write_bytes(b'')

@@ -199,6 +199,7 @@ def test_demo_dataset_is_deterministic(tmp_path):
     assert len(np.unique(labels)) >= 3
 
 
+@pytest.mark.slow
 def test_rs_lvf_converter(tmp_path):
     src, out = tmp_path / 'src', tmp_path / 'out'
     (src / 'images').mkdir(parents=True)

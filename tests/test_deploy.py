@@ -25,7 +25,7 @@ from mmbhvit.converters import (convert_official_state_dict,
 from mmbhvit.deploy import (PackedBHViT, PackedClassifier, export_model,
                             load_packed, pack_bits, save_packed, unpack_bits)
 from mmbhvit.deploy import ops as deploy_ops
-from mmbhvit.deploy.testing import (calibrate_random_model, decision_flips,
+from mmbhvit.testing.deploy import (calibrate_random_model, decision_flips,
                                     diff_stats)
 from mmbhvit.models import BHViT
 from mmbhvit.testing.parity import build_classifier
@@ -244,6 +244,7 @@ def test_kernels_match_fallback(isa, dtype):
 
 
 @needs_ext
+@pytest.mark.slow
 def test_every_kernel_set_runs_the_model_exactly(isa):
     model = _reduced_backbone(attn_binarizer='gsb', binary_merge=True,
                               size=(80, 72))
@@ -260,6 +261,7 @@ def test_every_kernel_set_runs_the_model_exactly(isa):
 # fixtures of the official implementation
 # --------------------------------------------------------------------------
 @pytest.mark.parametrize('name', BINARY_FIXTURES)
+@pytest.mark.slow
 def test_engine_matches_official_fixture(name):
     model, x, ref = _fixture_model(name)
     m64 = copy.deepcopy(model).double()
@@ -278,6 +280,7 @@ def test_engine_matches_official_fixture(name):
 
 
 @pytest.mark.parametrize('name', ['tiny_binary_embed_recu'])
+@pytest.mark.slow
 def test_forced_fallback_gives_identical_results(name, monkeypatch):
     """Without the extension the engine falls back to PyTorch ops on the same
     packed bits, with the same results."""
@@ -309,6 +312,7 @@ def test_forced_fallback_gives_identical_results(name, monkeypatch):
     (dict(shift3=False, shift5=False, out_indices=(1, 3), final_norm=False),
      (64, 64)),
 ])
+@pytest.mark.slow
 def test_reduced_models_exact_in_float64(kw, size):
     model = _reduced_backbone(size=size, **kw)
     x = torch.randn(2, 3, *size, generator=torch.Generator().manual_seed(1))
@@ -332,6 +336,7 @@ def test_reduced_models_exact_in_float64(kw, size):
 # --------------------------------------------------------------------------
 # file format
 # --------------------------------------------------------------------------
+@pytest.mark.slow
 def test_export_file_is_weights_only_and_packed(tmp_path):
     model = _reduced_classifier(attn_binarizer='gsb', binary_merge=True)
     packed = export_model(model, meta=dict(note='test'))
@@ -365,6 +370,7 @@ def test_export_rejects_full_precision_counterpart():
         export_model(fp)
 
 
+@pytest.mark.slow
 def test_engine_refuses_what_it_cannot_do():
     packed = export_model(_reduced_backbone())
     engine = PackedBHViT(packed)
@@ -426,6 +432,7 @@ def seg_model():
     return calibrate_random_model(model, (128, 128), seed=0)
 
 
+@pytest.mark.slow
 def test_segmentation_backbone_512(seg_model):
     x = torch.randn(1, 3, 512, 512, generator=torch.Generator().manual_seed(3))
     bb64 = copy.deepcopy(seg_model.backbone).double()
@@ -464,6 +471,7 @@ class _Float64Backbone(torch.nn.Module):
         return tuple(o.float() for o in self.inner(x.double()))
 
 
+@pytest.mark.slow
 def test_mmseg_inference_with_packed_backbone(seg_model, tmp_path):
     from mmseg.apis import inference_model, show_result_pyplot
 
@@ -514,6 +522,7 @@ def test_mmseg_inference_with_packed_backbone(seg_model, tmp_path):
 
 
 
+@pytest.mark.slow
 def test_fast_heads_same_logits(seg_model):
     """use_packed_backbone's default head preparation (BN folded into the
     convs, channels-last) leaves the segmentation logits unchanged."""
@@ -537,6 +546,7 @@ def test_fast_heads_same_logits(seg_model):
     assert out.shape == ref.shape == (1, 5, 24, 40)
     assert diff_stats(out, ref)['max_rel'] < 1e-4
 
+@pytest.mark.slow
 def test_benchmark_tool_smoke(capsys):
     from mmbhvit.deploy.benchmark import benchmark_task, format_result
     binary = _reduced_classifier()

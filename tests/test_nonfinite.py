@@ -108,6 +108,7 @@ def _bn_buffers(model):
 # --------------------------------------------------------------------------
 # Training: the hook, on one train_step at a time
 # --------------------------------------------------------------------------
+@pytest.mark.slow
 def test_nan_pixel_stops_before_any_change_and_names_iteration_and_file():
     model = _build(_classifier_cfg())
     ow = _optim(model)
@@ -184,6 +185,7 @@ def test_nan_loss_term_in_segmentation_is_named():
     _assert_bitwise_equal(before, _state(model))
 
 
+@pytest.mark.slow
 def test_distill_classifier_input_and_loss():
     teacher = dict(type='ImageClassifier',
                    backbone=dict(type='ResNet', depth=18, base_channels=8,
@@ -209,6 +211,7 @@ def test_distill_classifier_input_and_loss():
     _assert_bitwise_equal(before, _state(model))
 
 
+@pytest.mark.slow
 def test_nonfinite_gradient_with_check_grads():
     model = _build(_classifier_cfg())
     ow = _optim(model)
@@ -227,6 +230,7 @@ def test_nonfinite_gradient_with_check_grads():
     _assert_bitwise_equal(before, _state(model))
 
 
+@pytest.mark.slow
 def test_ddp_wrapped_model(tmp_path):
     """MMDistributedDataParallel (gloo, one process): the hook sits on the
     wrapper, whose train_step is the one the Runner calls."""
@@ -255,6 +259,7 @@ def test_ddp_wrapped_model(tmp_path):
         dist.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_amp_loss_scaler_overflow_is_not_an_error(monkeypatch):
     """With AmpOptimWrapper, inf gradients from a too large loss scale are
     the scaler's business (step skipped, scale lowered): no error, even with
@@ -320,6 +325,7 @@ def _free_port():
         return s.getsockname()[1]
 
 
+@pytest.mark.slow
 def test_two_ranks_stop_together(tmp_path):
     script = tmp_path / 'ranks.py'
     script.write_text(DIST_SCRIPT.format(tests=osp.join(REPO, 'tests'),
@@ -387,6 +393,7 @@ def test_every_shipped_config_has_the_check():
             type='NonFiniteCheckHook'), path
 
 
+@pytest.mark.slow
 def test_runner_stops_at_the_nan_image(data_root, tmp_path):
     from mmengine.config import Config
     from mmengine.hooks import Hook
@@ -502,6 +509,7 @@ def test_integer_images_and_empty_batch_are_refused():
         model(torch.zeros(0, 3, 32, 32))
 
 
+@pytest.mark.slow
 def test_tracing_skips_the_data_dependent_check():
     model = BHViT(SMALL_ARCH).eval()
     x = torch.randn(1, 3, 32, 32)

@@ -31,7 +31,7 @@ from mmbhvit.deploy import ops as deploy_ops
 from mmbhvit.deploy import spec as spec_mod
 from mmbhvit.deploy.export import seal_packed
 from mmbhvit.deploy.mmseg_backend import use_packed_backbone
-from mmbhvit.deploy.testing import calibrate_random_model
+from mmbhvit.testing.deploy import calibrate_random_model
 from mmbhvit.models import BHViT
 from mmbhvit.utils.io import DiskFullError, sha256_file
 
@@ -157,7 +157,7 @@ def test_provenance_digests_recorded_and_validated(model, tmp_path):
 
 def test_export_cli_records_config_and_checkpoint_digests(tmp_path, capsys):
     from mmbhvit.apis import build_model
-    from mmbhvit.compat import save_slim_checkpoint
+    from mmbhvit.checkpoint_io import save_slim_checkpoint
     config = osp.join(ROOT, 'configs/bhvit/bhvit-reduced_demo-cls.py')
     torch.manual_seed(0)
     _quiet()
@@ -306,6 +306,7 @@ def test_per_channel_parameter_cut_to_one_is_refused(packed, backend, key):
         PackedBHViT(bad, backend=backend)
 
 
+@pytest.mark.slow
 def test_classifier_head_shapes_checked():
     packed = export_model(_classifier())
     bad = _with_tensor(packed, 'head.fc.bias',
@@ -355,6 +356,7 @@ def test_verification_happens_once_at_load(packed, monkeypatch):
 # --------------------------------------------------------------------------
 # use_packed_backbone: the file must be the model's backbone
 # --------------------------------------------------------------------------
+@pytest.mark.slow
 def test_use_packed_backbone_accepts_the_matching_file(model, packed):
     seg = _Segmentor(copy.deepcopy(model))
     with torch.no_grad():
@@ -372,6 +374,7 @@ def test_use_packed_backbone_accepts_the_matching_file(model, packed):
                         dtype=torch.float64, fast_heads=False)
 
 
+@pytest.mark.slow
 def test_use_packed_backbone_refuses_other_depths(model):
     other = _backbone(0, arch=dict(ARCH, depths=[1, 1, 3, 1]))
     seg = _Segmentor(copy.deepcopy(model))
@@ -392,6 +395,7 @@ def test_use_packed_backbone_refuses_other_depths(model):
     (dict(img_size=128), 'img_size'),
     (dict(out_indices=(1, 2, 3)), 'out_indices'),
 ])
+@pytest.mark.slow
 def test_use_packed_backbone_lists_differing_options(model, kw, field):
     other = _backbone(0, **kw)
     seg = _Segmentor(copy.deepcopy(model))
@@ -401,6 +405,7 @@ def test_use_packed_backbone_lists_differing_options(model, kw, field):
 
 
 @pytest.mark.parametrize('which', ['untrained', 'other checkpoint'])
+@pytest.mark.slow
 def test_use_packed_backbone_refuses_other_weights(model, which, tmp_path):
     """Same architecture, other weights: an untrained export, or one of
     another checkpoint while the model (backbone and heads) holds the
@@ -424,6 +429,7 @@ def test_use_packed_backbone_refuses_other_weights(model, which, tmp_path):
                             verify='none')
 
 
+@pytest.mark.slow
 def test_probe_decides_in_float64_when_float32_disagrees(model, packed,
                                                          monkeypatch):
     """A float32 sign decision within rounding of its threshold can flip
@@ -498,6 +504,7 @@ def test_save_packed_refuses_an_inconsistent_dict(packed, tmp_path):
     assert not path.exists()
 
 
+@pytest.mark.slow
 def test_image_demo_packed_backend_refuses_another_model(tmp_path):
     """demo/image_demo.py --backend packed: with --checkpoint the packed file
     must hold that checkpoint's backbone (probe); without, the architecture
@@ -507,7 +514,7 @@ def test_image_demo_packed_backend_refuses_another_model(tmp_path):
 
     from _helpers import load_script
     from mmbhvit.apis import build_model
-    from mmbhvit.compat import save_slim_checkpoint
+    from mmbhvit.checkpoint_io import save_slim_checkpoint
     demo = load_script('demo/image_demo.py', 'image_demo')
     cfg = osp.join(ROOT, 'configs/bhvit/upernet_bhvit-tiny_demo-shapes.py')
     _quiet()

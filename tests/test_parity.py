@@ -23,7 +23,12 @@ def test_fixtures_are_present():
             'tiny_fp32'} <= names
 
 
-@pytest.mark.parametrize('fixture', FIXTURE_DIRS, ids=osp.basename)
+# make test-quick keeps one fixture (the default model); make test runs all
+@pytest.mark.parametrize('fixture', [
+    pytest.param(
+        d, marks=() if osp.basename(d) == 'tiny_default' else pytest.mark.slow)
+    for d in FIXTURE_DIRS
+], ids=osp.basename)
 def test_parity_with_official(fixture):
     result = run_parity(fixture)
     assert result.failures == []
@@ -35,6 +40,7 @@ def test_parity_with_official(fixture):
     assert result.rows[0][2] < 1e-12
 
 
+@pytest.mark.slow
 def test_check_parity_cli_fails_on_a_wrong_reference(tmp_path, capsys):
     src = osp.join(FIXTURES, 'tiny_default')
     dst = tmp_path / 'tampered'
@@ -94,6 +100,7 @@ def test_converter_rejects_unknown_and_incomplete(tmp_path, capsys):
     assert not (tmp_path / 'o.pth').exists()
 
 
+@pytest.mark.slow
 def test_classification_config_reproduces_official_logits():
     """configs/_base_/models/bhvit_small.py, with the fixture's reduced
     depths/flags, is the official classifier: same logits."""
@@ -125,6 +132,7 @@ def test_classification_config_reproduces_official_logits():
     assert (logits - ref).abs().max() <= 1e-6 * ref.abs().max()
 
 
+@pytest.mark.slow
 def test_custom_imports_registers_bhvit():
     """A config with custom_imports=['mmbhvit'] builds BHViT in a fresh
     interpreter (nothing imported beforehand)."""

@@ -20,7 +20,7 @@ from torch import nn
 
 import mmbhvit  # noqa: F401
 import mmbhvit.engine  # noqa: F401  (registers RegLossSwitchHook)
-from mmbhvit.compat import resume_safe_globals
+from mmbhvit.checkpoint_io import resume_safe_globals
 from mmbhvit.engine import RegLossSwitchHook
 from mmbhvit.models.binary import BinaryConv2d, binary_conv_layers
 from mmbhvit.models.classifiers import (DistillImageClassifier,
@@ -167,6 +167,7 @@ def test_reg_loss_finds_every_binary_layer_of_bhvit_by_type():
 @pytest.mark.skipif(
     not osp.isdir(osp.join(FIXTURES, 'tiny_binary_embed_recu')),
     reason='official reference fixtures not available')
+@pytest.mark.slow
 def test_reg_loss_reproduces_official_name_based_selection():
     """The official code picks tensors by name (cov1/2/3, dense, query, key,
     value); that equals our type-based selection minus the binary patch
@@ -207,6 +208,7 @@ def test_reg_loss_reproduces_official_name_based_selection():
 # --------------------------------------------------------------------------
 # DistillImageClassifier
 # --------------------------------------------------------------------------
+@pytest.mark.slow
 def test_distill_loss_terms_and_weights():
     model = _student(reg_phase_loss_weights=dict(cls=0., distill=0.9))
     model.init_weights()
@@ -406,6 +408,7 @@ def test_imagenet_configs_follow_the_recipe(name):
     assert not model.allow_random_teacher
 
 
+@pytest.mark.slow
 def test_config_custom_imports_register_everything():
     """A fresh interpreter that only runs the config's custom_imports (as the
     Runner does) finds every type the classification configs use."""
@@ -436,6 +439,7 @@ def test_deit_small_teacher_config_builds():
 
 @pytest.mark.skipif(not osp.isdir(osp.join(FIXTURES, 'tiny_default')),
                     reason='official reference fixtures not available')
+@pytest.mark.slow
 def test_base_model_config_gives_the_official_logits():
     from mmbhvit.converters import (convert_official_state_dict,
                                     official_flags_to_backbone_cfg)
@@ -555,12 +559,14 @@ def _run_demo(root):
         student_ckpt=str(root / 'student' / 'epoch_8.pth'))
 
 
+@pytest.mark.slow
 def test_demo_distillation_beats_chance(demo):
     chance = 100 / 5
     assert demo.teacher_acc >= 60, demo.teacher_acc
     assert demo.student_acc >= chance + 25, demo.student_acc
 
 
+@pytest.mark.slow
 def test_demo_reg_switch_and_pull_towards_one(demo):
     iters_per_epoch = 400 // 16
     first_on = next(i for i, _, on in demo.rows if on)
@@ -579,6 +585,7 @@ def test_demo_reg_switch_and_pull_towards_one(demo):
     assert control_final > at_switch - 5e-4
 
 
+@pytest.mark.slow
 def test_demo_checkpoint_hands_off_to_segmentation(demo):
     from mmseg.registry import MODELS as SEG_MODELS
     ckpt = demo.student_ckpt
@@ -619,6 +626,7 @@ def test_demo_checkpoint_hands_off_to_segmentation(demo):
     assert out.shape == (1, 3, 2, 2)
 
 
+@pytest.mark.slow
 def test_demo_checkpoint_with_mmpretrain_inference_api(demo):
     from mmpretrain.apis import ImageClassificationInferencer
     demo_cfg = Config.fromfile(osp.join(CONFIGS, 'bhvit-reduced_demo-cls.py'))
@@ -647,6 +655,7 @@ def test_demo_checkpoint_with_mmpretrain_inference_api(demo):
     assert accuracy >= 0.45, accuracy
 
 
+@pytest.mark.slow
 def test_demo_checkpoint_with_the_test_tool(demo, tmp_path):
     """tools/test.py on a classification config: top-1, --out dumps the
     predictions (.pkl), --show-dir draws every image."""

@@ -34,7 +34,7 @@ from _helpers import load_tool
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from mmbhvit.compat import resume_safe_globals
+from mmbhvit.checkpoint_io import resume_safe_globals
 from mmbhvit.engine.hooks.exact_resume import (CHECKPOINT_KEY,
                                                ExactResumeHook,
                                                get_random_state,
@@ -320,6 +320,7 @@ def _toy_straight_and_resumed(tmp_path, loop, stop_after, **kwargs):
     ('mid-epoch', 8, 2, False),   # the same with 2 workers
     ('mid-epoch', 13, 0, False),  # resumed after the last batch of epoch 3
 ])
+@pytest.mark.slow
 def test_toy_resume_is_exact(tmp_path, loop, stop_after, num_workers,
                              persistent):
     final, resumed, log = _toy_straight_and_resumed(
@@ -569,7 +570,7 @@ def cls_data(tmp_path_factory):
     from mmengine.registry import DefaultScope
     from mmpretrain.registry import MODELS
 
-    from mmbhvit.compat import save_slim_checkpoint
+    from mmbhvit.checkpoint_io import save_slim_checkpoint
     root = tmp_path_factory.mktemp('cls')
     load_tool('dataset_converters/make_demo_cls_dataset.py').make_dataset(
         str(root / 'data'), num_train=4, num_val=1, size=64, seed=0)

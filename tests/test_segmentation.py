@@ -53,6 +53,7 @@ def image_file(tmp_path_factory):
 
 
 @pytest.mark.parametrize('config', CONFIGS, ids=osp.basename)
+@pytest.mark.slow
 def test_config_builds_infers_and_draws(config, image_file, tmp_path):
     cfg = Config.fromfile(config)
     assert 'mmbhvit' in cfg.custom_imports['imports']
@@ -130,6 +131,7 @@ def test_no_weight_decay_on_norms_pos_embed_and_binary_scalars():
     assert decay['decode_head.conv_seg.weight'] == 0.01
 
 
+@pytest.mark.slow
 def test_demo_learns_well_above_majority_baseline(tmp_path):
     """A small run of tools/demo/run_demo.py (the `make demo` script)."""
     work = tmp_path / 'work'

@@ -58,6 +58,7 @@ def _weights(path):
 # --------------------------------------------------------------------------
 # Clear errors before any training
 # --------------------------------------------------------------------------
+@pytest.mark.slow
 def test_train_without_ade20k_says_where_and_how(tmp_path):
     config = osp.join(REPO, 'configs/bhvit/upernet_bhvit_ade20k.py')
     done = _run([TRAIN, config,
@@ -70,6 +71,7 @@ def test_train_without_ade20k_says_where_and_how(tmp_path):
     assert 'Traceback' not in err
 
 
+@pytest.mark.slow
 def test_train_with_wrong_num_classes(data_root, tmp_path):
     done = _run([
         TRAIN, DEMO_CFG, '--work-dir',
@@ -81,6 +83,7 @@ def test_train_with_wrong_num_classes(data_root, tmp_path):
     assert '5 classes' in done.stderr and 'Traceback' not in done.stderr
 
 
+@pytest.mark.slow
 def test_test_without_data(tmp_path):
     ckpt = tmp_path / 'fake.pth'
     ckpt.write_bytes(b'')
@@ -94,6 +97,7 @@ def test_test_without_data(tmp_path):
 # --------------------------------------------------------------------------
 # --resume, --amp on the CPU, tools/test.py on the result
 # --------------------------------------------------------------------------
+@pytest.mark.slow
 def test_resume_equals_straight_run_and_test_tool(data_root, tmp_path):
     straight, resumed = tmp_path / 'straight', tmp_path / 'resumed'
     # 4 iterations in one go
@@ -185,6 +189,7 @@ def _free_port():
         return s.getsockname()[1]
 
 
+@pytest.mark.slow
 def test_two_process_training_ranks_agree(data_root, tmp_path):
     script = tmp_path / 'rank_train.py'
     script.write_text(RANK_SCRIPT.format(tools=osp.join(REPO, 'tools')))
@@ -221,6 +226,7 @@ def test_two_process_training_ranks_agree(data_root, tmp_path):
     assert len(changed) > 100
 
 
+@pytest.mark.slow
 def test_image_demo_writes_overlay(tmp_path, data_root):
     img = osp.join(data_root, 'img_dir', 'val', '000000.png')
     out = tmp_path / 'overlay.png'
@@ -235,14 +241,15 @@ def test_image_demo_writes_overlay(tmp_path, data_root):
     assert (overlay != cv2.imread(img)).any()  # something was painted
 
 
+@pytest.mark.slow
 def test_image_demo_packed_backend_matches_pytorch(tmp_path, data_root):
     """A checkpoint exported with tools/deployment/export_binary.py runs in
     the demo with ``--backend packed`` and paints the same segmentation."""
     import mmbhvit.datasets  # noqa: F401  (mmcv-lite shim, CheckLabelRange)
     from mmseg.apis import init_model
 
-    from mmbhvit.compat import save_slim_checkpoint
-    from mmbhvit.deploy.testing import calibrate_random_model
+    from mmbhvit.checkpoint_io import save_slim_checkpoint
+    from mmbhvit.testing.deploy import calibrate_random_model
     torch.manual_seed(0)
     model = init_model(DEMO_CFG, None, device='cpu')
     calibrate_random_model(model, (64, 64), seed=1)

@@ -36,7 +36,8 @@ from mmengine.runner import Runner  # noqa: E402
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(
-        description='MMSeg test (and eval) a model')
+        description='Test (and evaluate) a BHViT segmentor (mmseg config) or '
+        'classifier (mmpretrain config) from a checkpoint')
     parser.add_argument('config', help='test config file path')
     parser.add_argument('checkpoint', help='checkpoint file')
     parser.add_argument(

@@ -43,7 +43,9 @@ from mmseg.registry import RUNNERS  # noqa: E402
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description='Train a segmentor')
+    parser = argparse.ArgumentParser(
+        description='Train a BHViT segmentor (mmseg config) or classifier '
+        '(mmpretrain config)')
     parser.add_argument('config', help='train config file path')
     parser.add_argument('--work-dir', help='the dir to save logs and models')
     parser.add_argument(

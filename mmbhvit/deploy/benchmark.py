@@ -5,8 +5,10 @@
 (b) the PyTorch binary model (1-bit values simulated with float ops),
 (c) the packed engine (:mod:`mmbhvit.deploy.engine`) running (b)'s export.
 
-The three are timed interleaved (a, b, c, a, b, c, ...) after a warm-up so
-that load from other processes affects them alike; medians and quartiles are
+The three are timed interleaved (a, b, c, c, b, a, ...) after warm-up rounds
+so that load from other processes affects them alike
+(:mod:`mmbhvit.utils.timing`, the protocol of
+``tools/analysis_tools/benchmark.py`` too); medians and quartiles are
 reported per thread count. ``--profile`` adds time per layer type for the
 three forms. Used by ``tools/deployment/benchmark_binary.py``.
 """
@@ -14,7 +16,6 @@ import argparse
 import copy
 import logging
 import os
-import statistics
 import time
 from collections import defaultdict
 from typing import Callable, Dict, List, Optional
@@ -26,8 +27,9 @@ from .engine import Laps, PackedBHViT, PackedClassifier
 from .export import export_model, state_dict_bytes
 from .mmseg_backend import use_packed_backbone
 from .ops import resolve_backend
-from .testing import calibrate_random_model
+from ..testing.deploy import calibrate_random_model
 from ..utils.io import atomic_write_json
+from ..utils.timing import summarize, time_interleaved
 
 DEFAULT_CLS_CONFIG = 'configs/bhvit/bhvit-small_2xb128_in1k.py'
 DEFAULT_SEG_CONFIG = 'configs/bhvit/upernet_bhvit_ade20k.py'
@@ -55,15 +57,6 @@ def build_pair(config: str, checkpoint: Optional[str] = None,
     torch.manual_seed(0)
     calibrate_random_model(fp, calib_size)
     return binary.eval(), fp.eval()
-
-
-class _Runner:
-    """One of the timed forms."""
-
-    def __init__(self, name: str, fn: Callable[[], object]):
-        self.name = name
-        self.fn = fn
-        self.times: List[float] = []
 
 
 def _group(name: str) -> str:
@@ -117,24 +110,20 @@ def pytorch_kinds(model: nn.Module) -> Dict[str, tuple]:
     return kinds
 
 
-def _summary(ts: List[float]) -> dict:
-    q = statistics.quantiles(ts, n=4) if len(ts) >= 4 else [min(ts), 0,
-                                                            max(ts)]
-    return dict(median_ms=1e3 * statistics.median(ts), q1_ms=1e3 * q[0],
-                q3_ms=1e3 * q[-1], min_ms=1e3 * min(ts), n=len(ts))
-
-
-def time_interleaved(runners: List[_Runner], iters: int, warmup: int):
+def time_forms(forms: Dict[str, Callable[[], object]], iters: int,
+               warmup: int) -> Dict[str, dict]:
+    """Time the forms interleaved (:mod:`mmbhvit.utils.timing`) under
+    ``torch.inference_mode``; per form the median, quartiles and minimum in
+    milliseconds and the number of timed runs."""
     with torch.inference_mode():
-        for r in runners:
-            for _ in range(warmup):
-                r.fn()
-        for _ in range(iters):
-            for r in runners:
-                t = time.perf_counter()
-                r.fn()
-                r.times.append(time.perf_counter() - t)
-    return {r.name: _summary(r.times) for r in runners}
+        times = time_interleaved(forms, iters, warmup)
+    summary = {}
+    for name, ts in times.items():
+        s = summarize(ts)
+        summary[name] = dict(median_ms=1e3 * s['median'], q1_ms=1e3 * s['q1'],
+                             q3_ms=1e3 * s['q3'], min_ms=1e3 * s['min'],
+                             n=len(ts))
+    return summary
 
 
 def benchmark_task(task: str, binary: nn.Module, fp: nn.Module,
@@ -181,8 +170,7 @@ def benchmark_task(task: str, binary: nn.Module, fp: nn.Module,
     try:
         for n in threads:
             torch.set_num_threads(n)
-            runners = [_Runner(k, f) for k, f in forms.items()]
-            result['runs'][n] = time_interleaved(runners, iters, warmup)
+            result['runs'][n] = time_forms(forms, iters, warmup)
             if profile:
                 result.setdefault('profile', {})[n] = _profile(
                     forms, binary, fp, laps_owner, iters, task, x)

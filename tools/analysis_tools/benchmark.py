@@ -10,8 +10,9 @@ Measures, in one process and interleaved, four cases: {binary model,
 full-precision counterpart (``weight_bits=act_bits=32`` on the backbone)}
 × {batch 1 (latency), batch N (throughput)}. Every round runs each case
 once, in an order that is reversed every other round, so machine noise and
-warm caches hit all cases alike; the binary/full-precision time ratio (per
-round, then the median) is the figure to compare across machines.
+warm caches hit all cases alike (:mod:`mmbhvit.utils.timing`); the
+binary/full-precision time ratio (per round, then the median) is the figure
+to compare across machines.
 
 Classification configs time ``model(x, mode='tensor')`` (backbone, neck,
 head: the logits); segmentation configs time
@@ -25,11 +26,11 @@ weights binarized at every call): no bit-packed kernels are used, so the
 ratio measures the emulation overhead, not the speed of a binary engine.
 """
 import argparse
+import functools
 import os.path as osp
 import statistics
 import sys
-import time
-from typing import Callable, Dict, List
+from typing import Callable
 
 sys.path.insert(0, osp.dirname(osp.dirname(osp.dirname(osp.abspath(
     __file__)))))
@@ -40,6 +41,7 @@ from mmengine.config import DictAction  # noqa: E402
 from mmbhvit.apis import build_model  # noqa: E402
 from mmbhvit.utils.io import atomic_write_json  # noqa: E402
 from mmbhvit.utils.sysinfo import cpu_description  # noqa: E402
+from mmbhvit.utils.timing import summarize, time_interleaved  # noqa: E402
 
 MODELS = ('binary', 'full precision')
 
@@ -84,16 +86,6 @@ def make_forward(model, task: str, shape) -> Callable:
     return lambda x: model.encode_decode(x, [meta] * x.shape[0])
 
 
-def stats(times: List[float]) -> Dict[str, float]:
-    """Median, min, max and inter-quartile range of ``times`` (seconds)."""
-    if len(times) > 1:
-        q1, _, q3 = statistics.quantiles(times, n=4, method='inclusive')
-    else:
-        q1 = q3 = times[0]
-    return dict(median=statistics.median(times), min=min(times),
-                max=max(times), q1=q1, q3=q3, iqr=q3 - q1)
-
-
 def run(args) -> dict:
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -110,21 +102,14 @@ def run(args) -> dict:
     in_channels = getattr(model.backbone, 'in_channels', 3)
     inputs = {b: torch.randn(b, in_channels, *shape)
               for b in sorted({1, args.batch})}
-    cases = [(m, b) for b in sorted({1, args.batch}) for m in MODELS]
-    times = {case: [] for case in cases}
+    cases = {(m, b): functools.partial(forwards[m], inputs[b])
+             for b in sorted({1, args.batch}) for m in MODELS}
     with torch.inference_mode():
-        for i in range(args.warmup + args.repeats):
-            order = cases if i % 2 == 0 else cases[::-1]
-            for model_name, batch in order:
-                start = time.perf_counter()
-                forwards[model_name](inputs[batch])
-                elapsed = time.perf_counter() - start
-                if i >= args.warmup:
-                    times[(model_name, batch)].append(elapsed)
+        times = time_interleaved(cases, args.repeats, args.warmup)
 
     results = []
     for model_name, batch in cases:
-        s = stats(times[(model_name, batch)])
+        s = summarize(times[(model_name, batch)])
         results.append(dict(model=model_name, batch=batch,
                             times=times[(model_name, batch)], **s,
                             images_per_s=batch / s['median']))

@@ -30,7 +30,7 @@ from mmbhvit.apis import build_model  # noqa: E402
 from mmbhvit.deploy.engine import load_engine  # noqa: E402
 from mmbhvit.deploy.export import (export_model, load_packed,  # noqa: E402
                                    save_packed)
-from mmbhvit.deploy.testing import calibrate_random_model  # noqa: E402
+from mmbhvit.testing.deploy import calibrate_random_model  # noqa: E402
 from mmbhvit.utils.sysinfo import cpu_description  # noqa: E402
 
 

@@ -16,7 +16,7 @@ import sys
 import torch
 
 import mmbhvit  # noqa: F401
-from mmbhvit.compat import save_slim_checkpoint
+from mmbhvit.checkpoint_io import save_slim_checkpoint
 from mmbhvit.converters import convert_official_state_dict
 from mmbhvit.models import BHViT
 

@@ -14,7 +14,8 @@ Every tensor is NCHW; the token BatchNorm of the paper is a ``BatchNorm2d``
 (so SyncBN works), a token-wise linear layer is a binary 1×1 convolution.
 """
 import copy
-from typing import Dict, Optional, Sequence, Union
+from contextlib import contextmanager
+from typing import Dict, Iterator, Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
@@ -146,10 +147,18 @@ class ShiftBranches(nn.Module):
     scale-weighted sum of the filters, plus the summed biases: one pass over
     the map instead of a dozen rolls. :meth:`forward_rolls` is the direct
     form (used for maps smaller than the filter, and in tests).
+
+    Attributes:
+        fused (bool): True (default): :meth:`forward` runs the depthwise
+            convolution; False: it runs :meth:`forward_rolls`. Same values
+            either way; :meth:`unfused` switches it for a ``with`` block
+            (cost counting does: the shifts are data movement, not
+            multiply-accumulates).
     """
 
     def __init__(self, channels: int, radii: Sequence[int]):
         super().__init__()
+        self.fused = True
         self.radii = tuple(radii)
         self.pad = max(self.radii)
         self.scales = nn.ModuleDict()
@@ -179,9 +188,15 @@ class ShiftBranches(nn.Module):
             f[3 * g:4 * g, c0, c0 + r] = 1.
         return f
 
-    #: False selects :meth:`forward_rolls` (complexity counting uses it: the
-    #: shifts are data movement, not multiply-accumulates).
-    fused = True
+    @contextmanager
+    def unfused(self) -> Iterator['ShiftBranches']:
+        """Run :meth:`forward_rolls` inside the ``with`` block; the previous
+        setting of :attr:`fused` comes back on exit."""
+        previous, self.fused = self.fused, False
+        try:
+            yield self
+        finally:
+            self.fused = previous
 
     def forward(self, x: Tensor) -> Tensor:
         if not self.fused or min(x.shape[-2:]) < self.pad:
@@ -217,7 +232,9 @@ class MSGDC(nn.Module):
         \operatorname{sign}(x + b))\Big)
 
     three binary 3×3 convolutions with 4 groups and dilations 1, 3, 5 that
-    share one binarized input.
+    share one binarized input: it is quantized once and given to each
+    convolution's ``forward_quantized``
+    (:meth:`~mmbhvit.models.binary.BinaryConv2d.forward_quantized`).
     """
 
     def __init__(self, channels: int, norm_cfg: dict,
@@ -236,8 +253,7 @@ class MSGDC(nn.Module):
         xq = self.convs[0].quantize_input(self.shift(x))
         out = None
         for conv, act in zip(self.convs, self.acts):
-            y = act(conv._conv_forward(xq, conv.quantized_weight(),
-                                       conv.bias))
+            y = act(conv.forward_quantized(xq))
             out = y if out is None else out + y
         return self.norm(out)
 
@@ -273,6 +289,48 @@ class MSMHA(nn.Module):
     Q+K+V, and split back: window tokens return to their place, merged tokens
     are averaged over windows and upsampled; both are mixed per channel.
     A binary output projection with LayerScale ends the mixer.
+
+    With window size :math:`s`, the input :math:`x` (:math:`C \times H
+    \times W`) zero-padded to :math:`\bar x` (:math:`H_p \times W_p`,
+    multiples of :math:`s`) and :math:`n = H_p W_p / s^2` windows
+    :math:`X_j \in \mathbb R^{C \times s^2}` (lines 2–5 run on each window
+    :math:`j` alike; its index is dropped there):
+
+    .. math::
+        M &= \operatorname{flat}\big(a \odot \operatorname{maxpool}_s(\bar x)
+            + (1 - a) \odot \operatorname{avgpool}_s(\bar x)\big)
+            \in \mathbb R^{C \times n} \\
+        T &= \operatorname{LN}([X_j, M]), \quad
+        Q = \mathcal P_q(T), \; K = \mathcal P_k(T), \;
+        V = \mathcal P_v(T) \\
+        \hat Q &= \operatorname{sign}(Q + b_q), \quad
+        \hat K = \operatorname{sign}(K + b_k), \quad
+        \hat V = \operatorname{sign}(V + b_v) \\
+        A_h &= \operatorname{softmax}\big(\hat Q_h^\top \hat K_h /
+            \sqrt d\big), \quad
+        O_h = \hat V_h \, \mathcal B(A_h)^\top \\
+        Z &= \operatorname{RPReLU}\big(\operatorname{Norm}(O) + Q + K + V
+            \big) = [Z^{w}, Z^{m}] \\
+        U &= \mu \odot \operatorname{unwindow}(Z_1^{w}, \dots, Z_n^{w})
+            + (1 - \mu) \odot
+            \operatorname{up}_s\Big(\frac1n \sum_j Z_j^{m}\Big) \\
+        y &= \operatorname{LayerScale}\big(\mathcal P_o(U_{:H, :W})\big)
+
+    Pooling has kernel = stride = :math:`s` and padding :math:`\lfloor s/2
+    \rfloor` (:class:`MergedTokens`, per-channel mix :math:`a`), so there
+    are as many merged tokens as windows; LN is a LayerNorm over channels;
+    :math:`\mathcal P_{q,k,v,o}` are :class:`BinaryResidualProj`;
+    :math:`h` runs over the heads, whose :math:`d = C / \text{heads}`
+    channels are the rows of :math:`\hat Q_h, \hat K_h, \hat V_h`;
+    :math:`\mathcal B` is the attention binarizer (LSQ: a 2-bit map, GSB:
+    three binary maps); :math:`O` stacks the :math:`O_h` over channels and
+    Norm is the ``norm_cfg`` norm; :math:`Z_j^{w}` (the first :math:`s^2`
+    tokens of window :math:`j`) go back in place by
+    :math:`\operatorname{unwindow}`, and :math:`\operatorname{up}_s`
+    repeats each merged token over an :math:`s \times s` block;
+    :math:`\mu` is a per-channel mix (``out_mix``); the LayerScale is the
+    identity with ``layer_scale=False``. With ``act_bits=32`` the signs and
+    :math:`\mathcal B` are left out.
 
     Inputs of any size are zero-padded to a multiple of the window size and
     cropped back.

@@ -6,12 +6,15 @@ import math
 import torch
 from torch import Tensor, nn
 
-from .quantizers import RoundSTE, ScaleGrad
+from .quantizers import (QuantizerFunction, RoundSTE, ScaleGrad,
+                         integer_range_bits)
 
 _MIN_SCALE = 1e-5
 
 
-class _GSBFunction(torch.autograd.Function):
+class _GSBFunction(QuantizerFunction):
+    """Forward and custom backward of :class:`GSBAttentionBinarizer`."""
+    precision = 3  # alpha (T0 + beta1 T1 + beta2 T2): three binary maps
 
     @staticmethod
     def forward(ctx, p, alpha, beta1, beta2, low, high):
@@ -56,7 +59,10 @@ class GSBAttentionBinarizer(nn.Module):
     + \beta_2 T_2)`; :math:`\partial/\partial\alpha = \sum g (T_0 + \beta_1 T_1
     + \beta_2 T_2)(1 - q\,[0 \le q \le 1])`; :math:`\partial/\partial\beta_k
     = \sum g\, \alpha\, T_k`.
+
+    ``precision`` = 3: the output is three binary maps (with scales).
     """
+    precision = _GSBFunction.precision
 
     def __init__(self, num_heads: int = 1, init_alpha: float = 0.005,
                  low: float = 0.7, high: float = 0.9):
@@ -101,6 +107,9 @@ class LSQAttentionQuantizer(nn.Module):
     (:math:`s = 2\,\overline{|LP|}/\sqrt L`, :math:`z \leftarrow 0.9 z +
     0.1 \min LP`; under torch.distributed the step is averaged and the
     minimum taken over all ranks, so the replicas stay identical).
+
+    ``precision``: bits of the levels, ``ceil(log2(levels + 1))`` (2 by
+    default).
     """
 
     def __init__(self, num_heads: int, levels: int = 3):
@@ -112,6 +121,11 @@ class LSQAttentionQuantizer(nn.Module):
         # Python-side mirror of `initialized` once read: later steps skip
         # the host sync (and torch.compile sees no graph break)
         self._init_checked = False
+
+    @property
+    def precision(self) -> int:
+        """Bit width of the quantized map (its levels are ``0..levels``)."""
+        return integer_range_bits(0, self.levels)
 
     def _load_from_state_dict(self, *args, **kwargs):
         super()._load_from_state_dict(*args, **kwargs)

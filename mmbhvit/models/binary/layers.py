@@ -63,9 +63,20 @@ class BinaryConv2d(nn.Conv2d):
         """The activation that reaches the convolution."""
         return sign_ste(x) if self.act_bits == 1 else x
 
+    def forward_quantized(self, xq: Tensor) -> Tensor:
+        """The convolution of an input already passed through
+        :meth:`quantize_input` with the :meth:`quantized_weight` (+ bias).
+
+        Layers that read the same input share one quantization this way
+        (e.g. the three convolutions of
+        :class:`~mmbhvit.models.backbones.bhvit.MSGDC`). It is a method, not
+        a module call: forward hooks of this layer do not run and cost
+        counting attributes the convolution to the caller.
+        """
+        return self._conv_forward(xq, self.quantized_weight(), self.bias)
+
     def forward(self, x: Tensor) -> Tensor:
-        return self._conv_forward(self.quantize_input(x),
-                                  self.quantized_weight(), self.bias)
+        return self.forward_quantized(self.quantize_input(x))
 
     def extra_repr(self) -> str:
         return (super().extra_repr() + f', weight_bits={self.weight_bits}, '

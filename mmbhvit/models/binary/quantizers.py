@@ -4,14 +4,64 @@
 Each quantizer is a tiny :class:`torch.autograd.Function` whose forward gives
 the exact quantized value and whose backward is the documented surrogate
 gradient. They are the only places where gradients are "made up".
+
+Like larq's quantizers, each one declares the precision of what it outputs
+(:class:`QuantizerFunction`): cost counting reads it from the class instead
+of keeping a table of its own.
 """
 import math
+from typing import Dict, Optional, Type
 
 import torch
 from torch import Tensor
 
+_QUANTIZER_FUNCTIONS: Dict[str, Type['QuantizerFunction']] = {}
 
-class SignSTE(torch.autograd.Function):
+
+class QuantizerFunction(torch.autograd.Function):
+    """Base of the quantizing autograd Functions: declares the precision of
+    the output.
+
+    Attributes:
+        precision (int | None): the output is ``precision`` binary planes
+            times a (per-channel or scalar) scale, e.g. 1 for a sign.
+            None when the Function alone does not fix it.
+        integer_valued (bool): the output is made of integers (rounding);
+            its bit width is set by the range they are clipped to
+            afterwards (:func:`integer_range_bits`).
+
+    Every subclass is registered under its class name, the name a
+    ``torch.jit`` trace gives its node (``prim::PythonOp.<name>``); see
+    :func:`quantizer_function`.
+    """
+    precision: Optional[int] = None
+    integer_valued: bool = False
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        known = _QUANTIZER_FUNCTIONS.get(cls.__name__)
+        where = (cls.__module__, cls.__qualname__)
+        if known is not None and (known.__module__,
+                                  known.__qualname__) != where:
+            raise TypeError(f'two quantizer Functions are named '
+                            f'{cls.__name__!r}: {known.__module__} and '
+                            f'{cls.__module__}')
+        _QUANTIZER_FUNCTIONS[cls.__name__] = cls  # (a reload replaces it)
+
+
+def integer_range_bits(low: int, high: int) -> int:
+    """Bits needed for the integers ``low..high``: ``ceil(log2(high - low +
+    1))``, at least 1."""
+    return max(1, math.ceil(math.log2(int(high) - int(low) + 1)))
+
+
+def quantizer_function(name: str) -> Optional[Type[QuantizerFunction]]:
+    """The :class:`QuantizerFunction` subclass called ``name`` (the name of
+    a ``prim::PythonOp`` node in a trace), or None."""
+    return _QUANTIZER_FUNCTIONS.get(name)
+
+
+class SignSTE(QuantizerFunction):
     r"""Activation binarizer: ``sign(x)`` with a piecewise-polynomial STE.
 
     Forward:  :math:`b = \operatorname{sign}(x) \in \{-1, 0, +1\}` (0 only for
@@ -21,6 +71,7 @@ class SignSTE(torch.autograd.Function):
     :math:`|x| \le 1` and 0 outside, i.e. the derivative of the smooth
     approximation :math:`2x + x^2 \operatorname{sign}(-x)` used by Bi-Real Net.
     """
+    precision = 1
 
     @staticmethod
     def forward(ctx, x: Tensor) -> Tensor:
@@ -36,7 +87,7 @@ class SignSTE(torch.autograd.Function):
         return window.mul_(grad)
 
 
-class ClippedSignSTE(torch.autograd.Function):
+class ClippedSignSTE(QuantizerFunction):
     r"""Weight binarizer: ``scale * sign(w)`` with a clipped identity STE.
 
     Forward: :math:`\hat w = s \cdot \operatorname{sign}(w)`.
@@ -44,6 +95,7 @@ class ClippedSignSTE(torch.autograd.Function):
     Backward: :math:`\partial \hat w / \partial w = \mathbb 1[|w| \le \tau]`
     (the scale receives no gradient).
     """
+    precision = 1  # one binary plane times a per-output-channel scale
 
     @staticmethod
     def forward(ctx, w: Tensor, scale: Tensor, tau: float) -> Tensor:
@@ -70,8 +122,14 @@ class ScaleGrad(torch.autograd.Function):
         return grad * ctx.factor, None
 
 
-class RoundSTE(torch.autograd.Function):
-    """``round(x)`` in the forward pass, identity gradient."""
+class RoundSTE(QuantizerFunction):
+    """``round(x)`` in the forward pass, identity gradient.
+
+    The output is integer-valued; its bit width is set by the clipping that
+    follows (e.g. 2 bits for the 4 levels of
+    :class:`~mmbhvit.models.binary.LSQAttentionQuantizer`).
+    """
+    integer_valued = True
 
     @staticmethod
     def forward(ctx, x: Tensor) -> Tensor:

@@ -31,7 +31,7 @@ from mmpretrain.registry import MODELS
 from mmpretrain.structures import DataSample
 from torch import Tensor, nn
 
-from ...compat import resume_safe_globals
+from ...checkpoint_io import resume_safe_globals
 from ..checkpoint import read_state_dict
 
 LOSS_TERMS = ('cls', 'distill')

@@ -1,7 +1,7 @@
 # Copyright (c) mmbhvit contributors. Licensed under the Apache License 2.0.
 """Helpers to check the packed engine against the PyTorch model: realistic
-random models and comparison statistics (used by tests/test_deploy.py and
-tools/deployment/benchmark_binary.py)."""
+random models and comparison statistics (used by tests/test_deploy.py,
+tests/test_packed_format.py and the deployment benchmarks)."""
 from typing import Dict, Sequence
 
 import torch

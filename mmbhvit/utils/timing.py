@@ -1,0 +1,59 @@
+# Copyright (c) mmbhvit contributors. Licensed under the Apache License 2.0.
+"""The timing protocol of mmbhvit's benchmarks.
+
+Cases compared with each other are timed in one process, interleaved: every
+round runs each case once, in an order reversed every other round
+(a, b, c, c, b, a, a, b, ...), so that load from other processes, warm
+caches and the position in the round affect all cases alike. The first
+``warmup`` rounds are not timed. Used by ``tools/analysis_tools/benchmark.py``
+(binary vs full-precision PyTorch models) and :mod:`mmbhvit.deploy.benchmark`
+(PyTorch vs the packed engine).
+"""
+import statistics
+import time
+from typing import Callable, Dict, Hashable, List, Mapping
+
+__all__ = ['time_interleaved', 'summarize']
+
+
+def time_interleaved(cases: Mapping[Hashable, Callable[[], object]],
+                     repeats: int,
+                     warmup: int = 0) -> Dict[Hashable, List[float]]:
+    """Time each callable of ``cases`` ``repeats`` times, interleaved.
+
+    Args:
+        cases: Case name to a callable without arguments (the timed call).
+            The first round runs them in this order, the second in reverse,
+            and so on.
+        repeats (int): Timed rounds.
+        warmup (int): Untimed rounds before the timed ones.
+
+    Returns:
+        dict: Case name to its ``repeats`` wall-clock times in seconds, in
+        round order (so the i-th times of two cases are from the same
+        round, for paired comparisons).
+    """
+    names = list(cases)
+    times: Dict[Hashable, List[float]] = {name: [] for name in names}
+    for i in range(warmup + repeats):
+        for name in (names if i % 2 == 0 else names[::-1]):
+            start = time.perf_counter()
+            cases[name]()
+            elapsed = time.perf_counter() - start
+            if i >= warmup:
+                times[name].append(elapsed)
+    return times
+
+
+def summarize(times: List[float]) -> Dict[str, float]:
+    """Median, min, max, quartiles (``q1``, ``q3``: inclusive method, so
+    they stay within min–max) and inter-quartile range of ``times``, in the
+    unit of ``times``."""
+    if not times:
+        raise ValueError('no times to summarize')
+    if len(times) > 1:
+        q1, _, q3 = statistics.quantiles(times, n=4, method='inclusive')
+    else:
+        q1 = q3 = times[0]
+    return dict(median=statistics.median(times), min=min(times),
+                max=max(times), q1=q1, q3=q3, iqr=q3 - q1)

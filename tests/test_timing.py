@@ -1,0 +1,25 @@
+# Copyright (c) mmbhvit contributors. Licensed under the Apache License 2.0.
+"""The timing protocol shared by the benchmarks (mmbhvit.utils.timing)."""
+import pytest
+
+from mmbhvit.utils.timing import summarize, time_interleaved
+
+
+def test_rounds_alternate_order_and_skip_warmup():
+    calls = []
+    cases = {name: (lambda name=name: calls.append(name)) for name in 'abc'}
+    times = time_interleaved(cases, repeats=3, warmup=1)
+    # warm-up round, then 3 timed rounds; the order reverses every round
+    assert ''.join(calls) == 'abc' 'cba' 'abc' 'cba'
+    assert list(times) == ['a', 'b', 'c']
+    assert all(len(t) == 3 and min(t) >= 0 for t in times.values())
+
+
+def test_summarize_by_hand():
+    s = summarize([4.0, 1.0, 3.0, 2.0, 5.0])
+    # inclusive quartiles of 1..5: 2 and 4
+    assert s == dict(median=3.0, min=1.0, max=5.0, q1=2.0, q3=4.0, iqr=2.0)
+    assert summarize([0.5]) == dict(median=0.5, min=0.5, max=0.5, q1=0.5,
+                                    q3=0.5, iqr=0.0)
+    with pytest.raises(ValueError):
+        summarize([])
