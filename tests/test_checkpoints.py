@@ -312,3 +312,54 @@ def test_real_full_disk(tmp_path):
         assert os.listdir(folder) == ['slim.pth']
     finally:
         subprocess.run(['umount', str(folder)], check=True)
+
+
+# --------------------------------------------------------------------------
+# No accidental random-backbone fine-tunes; mmpretrain's launch options
+# --------------------------------------------------------------------------
+def test_pretrained_backbone_without_a_file_is_an_error(tmp_path):
+    from mmbhvit.models import BHViT
+    from mmbhvit.models.checkpoint import PretrainedCheckpointError
+    arch = dict(embed_dims=[16, 32, 64, 128], depths=[1, 1, 1, 1],
+                num_heads=[1, 1, 2, 4], mlp_ratios=[2, 2, 2, 2])
+    model = BHViT(arch, init_cfg=dict(type='Pretrained', checkpoint=None,
+                                      prefix='backbone.'))
+    with pytest.raises(PretrainedCheckpointError,
+                       match='without a checkpoint.*init_cfg=None'):
+        model.init_weights()
+
+
+def test_train_refuses_a_random_backbone_unless_asked(data_root, tmp_path):
+    """The segmentation configs fine-tune an ImageNet backbone: without
+    its file the run stops before the Runner is built (it used to train
+    160k iterations from random weights after a warning)."""
+    cfg = str(tmp_path / 'pretrained_none.py')
+    with open(cfg, 'w') as f:
+        # the demo's init_cfg is None, which a dict cannot be merged into
+        f.write(f"_base_ = ['{SEG_CFG}']\nmodel = dict(backbone=dict("
+                "_delete_=True, type='BHViT', arch='tiny', norm_cfg=dict("
+                "type='BN'), init_cfg=dict(type='Pretrained', "
+                "checkpoint=None, prefix='backbone.')))\n")
+    done = _run(['tools/train.py', cfg, '--work-dir', str(tmp_path / 'w'),
+                 '--cfg-options',
+                 f'train_dataloader.dataset.data_root={data_root}',
+                 f'val_dataloader.dataset.data_root={data_root}'])
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert 'Pretrained without a checkpoint' in done.stderr
+    assert 'model.backbone.init_cfg.checkpoint=PATH' in done.stderr
+    assert 'Traceback' not in done.stderr
+    assert not (tmp_path / 'w').exists()  # stopped before the Runner
+
+
+def test_train_auto_scale_lr_and_no_validate():
+    train = load_tool('train.py')
+    in1k = osp.join(REPO, 'configs/bhvit/bhvit-small_2xb128_in1k.py')
+    args = train.parse_args([in1k, '--auto-scale-lr', '--no-validate'])
+    cfg = train.build_cfg(args)
+    assert cfg.auto_scale_lr.enable is True
+    assert cfg.auto_scale_lr.base_batch_size == 256
+    assert cfg.val_cfg is None and cfg.val_dataloader is None
+    assert cfg.val_evaluator is None
+    args = train.parse_args([SEG_CFG, '--auto-scale-lr'])
+    with pytest.raises(ValueError, match='has no `auto_scale_lr'):
+        train.build_cfg(args)

@@ -27,6 +27,7 @@ os.environ.setdefault('OMP_WAIT_POLICY', 'PASSIVE')
 
 import mmbhvit  # noqa: E402,F401  (before mmseg: mmcv-lite shim, registries)
 from mmbhvit.datasets import DatasetMetaError  # noqa: E402
+from mmbhvit.models.checkpoint import check_pretrained_backbone  # noqa: E402
 from mmbhvit.models.finite import NonFiniteError  # noqa: E402
 from mmbhvit.utils.data_check import (DataCheckError,  # noqa: E402
                                       check_data_config)
@@ -60,6 +61,15 @@ def parse_args(argv=None):
         help='enable automatic-mixed-precision training (needs a GPU; '
         'ignored with a warning on the CPU)')
     parser.add_argument(
+        '--auto-scale-lr',
+        action='store_true',
+        help='scale the learning rate by the actual batch size against the '
+        "config's auto_scale_lr.base_batch_size (as mmpretrain's tool)")
+    parser.add_argument(
+        '--no-validate',
+        action='store_true',
+        help='do not validate during training (as mmpretrain\'s tool)')
+    parser.add_argument(
         '--skip-data-check',
         action='store_true',
         help='do not check every image/annotation before training (present, '
@@ -81,6 +91,17 @@ def build_cfg(args) -> Config:
     elif cfg.get('work_dir', None) is None:
         cfg.work_dir = osp.join('./work_dirs',
                                 osp.splitext(osp.basename(args.config))[0])
+    if args.auto_scale_lr:
+        if not isinstance(cfg.get('auto_scale_lr'), dict) or \
+                'base_batch_size' not in cfg.auto_scale_lr:
+            raise ValueError(
+                f'--auto-scale-lr: {osp.basename(args.config)} has no '
+                '`auto_scale_lr = dict(base_batch_size=N)`; add it (the total '
+                'batch size its learning rate was set for)')
+        cfg.auto_scale_lr.enable = True
+    if args.no_validate:
+        # the Runner wants the validation settings all set or all None
+        cfg.val_cfg = cfg.val_dataloader = cfg.val_evaluator = None
     setup_amp(cfg, args.amp)
     setup_cpu_runtime(cfg)
     cfg.resume = args.resume
@@ -89,9 +110,9 @@ def build_cfg(args) -> Config:
 
 def main(argv=None):
     args = parse_args(argv)
-    cfg = build_cfg(args)
-    phases = ('train', 'val') if cfg.get('val_cfg') else ('train', )
     try:
+        cfg = build_cfg(args)
+        phases = ('train', 'val') if cfg.get('val_cfg') else ('train', )
         if task_of(cfg) == 'classification':
             from mmbhvit.utils.cls_data_check import check_cls_config
             check_cls_config(cfg, phases,
@@ -99,7 +120,11 @@ def main(argv=None):
         else:
             check_data_config(cfg, phases,
                               check_files=not args.skip_data_check)
-    except (DataCheckError, DatasetMetaError, FileNotFoundError) as e:
+        # a Pretrained backbone without its file would train from random
+        # weights (init_cfg=None asks for that on purpose)
+        check_pretrained_backbone(cfg.model)
+    except (DataCheckError, DatasetMetaError, FileNotFoundError,
+            ValueError) as e:
         sys.stderr.write(f'\nERROR ({osp.basename(args.config)}): {e}\n')
         sys.exit(2)
 

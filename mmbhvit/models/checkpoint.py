@@ -1,7 +1,6 @@
 # Copyright (c) mmbhvit contributors. Licensed under the Apache License 2.0.
 """Strict loading of pretrained backbone weights with clear errors."""
 import os.path as osp
-import warnings
 
 import torch
 from mmengine.logging import print_log
@@ -18,11 +17,7 @@ def read_state_dict(filename: str, prefix: str = None) -> dict:
     """Read the state dict stored in ``filename`` (``state_dict`` / ``model``
     entry or a raw dict), keeping only keys under ``prefix`` (stripped)."""
     if not _is_remote(filename) and not osp.isfile(filename):
-        raise FileNotFoundError(
-            f'Pretrained checkpoint not found: {filename!r}. Set it with '
-            '--cfg-options model.backbone.init_cfg.checkpoint=PATH (an '
-            'mmbhvit checkpoint, or an official one converted with '
-            'tools/model_converters/bhvit2mmbhvit.py).')
+        raise FileNotFoundError(f'checkpoint not found: {filename!r}')
     ckpt = CheckpointLoader.load_checkpoint(filename, map_location='cpu')
     state = ckpt
     for key in ('state_dict', 'model'):
@@ -108,18 +103,53 @@ class StateDictMismatch:
                 and v.shape == own[k].shape}
 
 
+class PretrainedCheckpointError(FileNotFoundError):
+    """A ``Pretrained`` init_cfg without a usable checkpoint file."""
+
+
+def pretrained_file(init_cfg: dict, where: str = 'model.backbone') -> str:
+    """The checkpoint of a ``Pretrained`` ``init_cfg``.
+
+    Raises :class:`PretrainedCheckpointError` when it is unset (training
+    would start from random weights: a long run wasted) or the file does
+    not exist; ``init_cfg=None`` is how a random start is asked for.
+    """
+    filename = init_cfg.get('checkpoint')
+    if filename is None:
+        raise PretrainedCheckpointError(
+            f'{where}.init_cfg is Pretrained without a checkpoint: the '
+            'backbone would start from random weights. Pass an ImageNet '
+            'BHViT checkpoint with --cfg-options '
+            f'{where}.init_cfg.checkpoint=PATH (official checkpoints: '
+            'convert them with tools/model_converters/bhvit2mmbhvit.py; it '
+            'must have the same arch and binary_merge as this backbone), or '
+            f'set {where}.init_cfg=None to start from random weights on '
+            'purpose.')
+    if not _is_remote(filename) and not osp.isfile(filename):
+        raise PretrainedCheckpointError(
+            f'Pretrained checkpoint not found: {filename!r}. Set it with '
+            f'--cfg-options {where}.init_cfg.checkpoint=PATH (an mmbhvit '
+            'checkpoint, or an official one converted with '
+            'tools/model_converters/bhvit2mmbhvit.py).')
+    return filename
+
+
+def check_pretrained_backbone(model_cfg: dict) -> None:
+    """Fail early (before a Runner is built) on the backbone's
+    ``Pretrained`` init_cfg, see :func:`pretrained_file`."""
+    init_cfg = (model_cfg.get('backbone') or {}).get('init_cfg')
+    if isinstance(init_cfg, dict) and init_cfg.get('type') == 'Pretrained':
+        pretrained_file(init_cfg)
+
+
 def load_pretrained(module: torch.nn.Module, init_cfg: dict):
     """Load ``init_cfg['checkpoint']`` (with optional ``prefix``) into
     ``module`` strictly: every parameter/buffer must be present with its
     shape (positional embeddings are resized if only their grid differs),
     and unknown keys are an error, except the final ``norm.*`` when the
-    module has no final norm. Returns False (after a warning) when no
-    checkpoint is set, True once loaded."""
-    filename = init_cfg.get('checkpoint')
-    if filename is None:
-        warnings.warn(f'{type(module).__name__}: init_cfg type Pretrained has '
-                      'no checkpoint; the weights are randomly initialised')
-        return False
+    module has no final norm. A missing checkpoint (unset or no file) is
+    a :class:`PretrainedCheckpointError`. Returns True once loaded."""
+    filename = pretrained_file(init_cfg)
     state = read_state_dict(filename, init_cfg.get('prefix'))
     own = module.state_dict()
     ignore = () if getattr(module, 'final_norm', True) else ('norm.', )

@@ -32,7 +32,8 @@ model = dict(
         norm_eval=False,
         # ImageNet-pretrained BHViT: pass the file with
         #   --cfg-options model.backbone.init_cfg.checkpoint=PATH
-        # None keeps a random initialisation (with a warning).
+        # tools/train.py refuses checkpoint=None (a random backbone); set
+        # init_cfg=None to train from random weights on purpose.
         init_cfg=dict(type='Pretrained', checkpoint=None,
                       prefix='backbone.')),
     train_cfg=dict(),
