@@ -302,3 +302,46 @@ def test_image_demo_backend_arguments(tmp_path):
     with pytest.raises(SystemExit):
         demo.parse_args(base + ['--backend', 'packed', '--packed-model',
                                 str(packed), '--device', 'cuda:0'])
+
+
+# --------------------------------------------------------------------------
+# SLURM launch scripts (srun replaced by a recorder: no cluster here)
+# --------------------------------------------------------------------------
+def test_slurm_scripts_build_the_srun_call(tmp_path):
+    fake = tmp_path / 'bin'
+    fake.mkdir()
+    record = tmp_path / 'srun.txt'
+    (fake / 'srun').write_text(
+        '#!/usr/bin/env bash\n'
+        f'printf "%s\\n" "MASTER_PORT=$MASTER_PORT" "$@" > {record}\n')
+    (fake / 'srun').chmod(0o755)
+    env = dict(os.environ, PATH=f'{fake}:{os.environ["PATH"]}', GPUS='2',
+               PORT='29611')
+    done = subprocess.run(
+        ['bash', osp.join(REPO, 'tools', 'slurm_train.sh'), 'gpu', 'bhvit',
+         DEMO_CFG, '--cfg-options', 'train_cfg.max_iters=2'],
+        capture_output=True, text=True, env=env)
+    assert done.returncode == 0, done.stderr
+    args = record.read_text().splitlines()
+    assert args[0] == 'MASTER_PORT=29611'
+    assert '--partition=gpu' in args and '--job-name=bhvit' in args
+    # fewer GPUs than a node has: one node, one task per GPU
+    assert '--gres=gpu:2' in args and '--ntasks=2' in args
+    assert '--ntasks-per-node=2' in args
+    script = args.index(osp.join(REPO, 'tools', 'train.py'))
+    assert args[script - 1] == '-u'
+    assert args[script + 1:] == [DEMO_CFG, '--launcher', 'slurm',
+                                 '--cfg-options', 'train_cfg.max_iters=2']
+    done = subprocess.run(
+        ['bash', osp.join(REPO, 'tools', 'slurm_test.sh'), 'gpu', 'bhvit',
+         DEMO_CFG, 'ckpt.pth'], capture_output=True, text=True,
+        env=dict(env, GPUS='16'))
+    assert done.returncode == 0, done.stderr
+    args = record.read_text().splitlines()
+    assert '--ntasks=16' in args and '--ntasks-per-node=8' in args
+    assert args[-4:] == [DEMO_CFG, 'ckpt.pth', '--launcher', 'slurm']
+    for script in ('slurm_train.sh', 'slurm_test.sh'):
+        usage = subprocess.run(
+            ['bash', osp.join(REPO, 'tools', script), 'gpu'],
+            capture_output=True, text=True, env=env)
+        assert usage.returncode == 2 and 'usage:' in usage.stderr
