@@ -154,6 +154,8 @@ def test_demo_learns_well_above_majority_baseline(tmp_path):
     assert len(preds) == 2
     row = cv2.imread(str(preds[0]))
     assert row.shape[1] == 3 * 64 + 2 * 4  # input | gt | prediction
+    curve = cv2.imread(result['training_curve'])  # loss and accuracy panels
+    assert curve is not None and curve.shape[0] > curve.shape[1] // 2
     assert torch.load(
         result['checkpoint'], map_location='cpu',
         weights_only=False)['meta']['dataset_meta']['classes'][0] == \

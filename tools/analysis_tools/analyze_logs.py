@@ -138,8 +138,13 @@ def plot_curve(logs: Sequence[str], keys: Sequence[str], out: str,
     out_dir = osp.dirname(osp.abspath(out))
     if not osp.isdir(out_dir):
         raise FileNotFoundError(f'output directory does not exist: {out_dir}')
-    fig.savefig(out)
-    plt.close(fig)
+    from mmbhvit.utils.io import atomic_write
+    fmt = osp.splitext(out)[1].lstrip('.').lower() or 'png'
+    try:
+        with atomic_write(out, 'wb') as f:
+            fig.savefig(f, format=fmt)
+    finally:
+        plt.close(fig)
     return series
 
 

@@ -73,10 +73,12 @@ def parse_args(argv=None):
     return parser.parse_args(argv)
 
 
-def _load_generator():
-    path = osp.join(REPO, 'tools', 'dataset_converters',
-                    'make_demo_dataset.py')
-    spec = importlib.util.spec_from_file_location('make_demo_dataset', path)
+def _load_tool(rel: str):
+    """``tools/<rel>`` as a module (the tools are scripts, not a
+    package)."""
+    path = osp.join(REPO, 'tools', rel)
+    name = osp.splitext(osp.basename(rel))[0]
+    spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -88,7 +90,7 @@ def ensure_dataset(args) -> None:
         print(f'Using the existing dataset in {args.data_root}')
         return
     print(f'Generating the demo dataset in {args.data_root} ...')
-    _load_generator().make_dataset(args.data_root, args.num_train,
+    _load_tool('dataset_converters/make_demo_dataset.py').make_dataset(args.data_root, args.num_train,
                                    args.num_val, args.size, args.seed)
 
 
@@ -229,6 +231,12 @@ def main(argv=None) -> dict:
         write_image(args.doc_image, overview[..., ::-1],
                     [cv2.IMWRITE_PNG_COMPRESSION, 9])
 
+    curve = osp.join(args.work_dir, 'training_curve.png')
+    _load_tool('analysis_tools/analyze_logs.py').plot_curve(
+        [osp.join(runner.log_dir, 'vis_data', 'scalars.json')],
+        ['loss', 'decode.acc_seg'], curve, legend=['demo'],
+        title='BHViT-tiny + UPerNet, demo shapes')
+
     result = dict(
         mIoU=metrics['mIoU'],
         mAcc=metrics['mAcc'],
@@ -241,6 +249,7 @@ def main(argv=None) -> dict:
         total_seconds=round(time.time() - start, 1),
         checkpoint=checkpoint,
         predictions=pred_dir,
+        training_curve=curve,
         classes=list(classes))
     atomic_write_json(result, osp.join(args.work_dir, 'demo_result.json'),
                       indent=1)
@@ -254,6 +263,7 @@ def main(argv=None) -> dict:
         f'{100 * result["majority_fraction"]:.1f}% of the pixels)\n'
         f'  checkpoint: {checkpoint}\n'
         f'  predictions (input | ground truth | prediction): {pred_dir}\n'
+        f'  training curve (loss, pixel accuracy): {curve}\n'
         f'  metrics: {osp.join(args.work_dir, "demo_result.json")}')
     print(summary, flush=True)
     return result
