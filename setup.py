@@ -2,9 +2,12 @@
 import os
 import os.path as osp
 import re
+import shutil
 import sys
 
-from setuptools import find_packages, setup
+from setuptools import Extension, find_packages, setup
+from setuptools.command.build_ext import build_ext as _build_ext
+from setuptools.command.build_py import build_py as _build_py
 
 HERE = osp.dirname(osp.abspath(__file__))
 
@@ -44,21 +47,57 @@ INSTALL_REQUIRES = [
 ]
 
 
+EXT_NAME = 'mmbhvit._binary_ops'
+EXT_SOURCES = [
+    osp.join('csrc', f) for f in ('binary_ops.cpp', 'kernels_avx512.cpp',
+                                  'kernels_avx2.cpp', 'kernels_generic.cpp')
+]
+
+NO_TORCH_MESSAGE = """
+mmbhvit: torch is not importable while building ({error}), so the packed-bit
+C++ kernels (mmbhvit._binary_ops) cannot be built. pip's default build
+isolation hides the environment's torch from the build. Either
+  pip install --no-build-isolation .      (or -e .; needs setuptools in
+                                           the environment)
+to build them against your torch, or
+  MMBHVIT_NO_EXT=1 pip install .
+to install without them (mmbhvit.deploy then uses its pure-PyTorch fallback).
+"""
+
+
+class NoTorchBuildExtension(_build_ext):
+    """Stands in for torch's BuildExtension when torch is not importable:
+    building the package stops with an explanation instead of silently
+    leaving the kernels out (metadata steps never run build_ext)."""
+
+    torch_error = ''
+
+    def run(self):
+        sys.stderr.write(NO_TORCH_MESSAGE.format(error=self.torch_error))
+        raise SystemExit(
+            'mmbhvit: torch not importable at build time; install with '
+            '--no-build-isolation or set MMBHVIT_NO_EXT=1 (see above)')
+
+
 def binary_ops_extension():
     """The packed-bit CPU kernels of mmbhvit.deploy (``mmbhvit._binary_ops``).
 
-    Optional: without torch at build time, without a C++ compiler, or with
-    ``MMBHVIT_NO_EXT=1``, mmbhvit installs without it and the engine uses its
-    pure-PyTorch fallback. Install with ``--no-build-isolation`` so that the
-    build sees the environment's torch.
+    Built against the environment's torch: install with
+    ``--no-build-isolation``. Without torch at build time the build stops
+    with an explanation (see ``NO_TORCH_MESSAGE``); ``MMBHVIT_NO_EXT=1``
+    installs without the kernels on purpose. A failed compilation (no or a
+    broken C++ compiler) is a warning: mmbhvit.deploy then uses its
+    pure-PyTorch fallback.
     """
     if os.environ.get('MMBHVIT_NO_EXT', '0') == '1':
         return [], {}
     try:
         from torch.utils.cpp_extension import BuildExtension, CppExtension
     except Exception as e:  # torch is not importable while building
-        print(f'mmbhvit: not building the packed-bit kernels ({e})')
-        return [], {}
+        NoTorchBuildExtension.torch_error = f'{type(e).__name__}: {e}'
+        return [Extension(EXT_NAME, sources=EXT_SOURCES)], {
+            'build_ext': NoTorchBuildExtension
+        }
 
     class OptionalBuildExtension(BuildExtension):
         """A failed build of the optional kernels is a warning."""
@@ -71,7 +110,6 @@ def binary_ops_extension():
                       f'({type(e).__name__}: {e}); mmbhvit.deploy will use '
                       'its pure-PyTorch fallback')
 
-    csrc = 'csrc'
     if sys.platform == 'win32':
         flags, link = ['/O2', '/openmp', '/fp:precise'], []
     else:
@@ -81,16 +119,72 @@ def binary_ops_extension():
                  '-fno-trapping-math']
         link = ['-fopenmp']
     ext = CppExtension(
-        'mmbhvit._binary_ops',
-        sources=[
-            osp.join(csrc, f) for f in ('binary_ops.cpp', 'kernels_avx512.cpp',
-                                        'kernels_avx2.cpp',
-                                        'kernels_generic.cpp')
-        ],
-        include_dirs=[osp.join(HERE, csrc)],
+        EXT_NAME,
+        sources=EXT_SOURCES,
+        include_dirs=[osp.join(HERE, 'csrc')],
         extra_compile_args=flags,
         extra_link_args=link)
     return [ext], {'build_ext': OptionalBuildExtension}
+
+
+# --------------------------------------------------------------------------
+# Package data for OpenMMLab's mim (`mim train/test/search mmbhvit`): mim
+# looks for <package>/.mim/{tools,configs,model-index.yml}. As in mmseg and
+# mmpretrain: in an editable install mmbhvit/.mim holds relative symlinks to
+# the repository's folders (copies on Windows); a normal build (pip install .,
+# wheel, from an sdist) copies them into the build, never into the source.
+# --------------------------------------------------------------------------
+MIM_FILES = ('configs', 'tools', 'model-index.yml')
+MIM_IGNORE = shutil.ignore_patterns('__pycache__', '*.pyc', '*.pyo')
+
+
+def _remove(path):
+    if osp.islink(path) or osp.isfile(path):
+        os.remove(path)
+    elif osp.isdir(path):
+        shutil.rmtree(path)
+
+
+def _mim_sources():
+    found = [(n, osp.join(HERE, n)) for n in MIM_FILES
+             if osp.exists(osp.join(HERE, n))]
+    missing = sorted(set(MIM_FILES) - {n for n, _ in found})
+    if missing:
+        raise FileNotFoundError(
+            f'mmbhvit: {missing} not found in {HERE}: they are package data '
+            f'for mim (mmbhvit/.mim); an sdist must include them '
+            '(MANIFEST.in)')
+    return found
+
+
+def write_mim_files(mim_dir, mode):
+    """Fill ``mim_dir`` with ``MIM_FILES``: ``'symlink'`` or ``'copy'``."""
+    os.makedirs(mim_dir, exist_ok=True)
+    for name, src in _mim_sources():
+        dst = osp.join(mim_dir, name)
+        _remove(dst)
+        if mode == 'symlink':
+            os.symlink(osp.relpath(src, mim_dir), dst)
+        elif osp.isdir(src):
+            shutil.copytree(src, dst, ignore=MIM_IGNORE)
+        else:
+            shutil.copyfile(src, dst)
+
+
+class BuildPyWithMim(_build_py):
+    """build_py that also provides mmbhvit/.mim (see above)."""
+
+    def run(self):
+        super().run()
+        if getattr(self, 'editable_mode', False):
+            # pip install -e . (PEP 660): the package is imported from the
+            # source tree, so .mim goes there.
+            write_mim_files(
+                osp.join(HERE, 'mmbhvit', '.mim'),
+                'copy' if sys.platform == 'win32' else 'symlink')
+        else:
+            write_mim_files(
+                osp.join(self.build_lib, 'mmbhvit', '.mim'), 'copy')
 
 
 EXT_MODULES, CMDCLASS = binary_ops_extension()
@@ -116,6 +210,6 @@ setup(
         'Topic :: Scientific/Engineering :: Artificial Intelligence',
     ],
     ext_modules=EXT_MODULES,
-    cmdclass=CMDCLASS,
+    cmdclass=dict(CMDCLASS, build_py=BuildPyWithMim),
     zip_safe=False,
 )

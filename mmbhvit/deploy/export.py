@@ -441,7 +441,10 @@ def export_model(model: nn.Module,
     # the exporter's own output must satisfy the checks of the loader
     check_graph(graph, 'the export')
     check_tensor_shapes(graph, wr.tensors, 'the export')
-    return seal_packed(graph, wr.tensors)
+    sealed = seal_packed(graph, wr.tensors)
+    # checked just above: save_packed and the engines need no second pass
+    return VerifiedPacked(sealed['graph'], sealed['tensors'],
+                          'the given dict')
 
 
 def seal_packed(graph: dict, tensors: Dict[str, Tensor]) -> dict:

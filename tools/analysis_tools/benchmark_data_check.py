@@ -24,7 +24,6 @@ means for ADE20K (20,210 training pairs) and ImageNet (1.28 M images).
 ``--json FILE`` also writes the numbers.
 """
 import argparse
-import json
 import os
 import os.path as osp
 import platform
@@ -45,7 +44,9 @@ from mmbhvit.utils import data_check  # noqa: E402
 from mmbhvit.utils.data_check import (build_lazy_dataset,  # noqa: E402
                                       check_data_config, default_workers,
                                       scan_samples)
+from mmbhvit.utils.io import atomic_write, atomic_write_json  # noqa: E402
 from mmbhvit.utils.sysinfo import cpu_description, cpu_info  # noqa: E402
+from mmbhvit.utils.timing import summarize  # noqa: E402
 
 ADE20K_TRAIN_PAIRS = 20210
 IMAGENET_TRAIN_IMAGES = 1281167
@@ -58,8 +59,8 @@ def make_dataset(root: str, num: int, size: int, seed: int = 0) -> None:
     ann_dir = osp.join(root, 'ann_dir', 'train')
     os.makedirs(img_dir)
     os.makedirs(ann_dir)
-    with open(osp.join(root, 'classes.json'), 'w') as f:
-        json.dump(dict(classes=['background', 'thing']), f)
+    atomic_write_json(dict(classes=['background', 'thing']),
+                      osp.join(root, 'classes.json'))
     rng = np.random.default_rng(seed)
     images, labels = [], []
     for _ in range(16):
@@ -68,9 +69,9 @@ def make_dataset(root: str, num: int, size: int, seed: int = 0) -> None:
         images.append(cv2.imencode('.png', img)[1].tobytes())
         labels.append(cv2.imencode('.png', label)[1].tobytes())
     for i in range(num):
-        with open(osp.join(img_dir, f'{i:07d}.png'), 'wb') as f:
+        with atomic_write(osp.join(img_dir, f'{i:07d}.png'), sync=False) as f:
             f.write(images[i % 16])
-        with open(osp.join(ann_dir, f'{i:07d}.png'), 'wb') as f:
+        with atomic_write(osp.join(ann_dir, f'{i:07d}.png'), sync=False) as f:
             f.write(labels[i % 16])
 
 
@@ -110,8 +111,8 @@ def timed(fn, repeats: int, before=None) -> list:
 
 
 def summary(times) -> str:
-    return (f'{statistics.median(times):7.3f} s  '
-            f'({min(times):.3f}-{max(times):.3f})')
+    s = summarize(times)
+    return f"{s['median']:7.3f} s  ({s['min']:.3f}-{s['max']:.3f})"
 
 
 def main(argv=None) -> dict:
@@ -215,8 +216,7 @@ def main(argv=None) -> dict:
               f'{best_cold / (2 * args.num) * 1e6:.1f} us per file (local '
               'disk; a network file system can be much slower).')
     if args.json:
-        with open(args.json, 'w') as f:
-            json.dump(result, f, indent=1)
+        atomic_write_json(result, args.json, indent=1)
     return result
 
 

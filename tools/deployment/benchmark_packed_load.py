@@ -3,7 +3,7 @@
 
 Exports the model of CONFIG (random weights made realistic, or
 ``--checkpoint``) to a temporary file, then times, interleaved and
-repeated: the bare ``torch.load`` of the file, :func:`load_packed` (the
+repeated (:mod:`mmbhvit.utils.timing`): the bare ``torch.load`` of the file, :func:`load_packed` (the
 same load plus every check: digests, manifest, spec) and building the
 engine from the verified dict (shape checks against the spec, kernel
 layouts). Prints the CPU model and SIMD level with the medians.
@@ -16,10 +16,8 @@ Example::
 import argparse
 import os
 import os.path as osp
-import statistics
 import sys
 import tempfile
-import time
 
 ROOT = osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__))))
 sys.path.insert(0, ROOT)
@@ -32,6 +30,7 @@ from mmbhvit.deploy.export import (export_model, load_packed,  # noqa: E402
                                    save_packed)
 from mmbhvit.testing.deploy import calibrate_random_model  # noqa: E402
 from mmbhvit.utils.sysinfo import cpu_description  # noqa: E402
+from mmbhvit.utils.timing import summarize, time_interleaved  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -53,26 +52,19 @@ def main(argv=None) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         path = osp.join(tmp, 'model.packed.pth')
         save_packed(export_model(model), path)
-        steps = {
+        verified = load_packed(path)
+        times = time_interleaved({
             'torch.load': lambda: torch.load(path, map_location='cpu',
                                              weights_only=True),
             'load_packed (load + verify)': lambda: load_packed(path),
-            'engine build (verified dict)': None,
-        }
-        verified = load_packed(path)
-        steps['engine build (verified dict)'] = lambda: load_engine(verified)
-        times = {name: [] for name in steps}
-        for _ in range(args.repeats + 1):  # the first round warms up
-            for name, fn in steps.items():
-                start = time.perf_counter()
-                fn()
-                times[name].append(time.perf_counter() - start)
+            'engine build (verified dict)': lambda: load_engine(verified),
+        }, args.repeats, warmup=1)
         size = os.path.getsize(path)
     print(f'CPU: {cpu_description()}; torch {torch.__version__}, '
           f'{torch.get_num_threads()} threads')
     print(f'{osp.basename(args.config)}: packed file {size / 1e6:.1f} MB, '
           f"{len(verified['tensors'])} tensors; median of {args.repeats}")
-    medians = {n: statistics.median(t[1:]) for n, t in times.items()}
+    medians = {n: summarize(t)['median'] for n, t in times.items()}
     for name, median in medians.items():
         print(f'  {name:30s} {median * 1e3:8.1f} ms')
     extra = medians['load_packed (load + verify)'] - medians['torch.load']

@@ -5,12 +5,14 @@ from .attention import GSBAttentionBinarizer, LSQAttentionQuantizer
 from .layers import (BinaryConv2d, LayerScale, LearnableBias, RPReLU,
                      binary_conv_layers)
 from .quantizers import (ClippedSignSTE, QuantizerFunction, RoundSTE,
-                         ScaleGrad, SignSTE, binarize_weight,
-                         integer_range_bits, quantizer_function, sign_ste)
+                         ScaleGrad, SignSTE, amp_backward, amp_forward,
+                         binarize_weight, integer_range_bits,
+                         quantizer_function, sign_ste)
 
 __all__ = [
     'QuantizerFunction', 'quantizer_function', 'integer_range_bits',
     'SignSTE', 'ClippedSignSTE', 'ScaleGrad', 'RoundSTE', 'binarize_weight',
-    'sign_ste', 'BinaryConv2d', 'LearnableBias', 'RPReLU', 'LayerScale',
-    'binary_conv_layers', 'GSBAttentionBinarizer', 'LSQAttentionQuantizer'
+    'sign_ste', 'amp_forward', 'amp_backward', 'BinaryConv2d',
+    'LearnableBias', 'RPReLU', 'LayerScale', 'binary_conv_layers',
+    'GSBAttentionBinarizer', 'LSQAttentionQuantizer'
 ]

@@ -7,16 +7,27 @@ import torch
 from torch import Tensor, nn
 
 from .quantizers import (QuantizerFunction, RoundSTE, ScaleGrad,
-                         integer_range_bits)
+                         amp_backward, amp_forward, integer_range_bits)
 
 _MIN_SCALE = 1e-5
 
 
 class _GSBFunction(QuantizerFunction):
-    """Forward and custom backward of :class:`GSBAttentionBinarizer`."""
+    """Forward and custom backward of :class:`GSBAttentionBinarizer`.
+
+    Autocast: cast to float32 (forward and backward). The scales are small
+    (alpha starts at 0.005 and is clamped at 1e-5, below float16's smallest
+    normal number, 6.1e-5), ``q = P / alpha`` reaches 1/alpha, and the scale
+    gradients are sums over the whole attention tensor: in float16 they
+    overflow (65504) as soon as gradients are loss-scaled, and in bfloat16
+    (8-bit mantissa) their many small terms are rounded away. Under AMP the
+    attention map is then quantized in float32 and the ``P V`` product that
+    follows casts it down again.
+    """
     precision = 3  # alpha (T0 + beta1 T1 + beta2 T2): three binary maps
 
     @staticmethod
+    @amp_forward(cast_inputs=torch.float32)
     def forward(ctx, p, alpha, beta1, beta2, low, high):
         q = p / alpha
         row_max = q.amax(dim=-1, keepdim=True)
@@ -29,6 +40,7 @@ class _GSBFunction(QuantizerFunction):
         return (base + mid * b1 + above_high * b2) * a
 
     @staticmethod
+    @amp_backward
     def backward(ctx, grad):
         p, a, b1, b2, base, mid, high = ctx.saved_tensors
         q = p / a
@@ -110,6 +122,13 @@ class LSQAttentionQuantizer(nn.Module):
 
     ``precision``: bits of the levels, ``ceil(log2(levels + 1))`` (2 by
     default).
+
+    Mixed precision: ``P`` is first cast to the dtype of ``s`` and ``z``
+    (float32 master parameters under AMP; CPU autocast leaves the softmax in
+    bfloat16), so the data initialisation, ``L P / s + z`` and the rounding
+    are computed in float32 and the output is float32; the ``P V`` product
+    that follows casts it down. A model converted with ``.half()`` keeps
+    everything in float16.
     """
 
     def __init__(self, num_heads: int, levels: int = 3):
@@ -151,7 +170,7 @@ class LSQAttentionQuantizer(nn.Module):
             raise ValueError('LSQAttentionQuantizer expects (batch, heads='
                              f'{self.step.numel()}, queries, keys), got '
                              f'{tuple(p.shape)}')
-        x = p * self.levels
+        x = p.to(self.step.dtype) * self.levels  # no-op in float32
         if self.training and not self._init_checked:
             if self.initialized.item() == 0:
                 self._init_from(x)

@@ -8,9 +8,18 @@ gradient. They are the only places where gradients are "made up".
 Like larq's quantizers, each one declares the precision of what it outputs
 (:class:`QuantizerFunction`): cost counting reads it from the class instead
 of keeping a table of its own.
+
+Mixed precision: every Function here decorates its ``forward`` with
+:func:`amp_forward` and its ``backward`` with :func:`amp_backward`, the
+``torch.amp.custom_fwd`` / ``custom_bwd`` pair applied for the device the
+inputs are on, so CUDA float16 and CPU bfloat16 autocast are both handled.
+Each Function's docstring says whether it runs in the incoming dtype or in
+float32 under autocast, and why. Outside autocast both decorators change
+nothing (float32 results are bit-identical).
 """
+import functools
 import math
-from typing import Dict, Optional, Type
+from typing import Callable, Dict, Optional, Type
 
 import torch
 from torch import Tensor
@@ -49,6 +58,79 @@ class QuantizerFunction(torch.autograd.Function):
         _QUANTIZER_FUNCTIONS[cls.__name__] = cls  # (a reload replaces it)
 
 
+def _device_type(args) -> Optional[str]:
+    """Device type of the first tensor in ``args`` if autocast exists for it
+    (``'cuda'``, ``'cpu'``, ...), else None."""
+    for arg in args:
+        if isinstance(arg, Tensor):
+            kind = arg.device.type
+            return kind if torch.amp.is_autocast_available(kind) else None
+    return None
+
+
+def amp_forward(cast_inputs: Optional[torch.dtype] = None) -> Callable:
+    """Decorator of an autograd ``Function.forward``: autocast handling for
+    whichever device the inputs are on.
+
+    ``torch.amp.custom_fwd(device_type=...)`` reacts to the autocast of one
+    device type only (``'cuda'`` ignores CPU bfloat16 autocast and the
+    reverse). This applies ``custom_fwd`` with the device type of the first
+    tensor argument, read at call time:
+
+    - ``cast_inputs=None``: ``forward`` runs in the incoming dtype under the
+      current autocast state, and :func:`amp_backward` replays that state.
+    - ``cast_inputs=torch.float32``: under autocast, floating inputs (except
+      float64) are cast to float32 and ``forward`` runs with autocast
+      disabled; so does ``backward``. The output is float32; the next
+      autocast op casts it down again.
+
+    Outside autocast the Function runs unchanged. The chosen
+    ``cast_inputs`` is kept as ``forward.amp_cast_inputs``.
+    """
+
+    def decorate(forward: Callable) -> Callable:
+        per_device: Dict[str, Callable] = {}
+
+        @functools.wraps(forward)
+        def wrapped(ctx, *args):
+            device_type = _device_type(args)
+            ctx.amp_device_type = device_type
+            if device_type is None:
+                return forward(ctx, *args)
+            fwd = per_device.get(device_type)
+            if fwd is None:
+                fwd = per_device[device_type] = torch.amp.custom_fwd(
+                    forward, device_type=device_type,
+                    cast_inputs=cast_inputs)
+            return fwd(ctx, *args)
+
+        wrapped.amp_cast_inputs = cast_inputs
+        return wrapped
+
+    return decorate
+
+
+def amp_backward(backward: Callable) -> Callable:
+    """Decorator of an autograd ``Function.backward`` whose ``forward`` has
+    :func:`amp_forward`: ``torch.amp.custom_bwd`` for the device type the
+    forward saw, so the backward runs under the forward's autocast state."""
+    per_device: Dict[str, Callable] = {}
+
+    @functools.wraps(backward)
+    def wrapped(ctx, *grads):
+        device_type = getattr(ctx, 'amp_device_type', None)
+        if device_type is None:
+            return backward(ctx, *grads)
+        bwd = per_device.get(device_type)
+        if bwd is None:
+            bwd = per_device[device_type] = torch.amp.custom_bwd(
+                backward, device_type=device_type)
+        return bwd(ctx, *grads)
+
+    wrapped.amp_backward = True
+    return wrapped
+
+
 def integer_range_bits(low: int, high: int) -> int:
     """Bits needed for the integers ``low..high``: ``ceil(log2(high - low +
     1))``, at least 1."""
@@ -70,15 +152,23 @@ class SignSTE(QuantizerFunction):
     Backward: :math:`\partial b / \partial x = 2 - 2|x|` for
     :math:`|x| \le 1` and 0 outside, i.e. the derivative of the smooth
     approximation :math:`2x + x^2 \operatorname{sign}(-x)` used by Bi-Real Net.
+
+    Autocast: runs in the incoming dtype. ``sign`` is exact in every
+    floating format (-1, 0, +1 are representable), and the window
+    :math:`2 - 2|x|` only shapes a surrogate gradient, so float16/bfloat16
+    lose nothing that matters; casting would double the memory of the
+    saved activation, which this Function sees for every binary layer.
     """
     precision = 1
 
     @staticmethod
+    @amp_forward()
     def forward(ctx, x: Tensor) -> Tensor:
         ctx.save_for_backward(x)
         return torch.sign(x)
 
     @staticmethod
+    @amp_backward
     def backward(ctx, grad: Tensor) -> Tensor:
         x, = ctx.saved_tensors
         # max(2 - 2|x|, 0), computed in place: this runs on every binary
@@ -94,30 +184,49 @@ class ClippedSignSTE(QuantizerFunction):
 
     Backward: :math:`\partial \hat w / \partial w = \mathbb 1[|w| \le \tau]`
     (the scale receives no gradient).
+
+    Autocast: cast to float32. The inputs are the float32 master weight and
+    its scale, so under autocast nothing is lost by the cast, and the
+    product :math:`s \operatorname{sign}(w)` and the STE mask
+    :math:`|w| \le \tau` are formed in float32; the only rounding is the
+    one the consuming convolution does when autocast casts its weight.
+    In float16 the scale (a mean of small weights) and weights near
+    :math:`\tau` would be rounded, moving the mask.
     """
     precision = 1  # one binary plane times a per-output-channel scale
 
     @staticmethod
+    @amp_forward(cast_inputs=torch.float32)
     def forward(ctx, w: Tensor, scale: Tensor, tau: float) -> Tensor:
         ctx.save_for_backward(w)
         ctx.tau = tau
         return scale * torch.sign(w)
 
     @staticmethod
+    @amp_backward
     def backward(ctx, grad: Tensor):
         w, = ctx.saved_tensors
         return grad * (w.abs() <= ctx.tau), None, None
 
 
 class ScaleGrad(torch.autograd.Function):
-    """Identity in the forward pass; multiplies the gradient by ``factor``."""
+    """Identity in the forward pass; multiplies the gradient by ``factor``.
+
+    Autocast: cast to float32. It is applied to the LSQ step sizes and zero
+    points (float32 master parameters, so the cast is free) and ``factor``
+    is small (``heads / sqrt(numel * levels)``, 1e-2 to 1e-4): in float16
+    the scaled gradient of a step size would underflow (float16 has nothing
+    below 6e-8), so it is formed in float32.
+    """
 
     @staticmethod
+    @amp_forward(cast_inputs=torch.float32)
     def forward(ctx, x: Tensor, factor: float) -> Tensor:
         ctx.factor = factor
         return x.view_as(x)
 
     @staticmethod
+    @amp_backward
     def backward(ctx, grad: Tensor):
         return grad * ctx.factor, None
 
@@ -128,14 +237,23 @@ class RoundSTE(QuantizerFunction):
     The output is integer-valued; its bit width is set by the clipping that
     follows (e.g. 2 bits for the 4 levels of
     :class:`~mmbhvit.models.binary.LSQAttentionQuantizer`).
+
+    Autocast: runs in the incoming dtype. Rounding is exact in every
+    floating format and the small integers it produces are representable;
+    the precision of its input is decided where that input is computed (in
+    the LSQ quantizer: the dtype of the step sizes, float32 under AMP), and
+    a cast here could not restore it. The identity backward does no
+    arithmetic.
     """
     integer_valued = True
 
     @staticmethod
+    @amp_forward()
     def forward(ctx, x: Tensor) -> Tensor:
         return torch.round(x)
 
     @staticmethod
+    @amp_backward
     def backward(ctx, grad: Tensor) -> Tensor:
         return grad
 
