@@ -93,13 +93,9 @@ def task_of(config: Union[str, Config, dict]) -> str:
         return 'segmentation'
     if model_type and PRETRAIN_MODELS.get(model_type) is not None:
         return 'classification'
-    raise ValueError(f'cannot tell the task of a config without default_scope '
-                     f'whose model type is {model_type!r}')
-
-
-def _replace_sync_bn(model_cfg) -> None:
-    from .utils.launch import replace_norm_type
-    replace_norm_type(model_cfg, 'SyncBN', 'BN')
+    raise ValueError(f'{_config_name(cfg)}: cannot tell the task of a config '
+                     'without default_scope whose model type is '
+                     f'{model_type!r}')
 
 
 def _student_only(model_cfg: dict) -> dict:
@@ -148,6 +144,8 @@ def build_model(config: Union[str, Config, dict],
         the checkpoint holds them, ``dataset_meta`` attributes.
     """
     from mmengine.registry import DefaultScope
+
+    from .utils.launch import replace_norm_type
     cfg = load_config(config, cfg_options)
     task = task_of(cfg)
     model_cfg = copy.deepcopy(cfg.model)
@@ -156,7 +154,7 @@ def build_model(config: Union[str, Config, dict],
         model_cfg['train_cfg'] = None
     elif student_only:
         model_cfg = _student_only(model_cfg)
-    _replace_sync_bn(model_cfg)
+    replace_norm_type(model_cfg, 'SyncBN', 'BN')  # CPU runs, costs
     if full_precision:
         backbone = model_cfg.get('backbone', {})
         if backbone.get('type') != 'BHViT':

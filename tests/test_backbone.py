@@ -4,6 +4,7 @@ import torch
 from torch import nn
 
 import mmbhvit  # noqa: F401
+from mmbhvit.apis import CheckpointMismatchError
 from mmbhvit.models import BHViT
 from mmbhvit.models.backbones import bhvit as bhvit_module
 from mmbhvit.models.binary import (BinaryConv2d, GSBAttentionBinarizer,
@@ -217,7 +218,7 @@ def test_pretrained_missing_file_and_mismatch(tmp_path):
     model = BHViT(SMALL_ARCH, init_cfg=dict(
         type='Pretrained', checkpoint=str(tmp_path / 'bad.pth'),
         prefix='backbone.'))
-    with pytest.raises(KeyError) as err:
+    with pytest.raises(CheckpointMismatchError) as err:
         model.init_weights()
     assert 'stages.0.0.norm1.weight' in str(err.value)
     assert 'extra.weight' in str(err.value)

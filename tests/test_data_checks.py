@@ -23,7 +23,7 @@ from mmbhvit.utils.data_check import DataCheckError, check_data_config
 from mmbhvit.utils.image_header import (ImageFileError, check_image_file,
                                         read_image_header)
 from mmengine.config import Config
-from _helpers import load_script, load_tool
+from _helpers import load_tool, make_shapes
 
 REPO = osp.dirname(osp.dirname(osp.abspath(__file__)))
 PY = sys.executable
@@ -33,18 +33,13 @@ ADE_CFG = osp.join(CONFIGS, 'upernet_bhvit_ade20k.py')
 CLS_CFG = osp.join(CONFIGS, 'bhvit-reduced_demo-cls.py')
 LOADERS = ('train_dataloader', 'val_dataloader', 'test_dataloader')
 
-seg_maker = load_script(
-    osp.join(REPO, 'tools', 'dataset_converters', 'make_demo_dataset.py'),
-    'make_demo_dataset')
 cls_maker = load_tool('dataset_converters/make_demo_cls_dataset.py')
 
 
 @pytest.fixture()
 def shapes(tmp_path):
     """A fresh demo-shapes dataset (4 train, 2 val, 48x48 PNG)."""
-    root = str(tmp_path / 'shapes')
-    seg_maker.make_dataset(root, num_train=4, num_val=2, size=48, seed=1)
-    return root
+    return make_shapes(tmp_path, num_train=4, size=48, seed=1)
 
 
 @pytest.fixture()

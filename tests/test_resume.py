@@ -30,7 +30,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
-from _helpers import load_tool
+from _helpers import load_tool, make_shapes
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
@@ -509,10 +509,7 @@ def _kill_and_resume(tmp_path, config, options, final, checkpoint,
 
 @pytest.fixture(scope='module')
 def seg_data(tmp_path_factory):
-    root = str(tmp_path_factory.mktemp('data') / 'shapes')
-    load_tool('dataset_converters/make_demo_dataset.py').make_dataset(
-        root, num_train=8, num_val=2, size=64, seed=3)
-    return root
+    return make_shapes(tmp_path_factory.mktemp('data'), num_train=8)
 
 
 @pytest.mark.slow

@@ -54,6 +54,7 @@ from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from ..utils.io import DiskFullError, atomic_torch_save, sha256_file
+from ..utils.text import first_items
 from .packing import pack_bits
 from .spec import (PackedFormatError, arch_spec, check_graph,
                    check_tensor_shapes, digest_tensors, dtype_name,
@@ -506,10 +507,9 @@ def _check_manifest(manifest: dict, tensors: dict, what: str) -> None:
             errs.append(f'tensor {name!r} has dtype {dtype_name(t.dtype)}, '
                         f"its manifest says {m.get('dtype')}")
     if errs:
-        more = f'; ... and {len(errs) - 4} more' if len(errs) > 4 else ''
         raise PackedFormatError(
             _reexport(f'{what} is corrupt or incomplete: ' +
-                      '; '.join(errs[:4]) + more))
+                      first_items(errs, 4, '; ')))
 
 
 def load_packed(path_or_dict) -> dict:

@@ -31,6 +31,7 @@ from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
 import torch
 from torch import Tensor, nn
 
+from ..utils.text import first_items
 from .packing import num_words
 
 #: dtype names as stored in the manifest
@@ -472,12 +473,11 @@ def check_graph(graph: dict, what: str) -> None:
     except (KeyError, TypeError, AttributeError, ValueError) as e:
         errs = [f'malformed spec ({type(e).__name__}: {e})']
     if errs:
-        more = f'\n  ... and {len(errs) - 8} more' if len(errs) > 8 else ''
         raise PackedFormatError(
             f'{what}: the architecture spec is inconsistent (a damaged or '
             'hand-edited file; re-export it with '
             'tools/deployment/export_binary.py):\n  ' +
-            '\n  '.join(errs[:8]) + more)
+            first_items(errs, 8, '\n  '))
 
 
 # --------------------------------------------------------------------------

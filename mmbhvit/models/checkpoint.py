@@ -4,8 +4,8 @@ import os.path as osp
 
 import torch
 from mmengine.logging import print_log
-from mmengine.runner.checkpoint import CheckpointLoader
 
+from ..utils.text import first_items
 from .layout import resize_pos_embed
 
 
@@ -14,18 +14,11 @@ def _is_remote(path: str) -> bool:
 
 
 def read_state_dict(filename: str, prefix: str = None) -> dict:
-    """Read the state dict stored in ``filename`` (``state_dict`` / ``model``
-    entry or a raw dict), keeping only keys under ``prefix`` (stripped)."""
-    if not _is_remote(filename) and not osp.isfile(filename):
-        raise FileNotFoundError(f'checkpoint not found: {filename!r}')
-    ckpt = CheckpointLoader.load_checkpoint(filename, map_location='cpu')
-    state = ckpt
-    for key in ('state_dict', 'model'):
-        if isinstance(state, dict) and key in state:
-            state = state[key]
-            break
-    state = {(k[7:] if k.startswith('module.') else k): v
-             for k, v in state.items()}
+    """The state dict stored in ``filename`` (read by
+    :func:`mmbhvit.apis.read_checkpoint`: weights-only, unreadable files
+    named), keeping only keys under ``prefix`` (stripped)."""
+    from ..apis import checkpoint_state_dict, read_checkpoint
+    state = checkpoint_state_dict(read_checkpoint(filename), filename)
     if prefix:
         if not prefix.endswith('.'):
             prefix += '.'
@@ -41,9 +34,7 @@ def read_state_dict(filename: str, prefix: str = None) -> dict:
 def _listed(items, limit: int = 8) -> str:
     """``count: first few`` of a list of keys, for error messages."""
     items = list(items)
-    shown = ', '.join(items[:limit])
-    more = f', ... ({len(items) - limit} more)' if len(items) > limit else ''
-    return f'{len(items)}: {shown}{more}'
+    return f'{len(items)}: {first_items(items, limit)}'
 
 
 class StateDictMismatch:
@@ -155,7 +146,8 @@ def load_pretrained(module: torch.nn.Module, init_cfg: dict):
     ignore = () if getattr(module, 'final_norm', True) else ('norm.', )
     diff = StateDictMismatch(state, own, ignore_unexpected=ignore)
     if diff:
-        raise KeyError(
+        from ..apis import CheckpointMismatchError
+        raise CheckpointMismatchError(
             f'Checkpoint {filename!r} does not match '
             f'{type(module).__name__} (prefix {init_cfg.get("prefix")!r}):\n'
             f'{diff.describe()}\n'

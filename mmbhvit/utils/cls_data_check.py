@@ -22,6 +22,7 @@ from .data_check import (MAX_LISTED, DataCheckError, EmptySplitError,
                          format_problems, merge_problems, missing_data_error,
                          raise_reports, scan_samples, split_datasets)
 from .data_check import _cfg_get as _get
+from .text import first_items
 from .data_check import iter_datasets as _leaf_datasets
 
 #: How to get each dataset type, shown when its files are missing.
@@ -111,11 +112,7 @@ def check_teacher_checkpoint(cfg) -> None:
 # Class names against class folders, then every file of each split
 # --------------------------------------------------------------------------
 def _listed(names, limit: int = MAX_LISTED) -> str:
-    names = list(names)
-    shown = ', '.join(repr(n) for n in names[:limit])
-    if len(names) > limit:
-        shown += f', ... ({len(names) - limit} more)'
-    return f'[{shown}]'
+    return f'[{first_items(map(repr, names), limit)}]'
 
 
 def config_classes(dataset_cfg) -> bool:
@@ -153,10 +150,8 @@ def compare_class_names(classes, folders, where: str) -> Optional[str]:
     if set(classes) == set(folders) and len(classes) == len(folders):
         wrong = [(i, f, c) for i, (f, c) in enumerate(zip(folders, classes))
                  if f != c]
-        shown = '; '.join(f'label {i}: folder {f!r} named {c!r}'
-                          for i, f, c in wrong[:MAX_LISTED])
-        if len(wrong) > MAX_LISTED:
-            shown += f'; ... ({len(wrong) - MAX_LISTED} more)'
+        shown = first_items((f'label {i}: folder {f!r} named {c!r}'
+                             for i, f, c in wrong), MAX_LISTED, '; ')
         fix = (f'classes={tuple(folders)!r}' if len(folders) <= 30 else
                'the folder names sorted')
         raise DataCheckError(

@@ -16,6 +16,8 @@ from typing import Iterator, List, Optional, Tuple
 
 from mmengine.logging import print_log
 
+from .text import first_items
+
 #: How to get each dataset type, shown when its files are missing.
 PREPARE_HINTS = {
     'ADE20KDataset':
@@ -187,7 +189,9 @@ def build_lazy_dataset(dataset_cfg, scope: str = 'mmseg'):
         return DATASETS.build(cfg)
     except (ValueError, FileNotFoundError, KeyError, AssertionError) as e:
         raise DataCheckError(
-            f'Could not build the dataset {cfg.get("type")}: {e}') from e
+            f'Could not build the dataset {cfg.get("type")} (data_root '
+            f'{cfg.get("data_root")!r}, data_prefix '
+            f'{cfg.get("data_prefix")!r}): {e}') from e
 
 
 def dataset_classes(dataset_cfg) -> Optional[tuple]:
@@ -387,9 +391,7 @@ def format_problems(title: str, num_samples: int, results: list) -> str:
         if not texts:
             continue
         lines.append(f'  {len(texts)} {one if len(texts) == 1 else many}:')
-        lines.extend(f'    {t}' for t in texts[:MAX_LISTED])
-        if len(texts) > MAX_LISTED:
-            lines.append(f'    ... and {len(texts) - MAX_LISTED} more')
+        lines.append('    ' + first_items(texts, MAX_LISTED, '\n    '))
     return '\n'.join(lines)
 
 
@@ -459,7 +461,8 @@ def _seg_samples(dataset, phase: str, ds_type: str, check_ann: bool):
     except (OSError, ValueError, AssertionError, KeyError) as e:
         raise DataCheckError(
             f'The {phase} split ({phase}_dataloader, {ds_type}): listing its '
-            f'files failed: {e}') from e
+            f'files in {dataset.data_prefix.get("img_path")!r} failed: {e}'
+        ) from e
     img_dir = dataset.data_prefix.get('img_path')
     if not data_list:
         ann_file = getattr(dataset, 'ann_file', '')

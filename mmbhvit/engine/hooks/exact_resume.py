@@ -272,7 +272,14 @@ class ExactResumeHook(Hook):
 
     @staticmethod
     def _checkpoint_due(runner, by_epoch: bool) -> bool:
-        """Whether a ``CheckpointHook`` saves now (its own rule)."""
+        """Whether a ``CheckpointHook`` saves now.
+
+        This repeats ``CheckpointHook``'s own rule (interval, save_begin,
+        save_last) on purpose: only rank 0 writes the checkpoint, so the
+        other ranks must send their states *before* it saves, at the same
+        iterations. A custom checkpoint hook with another rule leaves the
+        other ranks' states out; resuming then warns that it is not exact.
+        """
         for hook in runner.hooks:
             if not isinstance(hook, CheckpointHook) or (
                     hook.by_epoch != by_epoch):

@@ -31,7 +31,6 @@ from mmpretrain.registry import MODELS
 from mmpretrain.structures import DataSample
 from torch import Tensor, nn
 
-from ...checkpoint_io import resume_safe_globals
 from ..checkpoint import read_state_dict
 
 LOSS_TERMS = ('cls', 'distill')
@@ -184,8 +183,7 @@ class DistillImageClassifier(ImageClassifier):
                       'initialised (allow_random_teacher=True)',
                       logger='current', level=logging.WARNING)
         else:
-            with resume_safe_globals():
-                state = read_state_dict(path)
+            state = read_state_dict(path)  # weights-only, allow-listed
             result = teacher.load_state_dict(state, strict=False)
             if result.missing_keys or result.unexpected_keys:
                 raise KeyError(
