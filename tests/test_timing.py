@@ -13,6 +13,12 @@ def test_rounds_alternate_order_and_skip_warmup():
     assert ''.join(calls) == 'abc' 'cba' 'abc' 'cba'
     assert list(times) == ['a', 'b', 'c']
     assert all(len(t) == 3 and min(t) >= 0 for t in times.values())
+    # progress: one call per round, warm-up included, after the round
+    rounds = []
+    time_interleaved(cases, repeats=2, warmup=1,
+                     on_round=lambda done, total: rounds.append(
+                         (done, total, len(calls))))
+    assert rounds == [(1, 3, 15), (2, 3, 18), (3, 3, 21)]
 
 
 def test_summarize_by_hand():

@@ -11,14 +11,16 @@ caches and the position in the round affect all cases alike. The first
 """
 import statistics
 import time
-from typing import Callable, Dict, Hashable, List, Mapping
+from typing import Callable, Dict, Hashable, List, Mapping, Optional
 
 __all__ = ['time_interleaved', 'summarize']
 
 
 def time_interleaved(cases: Mapping[Hashable, Callable[[], object]],
                      repeats: int,
-                     warmup: int = 0) -> Dict[Hashable, List[float]]:
+                     warmup: int = 0,
+                     on_round: Optional[Callable[[int, int], None]] = None
+                     ) -> Dict[Hashable, List[float]]:
     """Time each callable of ``cases`` ``repeats`` times, interleaved.
 
     Args:
@@ -27,6 +29,8 @@ def time_interleaved(cases: Mapping[Hashable, Callable[[], object]],
             and so on.
         repeats (int): Timed rounds.
         warmup (int): Untimed rounds before the timed ones.
+        on_round (callable, optional): Called as ``on_round(done, total)``
+            after each round (warm-up included), e.g. to print progress.
 
     Returns:
         dict: Case name to its ``repeats`` wall-clock times in seconds, in
@@ -42,6 +46,8 @@ def time_interleaved(cases: Mapping[Hashable, Callable[[], object]],
             elapsed = time.perf_counter() - start
             if i >= warmup:
                 times[name].append(elapsed)
+        if on_round is not None:
+            on_round(i + 1, warmup + repeats)
     return times
 
 

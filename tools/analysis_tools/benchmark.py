@@ -104,8 +104,17 @@ def run(args) -> dict:
               for b in sorted({1, args.batch})}
     cases = {(m, b): functools.partial(forwards[m], inputs[b])
              for b in sorted({1, args.batch}) for m in MODELS}
+    def progress(done: int, total: int) -> None:
+        print(f'  round {done}/{total}'
+              + (' (warm-up)' if done <= args.warmup else ''),
+              file=sys.stderr, flush=True)
+
+    print(f'timing {len(cases)} cases, {args.warmup} warm-up + '
+          f'{args.repeats} interleaved rounds ...', file=sys.stderr,
+          flush=True)
     with torch.inference_mode():
-        times = time_interleaved(cases, args.repeats, args.warmup)
+        times = time_interleaved(cases, args.repeats, args.warmup,
+                                 on_round=progress)
 
     results = []
     for model_name, batch in cases:
