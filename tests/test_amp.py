@@ -165,13 +165,19 @@ def _attention_probs(dtype, heads=2, seed=0):
     return torch.softmax(scores, -1).to(dtype)
 
 
-def _lsq_run(quantizer, p, grad_scale=1.0):
+def _quantize_and_backward(module, p, draw=torch.randn, grad_scale=1.0):
+    """``module(p)`` and the gradient of a fixed random weighting of its
+    output (weights from ``draw``, times ``grad_scale``) w.r.t. ``p``."""
     p = p.clone().requires_grad_()
-    out = quantizer(p)
+    out = module(p)
     g = torch.Generator().manual_seed(1)
-    w = torch.randn(out.shape, generator=g).to(out.dtype) * grad_scale
+    w = draw(out.shape, generator=g).to(out.dtype) * grad_scale
     (out * w).sum().backward()
     return out, p.grad
+
+
+def _lsq_run(quantizer, p):
+    return _quantize_and_backward(quantizer, p)
 
 
 def test_lsq_float16_attention_under_autocast_computes_in_float32():
@@ -229,12 +235,7 @@ def _gsb(dtype=torch.float32):
 
 
 def _gsb_run(gsb, p, grad_scale=1.0):
-    p = p.clone().requires_grad_()
-    out = gsb(p)
-    g = torch.Generator().manual_seed(1)
-    w = torch.rand(out.shape, generator=g).to(out.dtype) * grad_scale
-    (out * w).sum().backward()
-    return out, p.grad
+    return _quantize_and_backward(gsb, p, torch.rand, grad_scale)
 
 
 def test_gsb_float16_attention_under_autocast_computes_in_float32():
