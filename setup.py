@@ -48,44 +48,56 @@ INSTALL_REQUIRES = [
 
 
 EXT_NAME = 'mmbhvit._binary_ops'
-EXT_SOURCES = [
-    osp.join('csrc', f) for f in ('binary_ops.cpp', 'kernels_avx512.cpp',
-                                  'kernels_avx2.cpp', 'kernels_generic.cpp')
-]
+# The kernel core (csrc/core, csrc/kernels: plain C++, no torch; also built
+# on its own by csrc/Makefile for its C++ test) and its torch binding.
+KERNEL_SETS = ('avx512', 'avx2', 'popcnt', 'neon', 'generic')
+EXT_SOURCES = [osp.join('csrc', 'binary_ops.cpp'),
+               osp.join('csrc', 'core', 'dispatch.cpp')] + [
+                   osp.join('csrc', 'kernels', f'kernels_{k}.cpp')
+                   for k in KERNEL_SETS
+               ]
 
 NO_TORCH_MESSAGE = """
-mmbhvit: torch is not importable while building ({error}), so the packed-bit
-C++ kernels (mmbhvit._binary_ops) cannot be built. pip's default build
-isolation hides the environment's torch from the build. Either
+mmbhvit: WARNING: torch is not importable while building ({error}), so the
+packed-bit C++ kernels (mmbhvit._binary_ops) are NOT built: pip's default
+build isolation hides the environment's torch from the build. mmbhvit is
+installed without them; mmbhvit.deploy then runs its pure-PyTorch fallback
+and warns once at first use. To build them against your torch:
   pip install --no-build-isolation .      (or -e .; needs setuptools in
                                            the environment)
-to build them against your torch, or
-  MMBHVIT_NO_EXT=1 pip install .
-to install without them (mmbhvit.deploy then uses its pure-PyTorch fallback).
+To install without them on purpose (no warning here): MMBHVIT_NO_EXT=1.
 """
 
 
 class NoTorchBuildExtension(_build_ext):
     """Stands in for torch's BuildExtension when torch is not importable:
-    building the package stops with an explanation instead of silently
-    leaving the kernels out (metadata steps never run build_ext)."""
+    the package installs without the kernels, the build log says why and how
+    to build them (NO_TORCH_MESSAGE), and mmbhvit.deploy warns once at first
+    use (mmbhvit/deploy/ops.py, load_extension). Metadata steps never run
+    build_ext."""
 
     torch_error = ''
 
     def run(self):
         sys.stderr.write(NO_TORCH_MESSAGE.format(error=self.torch_error))
-        raise SystemExit(
-            'mmbhvit: torch not importable at build time; install with '
-            '--no-build-isolation or set MMBHVIT_NO_EXT=1 (see above)')
+
+    # nothing was built, so nothing to install or to copy in place
+    def get_outputs(self):
+        return []
+
+    def get_output_mapping(self):
+        return {}
 
 
 def binary_ops_extension():
     """The packed-bit CPU kernels of mmbhvit.deploy (``mmbhvit._binary_ops``).
 
     Built against the environment's torch: install with
-    ``--no-build-isolation``. Without torch at build time the build stops
-    with an explanation (see ``NO_TORCH_MESSAGE``); ``MMBHVIT_NO_EXT=1``
-    installs without the kernels on purpose. A failed compilation (no or a
+    ``--no-build-isolation``. Without torch at build time (pip's default
+    build isolation) the package installs without them, with a warning in
+    the build log (``NO_TORCH_MESSAGE``) and one at first use of
+    mmbhvit.deploy; ``MMBHVIT_NO_EXT=1`` installs without the kernels on
+    purpose. A failed compilation (no or a
     broken C++ compiler) is a warning: mmbhvit.deploy then uses its
     pure-PyTorch fallback.
     """
@@ -203,7 +215,12 @@ setup(
                  'tools.*', 'docs', 'docs.*')),
     python_requires='>=3.8',
     install_requires=INSTALL_REQUIRES,
-    extras_require={'tests': ['pytest']},
+    # geo: GeoTIFF scenes (remote sensing), see requirements/optional.txt
+    # onnx: mmbhvit.deploy.onnx / tools/deployment/pytorch2onnx.py (export
+    # needs onnx; running needs onnxruntime and/or openvino)
+    extras_require={'tests': ['pytest'], 'geo': ['rasterio>=1.3'],
+                    'onnx': ['onnx>=1.16', 'onnxruntime>=1.18',
+                             'openvino>=2024.0']},
     classifiers=[
         'License :: OSI Approved :: Apache Software License',
         'Programming Language :: Python :: 3',

@@ -1,9 +1,9 @@
 // Copyright (c) mmbhvit contributors. Licensed under the Apache License 2.0.
 //
 // Torch bindings of the packed-bit BHViT kernels (module mmbhvit._binary_ops).
-// Each op checks its tensors, picks the kernel flavour for this CPU
-// (AVX-512 VPOPCNTDQ, AVX2 + POPCNT, or generic) and splits the work over
-// torch's intra-op threads (at::parallel_for, so torch.set_num_threads
+// Each op checks its tensors and runs the kernel core (csrc/core: the
+// kernel set picked for this CPU, see core/dispatch.h) with the work split
+// over torch's intra-op threads (at::parallel_for, so torch.set_num_threads
 // applies). The float parts run in the input's dtype (float32 or float64);
 // the ±1 products are integer popcounts. mmbhvit/deploy/ops.py holds the
 // reference semantics of every op (its pure-PyTorch fallback).
@@ -11,86 +11,25 @@
 
 #include <ATen/Parallel.h>
 
+#include <chrono>
 #include <string>
 #include <vector>
 
-#include "kernel_api.h"
+#include "core/dispatch.h"
+#include "core/runner.h"
 
 namespace mmbhvit {
-
-bool avx512_kernels_built();
-bool avx2_kernels_built();
-
 namespace {
 
-enum class Isa { kGeneric = 0, kAvx2 = 1, kAvx512 = 2 };
+const KernelSet& kset() { return current_kernel_set(); }
 
-bool cpu_has(Isa isa) {
-#if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
-  __builtin_cpu_init();
-  switch (isa) {
-    case Isa::kAvx512:
-      return avx512_kernels_built() && __builtin_cpu_supports("avx512f") &&
-             __builtin_cpu_supports("avx512bw") &&
-             __builtin_cpu_supports("avx512dq") &&
-             __builtin_cpu_supports("avx512vl") &&
-             __builtin_cpu_supports("avx512vpopcntdq") &&
-             __builtin_cpu_supports("avx512bitalg") &&
-             __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
-             __builtin_cpu_supports("bmi") && __builtin_cpu_supports("bmi2") &&
-             __builtin_cpu_supports("f16c") &&
-             __builtin_cpu_supports("popcnt");
-    case Isa::kAvx2:
-      return avx2_kernels_built() && __builtin_cpu_supports("avx2") &&
-             __builtin_cpu_supports("fma") && __builtin_cpu_supports("bmi") &&
-             __builtin_cpu_supports("bmi2") &&
-             __builtin_cpu_supports("f16c") &&
-             __builtin_cpu_supports("popcnt");
-    default:
-      return true;
+// Splits items [0, n) over torch's intra-op threads.
+struct TorchParallel {
+  template <typename F>
+  void operator()(int64_t n, int64_t grain, F&& fn) const {
+    at::parallel_for(0, n, grain, [&](int64_t b, int64_t e) { fn(b, e); });
   }
-#else
-  return isa == Isa::kGeneric;
-#endif
-}
-
-Isa best_isa() {
-  if (cpu_has(Isa::kAvx512)) return Isa::kAvx512;
-  if (cpu_has(Isa::kAvx2)) return Isa::kAvx2;
-  return Isa::kGeneric;
-}
-
-Isa& current_isa() {
-  static Isa isa = best_isa();
-  return isa;
-}
-
-const char* isa_name(Isa isa) {
-  switch (isa) {
-    case Isa::kAvx512: return "avx512";
-    case Isa::kAvx2: return "avx2";
-    default: return "generic";
-  }
-}
-
-#if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
-#define MMBHVIT_CALL(fn, T, params, b, e)                        \
-  do {                                                           \
-    switch (current_isa()) {                                     \
-      case Isa::kAvx512: avx512::fn<T>(params, b, e); break;     \
-      case Isa::kAvx2: avx2::fn<T>(params, b, e); break;         \
-      default: generic::fn<T>(params, b, e); break;              \
-    }                                                            \
-  } while (0)
-#else
-#define MMBHVIT_CALL(fn, T, params, b, e) generic::fn<T>(params, b, e)
-#endif
-
-// Runs kernel fn over items [0, n) on torch's intra-op threads.
-#define MMBHVIT_PARALLEL(fn, T, params, n, grain)                       \
-  at::parallel_for(0, (n), (grain), [&](int64_t b_, int64_t e_) {       \
-    MMBHVIT_CALL(fn, T, params, b_, e_);                                \
-  })
+};
 
 void check_float(const torch::Tensor& t, const torch::Tensor& like,
                  const char* name) {
@@ -129,17 +68,7 @@ const uint64_t* wptr(const torch::Tensor& t) {
   return reinterpret_cast<const uint64_t*>(t.data_ptr<int64_t>());
 }
 
-uint64_t* wptr_mut(torch::Tensor& t) {
-  return reinterpret_cast<uint64_t*>(t.data_ptr<int64_t>());
-}
-
-int64_t words_for(int64_t bits) { return (bits + 63) / 64; }
-
-int64_t grain_for(int64_t work_per_item) {
-  // about 32k word-operations per task, at least one item
-  const int64_t g = 32768 / (work_per_item > 0 ? work_per_item : 1);
-  return g > 0 ? g : 1;
-}
+int64_t words_for(int64_t bits) { return words_of(bits); }
 
 // ---------------------------------------------------------------------------
 struct ProjArgs {
@@ -217,9 +146,7 @@ torch::Tensor ffn(const torch::Tensor& x, const torch::Tensor& residual,
     p.reduce.tokens = tokens;
     p.reduce.residual = ptr<scalar_t>(residual);
     p.reduce.y = y.data_ptr<scalar_t>();
-    const int64_t work = p.expand.words * p.expand.cout_pad +
-                         p.reduce.words * p.reduce.cout_pad + 4 * hidden;
-    MMBHVIT_PARALLEL(ffn, scalar_t, p, tokens, 4 * grain_for(work));
+    run_ffn(kset(), p, TorchParallel());
   });
   return y;
 }
@@ -251,30 +178,9 @@ torch::Tensor proj(const torch::Tensor& x, const torch::Tensor& thr,
     p.tokens = tokens;
     p.residual = residual.has_value() ? ptr<scalar_t>(*residual) : nullptr;
     p.y = y.data_ptr<scalar_t>();
-    MMBHVIT_PARALLEL(proj, scalar_t, p, tokens,
-                     4 * grain_for(p.words * p.cout_pad + cin + cout));
+    run_proj(kset(), p, TorchParallel());
   });
   return y;
-}
-
-// ---------------------------------------------------------------------------
-template <typename T>
-PackParams<T> pack_params(const torch::Tensor& x, int64_t c, int64_t groups,
-                          const c10::optional<torch::Tensor>& in_scale,
-                          const c10::optional<torch::Tensor>& in_bias,
-                          const torch::Tensor& thr, torch::Tensor& bits) {
-  PackParams<T> p{};
-  p.x = ptr<T>(x);
-  p.pixels = c > 0 ? x.numel() / c : 0;
-  p.c = c;
-  p.groups = groups;
-  p.cg = c / groups;
-  p.wg = words_for(p.cg);
-  p.in_scale = in_scale.has_value() ? ptr<T>(*in_scale) : nullptr;
-  p.in_bias = in_bias.has_value() ? ptr<T>(*in_bias) : nullptr;
-  p.thr = ptr<T>(thr);
-  p.bits = wptr_mut(bits);
-  return p;
 }
 
 // ---------------------------------------------------------------------------
@@ -300,14 +206,10 @@ std::vector<torch::Tensor> msgdc(
                   static_cast<int>(bs.size()) == ndil &&
                   static_cast<int>(slopes.size()) == ndil,
               "one weight/a/b/slope per dilation");
-  // lane path (AVX-512 and AVX2 kernels): 4 groups of 16 or 32 channels
-  bool lanes = false;
-#if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
-  const int cgi = static_cast<int>(cg);
-  lanes = groups == 4 && static_cast<int>(lane_wts.size()) == ndil &&
-          ((current_isa() == Isa::kAvx512 && avx512::msgdc_lanes(cgi, c)) ||
-           (current_isa() == Isa::kAvx2 && avx2::msgdc_lanes(cgi, c)));
-#endif
+  // lane path (kernel sets with a lane core): 4 groups of 16 or 32 channels
+  const KernelSet& ks = kset();
+  const bool lanes = msgdc_takes_lanes(ks, c, groups,
+                                       static_cast<int>(lane_wts.size()) == ndil);
   const int64_t nvec = lanes ? (c + 512 / cg - 1) / (512 / cg) : 0;
   if (lanes) {
     for (int i = 0; i < ndil; ++i) {
@@ -318,11 +220,6 @@ std::vector<torch::Tensor> msgdc(
                   lane_wts[i].sizes());
     }
   }
-  torch::Tensor bits =
-      lanes ? torch::empty({n, h, w, nvec, 8},
-                           x.options().dtype(torch::kInt64))
-            : torch::empty({n, h, w, groups, wg},
-                           x.options().dtype(torch::kInt64));
   torch::Tensor h_out = torch::empty_like(x);
   torch::Tensor hn_out = torch::empty_like(x);
   for (auto* t : {&in_scale, &in_bias, &thr, &out_scale, &out_bias,
@@ -341,27 +238,8 @@ std::vector<torch::Tensor> msgdc(
     check_vec(slopes[i], x, c, "slope");
   }
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "mmbhvit_msgdc", [&] {
-    if (lanes) {
-      ExpandParams<scalar_t> ep{};
-      ep.x = ptr<scalar_t>(x);
-      ep.pixels = n * h * w;
-      ep.c = c;
-      ep.cg = cg;
-      ep.nvec = nvec;
-      ep.in_scale = ptr<scalar_t>(in_scale);
-      ep.in_bias = ptr<scalar_t>(in_bias);
-      ep.thr = ptr<scalar_t>(thr);
-      ep.expanded = wptr_mut(bits);
-      MMBHVIT_PARALLEL(msgdc_expand, scalar_t, ep, ep.pixels,
-                       grain_for(c + 8 * nvec));
-    } else {
-      c10::optional<torch::Tensor> sc(in_scale), bi(in_bias);
-      auto pk = pack_params<scalar_t>(x, c, groups, sc, bi, thr, bits);
-      MMBHVIT_PARALLEL(pack, scalar_t, pk, pk.pixels, grain_for(c));
-    }
     MsgdcParams<scalar_t> p{};
     p.x = ptr<scalar_t>(x);
-    p.bits = wptr(bits);
     p.n = n;
     p.h = h;
     p.w = w;
@@ -384,14 +262,10 @@ std::vector<torch::Tensor> msgdc(
     p.n2_bias = ptr<scalar_t>(n2_bias);
     p.h_out = h_out.data_ptr<scalar_t>();
     p.hn_out = hn_out.data_ptr<scalar_t>();
-    if (lanes) {
-      p.lane_bits = static_cast<int>(cg);
-      p.nvec = nvec;
-      p.expanded = wptr(bits);
+    if (lanes)
       for (int i = 0; i < ndil; ++i) p.wx[i] = wptr(lane_wts[i]);
-    }
-    MMBHVIT_PARALLEL(msgdc, scalar_t, p, n * h * w,
-                     grain_for(int64_t(ndil) * 9 * wg * c + 8 * c));
+    run_msgdc(ks, p, lanes, ptr<scalar_t>(in_scale), ptr<scalar_t>(in_bias),
+              ptr<scalar_t>(thr), TorchParallel());
   });
   return {h_out, hn_out};
 }
@@ -419,16 +293,10 @@ torch::Tensor merge(const torch::Tensor& x, const torch::Tensor& thr,
   for (auto* t : {&a, &b, &slope, &post_bias})
     check_vec(*t, x, cout, "per-channel parameter");
   check_vec(pos, x, (h / 2) * (w / 2) * cout, "pos");
-  torch::Tensor bits =
-      torch::empty({n, h, w, 1, words}, x.options().dtype(torch::kInt64));
   torch::Tensor y = torch::empty({n, h / 2, w / 2, cout}, x.options());
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "mmbhvit_merge", [&] {
-    c10::optional<torch::Tensor> none;
-    auto pk = pack_params<scalar_t>(x, cin, 1, none, none, thr, bits);
-    MMBHVIT_PARALLEL(pack, scalar_t, pk, pk.pixels, grain_for(cin));
     MergeParams<scalar_t> p{};
     p.x = ptr<scalar_t>(x);
-    p.bits = wptr(bits);
     p.n = n;
     p.h = h;
     p.w = w;
@@ -443,8 +311,7 @@ torch::Tensor merge(const torch::Tensor& x, const torch::Tensor& thr,
     p.post_bias = ptr<scalar_t>(post_bias);
     p.pos = ptr<scalar_t>(pos);
     p.y = y.data_ptr<scalar_t>();
-    MMBHVIT_PARALLEL(merge, scalar_t, p, n * (h / 2) * (w / 2),
-                     grain_for(4 * words * p.cout_pad + 2 * cout));
+    run_merge(kset(), p, ptr<scalar_t>(thr), TorchParallel());
   });
   return y;
 }
@@ -459,43 +326,14 @@ torch::Tensor attn_scores(const torch::Tensor& q, const torch::Tensor& k,
   check_tokens_like(k, q, "k");
   const int64_t b = q.size(0), t = q.size(1), c = q.size(2);
   TORCH_CHECK(heads >= 1 && c % heads == 0, "channels not divisible by heads");
-  const int64_t d = c / heads, wd = words_for(d), t_pad = (t + 7) / 8 * 8;
   check_vec(thr_q, q, c, "thr_q");
   check_vec(thr_k, q, c, "thr_k");
-  auto wopt = q.options().dtype(torch::kInt64);
-  torch::Tensor qbits = torch::empty({b, heads, t, wd}, wopt);
-  torch::Tensor kbits = torch::zeros({b, heads, wd, t_pad}, wopt);
   torch::Tensor s = torch::empty({b, heads, t, t}, q.options());
   AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "mmbhvit_scores", [&] {
-    HeadPackParams<scalar_t> hp{};
-    hp.b = b;
-    hp.t = t;
-    hp.c = c;
-    hp.heads = heads;
-    hp.d = d;
-    hp.wd = wd;
-    hp.t_pad = t_pad;
-    hp.x = ptr<scalar_t>(q);
-    hp.thr = ptr<scalar_t>(thr_q);
-    hp.bits = wptr_mut(qbits);
-    MMBHVIT_PARALLEL(head_pack, scalar_t, hp, b * t, grain_for(c));
-    hp.x = ptr<scalar_t>(k);
-    hp.thr = ptr<scalar_t>(thr_k);
-    hp.bits = wptr_mut(kbits);
-    MMBHVIT_PARALLEL(head_pack_t, scalar_t, hp, b * t, grain_for(c));
-    ScoreParams<scalar_t> p{};
-    p.qbits = wptr(qbits);
-    p.kbits = wptr(kbits);
-    p.b = b;
-    p.t = t;
-    p.heads = heads;
-    p.wd = wd;
-    p.t_pad = t_pad;
-    p.d = d;
-    p.scale = static_cast<scalar_t>(scale);
-    p.s = s.data_ptr<scalar_t>();
-    MMBHVIT_PARALLEL(scores, scalar_t, p, b * heads * t,
-                     grain_for(wd * t_pad + t));
+    run_scores(kset(), ptr<scalar_t>(q), ptr<scalar_t>(k),
+               ptr<scalar_t>(thr_q), ptr<scalar_t>(thr_k), b, t, c, heads,
+               static_cast<scalar_t>(scale), s.data_ptr<scalar_t>(),
+               TorchParallel());
   });
   return s;
 }
@@ -517,7 +355,7 @@ torch::Tensor attn_context(const torch::Tensor& probs, const torch::Tensor& q,
   check_tokens_like(v, q, "v");
   const int64_t b = q.size(0), t = q.size(1), c = q.size(2);
   TORCH_CHECK(heads >= 1 && c % heads == 0, "channels not divisible by heads");
-  const int64_t d = c / heads, tw = words_for(t);
+  const int64_t d = c / heads;
   check_float(probs, q, "probs");
   TORCH_CHECK(probs.dim() == 4 && probs.size(0) == b &&
                   probs.size(1) == heads && probs.size(2) == t &&
@@ -537,34 +375,18 @@ torch::Tensor attn_context(const torch::Tensor& probs, const torch::Tensor& q,
     TORCH_CHECK(gsb.size() == 6,
                 "GSB needs (alpha, a, b1, b2, low, high), got ", gsb.size());
   }
-  torch::Tensor vbits =
-      torch::empty({b, heads, tw, d}, q.options().dtype(torch::kInt64));
   torch::Tensor out = torch::empty_like(q);
   AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "mmbhvit_context", [&] {
-    HeadPackParams<scalar_t> hp{};
-    hp.x = ptr<scalar_t>(v);
-    hp.b = b;
-    hp.t = t;
-    hp.c = c;
-    hp.heads = heads;
-    hp.d = d;
-    hp.wd = words_for(d);
-    hp.t_pad = t;
-    hp.thr = ptr<scalar_t>(thr_v);
-    hp.bits = wptr_mut(vbits);
-    MMBHVIT_PARALLEL(token_pack, scalar_t, hp, b * heads, grain_for(t * d));
     ContextParams<scalar_t> p{};
     p.p = ptr<scalar_t>(probs);
     p.q = ptr<scalar_t>(q);
     p.k = ptr<scalar_t>(k);
     p.v = ptr<scalar_t>(v);
-    p.vbits = wptr(vbits);
     p.b = b;
     p.t = t;
     p.c = c;
     p.heads = heads;
     p.d = d;
-    p.tw = tw;
     p.mode = static_cast<int>(mode);
     p.levels = static_cast<int>(levels);
     if (mode == kLSQ) {
@@ -583,8 +405,7 @@ torch::Tensor attn_context(const torch::Tensor& probs, const torch::Tensor& q,
     p.slope = ptr<scalar_t>(slope);
     p.post_bias = ptr<scalar_t>(post_bias);
     p.out = out.data_ptr<scalar_t>();
-    MMBHVIT_PARALLEL(context, scalar_t, p, b * heads * t,
-                     grain_for(4 * tw * d + 4 * t));
+    run_context(kset(), p, ptr<scalar_t>(thr_v), TorchParallel());
   });
   return out;
 }
@@ -621,8 +442,7 @@ torch::Tensor shift(const torch::Tensor& x,
     p.wk = ptr<scalar_t>(wk);
     p.bias = ptr<scalar_t>(bias);
     p.y = y.data_ptr<scalar_t>();
-    MMBHVIT_PARALLEL(shift, scalar_t, p, n * h * w,
-                     grain_for(int64_t(ntaps + 2) * c));
+    run_shift(kset(), p, TorchParallel());
   });
   return y;
 }
@@ -644,7 +464,6 @@ torch::Tensor attn_tokens(const torch::Tensor& x, const torch::Tensor& scale,
     check_vec(*t, x, c, "per-channel parameter");
   const WindowGrid g = window_grid(x.size(0), x.size(1), x.size(2), c, s);
   const int64_t n = g.n, cells = g.cells();
-  torch::Tensor merged = torch::empty({n, cells, c}, x.options());
   torch::Tensor tokens =
       torch::empty({n * cells, s * s + cells, c}, x.options());
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "mmbhvit_tokens", [&] {
@@ -655,12 +474,8 @@ torch::Tensor attn_tokens(const torch::Tensor& x, const torch::Tensor& scale,
     p.bias = ptr<scalar_t>(bias);
     p.mix = ptr<scalar_t>(mix);
     p.rest = ptr<scalar_t>(rest);
-    p.merged = merged.data_ptr<scalar_t>();
     p.tokens = tokens.data_ptr<scalar_t>();
-    MMBHVIT_PARALLEL(merged_tokens, scalar_t, p, n * cells,
-                     grain_for(4 * s * s * c));
-    MMBHVIT_PARALLEL(window_tokens, scalar_t, p, n * cells * (s * s + cells),
-                     grain_for(2 * c));
+    run_tokens(kset(), p, TorchParallel());
   });
   return tokens;
 }
@@ -679,7 +494,6 @@ torch::Tensor attn_untokens(const torch::Tensor& a, const torch::Tensor& mix,
               a.sizes());
   check_vec(mix, a, c, "mix");
   check_vec(rest, a, c, "rest");
-  torch::Tensor merged = torch::empty({n, cells, c}, a.options());
   torch::Tensor out = torch::empty({n, h, w, c}, a.options());
   AT_DISPATCH_FLOATING_TYPES(a.scalar_type(), "mmbhvit_untokens", [&] {
     UntokensParams<scalar_t> p{};
@@ -687,35 +501,75 @@ torch::Tensor attn_untokens(const torch::Tensor& a, const torch::Tensor& mix,
     p.a = ptr<scalar_t>(a);
     p.mix = ptr<scalar_t>(mix);
     p.rest = ptr<scalar_t>(rest);
-    p.merged = merged.data_ptr<scalar_t>();
     p.out = out.data_ptr<scalar_t>();
-    MMBHVIT_PARALLEL(merged_means, scalar_t, p, n * cells,
-                     grain_for(cells * c));
-    MMBHVIT_PARALLEL(untokens, scalar_t, p, n * h * w, grain_for(3 * c));
+    run_untokens(kset(), p, TorchParallel());
   });
   return out;
 }
 
-std::string get_isa() { return isa_name(current_isa()); }
+std::string get_isa() { return kset().name; }
 
 std::vector<std::string> available_isas() {
   std::vector<std::string> out;
-  for (Isa i : {Isa::kAvx512, Isa::kAvx2, Isa::kGeneric})
-    if (cpu_has(i)) out.push_back(isa_name(i));
+  for (const char* name : kSetNames)
+    if (find_kernel_set(name, nullptr) != nullptr) out.push_back(name);
   return out;
 }
 
 void set_isa(const std::string& name) {
-  for (Isa i : {Isa::kAvx512, Isa::kAvx2, Isa::kGeneric}) {
-    if (name == isa_name(i)) {
-      TORCH_CHECK(cpu_has(i), "kernel set '", name,
-                  "' is not supported on this CPU / build");
-      current_isa() = i;
-      return;
-    }
+  const char* why = nullptr;
+  TORCH_CHECK(set_kernel_set(name.c_str(), &why), "kernel set '", name,
+              "' cannot run here: ", why);
+}
+
+// {set name: None if it runs here, else why not}
+std::vector<std::pair<std::string, std::string>> kernel_sets() {
+  std::vector<std::pair<std::string, std::string>> out;
+  for (const char* name : kSetNames) {
+    const char* why = nullptr;
+    find_kernel_set(name, &why);
+    out.emplace_back(name, why == nullptr ? "" : why);
   }
-  TORCH_CHECK(false, "unknown kernel set '", name,
-              "' (avx512, avx2 or generic)");
+  return out;
+}
+
+// The core clock while this thread runs, in Hz (0 where not measured): the
+// best of 50 timings of a chain of dependent register adds (one cycle each;
+// register-register, which no x86 core folds away). For the popcount peak
+// of tools/deployment/benchmark_binary.py.
+double cpu_clock_hz() {
+#if defined(__GNUC__) && defined(__x86_64__)
+  double best = 0;
+  const uint64_t one = 1;
+  for (int r = 0; r < 50; ++r) {
+    uint64_t x = 0;
+    const auto t0 = std::chrono::steady_clock::now();
+    for (int i = 0; i < 250000; ++i)
+      __asm__ volatile(
+          "add %1, %0\n\tadd %1, %0\n\tadd %1, %0\n\tadd %1, %0\n\t"
+          "add %1, %0\n\tadd %1, %0\n\tadd %1, %0\n\tadd %1, %0"
+          : "+r"(x)
+          : "r"(one));
+    const double dt = std::chrono::duration<double>(
+                          std::chrono::steady_clock::now() - t0)
+                          .count();
+    const double hz = 8.0 * 250000 / dt;
+    best = hz > best ? hz : best;
+  }
+  return best;
+#else
+  return 0.0;
+#endif
+}
+
+// {op: how it computes with the current kernel set}
+std::vector<std::pair<std::string, std::string>> kernel_paths() {
+  static const char* const ops[kNumOps] = {
+      "proj/ffn", "msgdc", "merge", "attn_scores", "attn_context",
+      "sign packing", "float ops (shift, attn_tokens, attn_untokens)"};
+  std::vector<std::pair<std::string, std::string>> out;
+  for (int i = 0; i < kNumOps; ++i) out.emplace_back(ops[i], kset().path[i]);
+  return out;
 }
 
 }  // namespace
@@ -727,6 +581,13 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("isa", &get_isa, "kernel set in use");
   m.def("available_isas", &available_isas, "kernel sets this CPU can run");
   m.def("set_isa", &set_isa, "select a kernel set (for tests)");
+  m.def("kernel_sets", &kernel_sets,
+        "[(set, '' if it runs on this CPU else why not)], preferred first");
+  m.def("cpu_clock_hz", &cpu_clock_hz,
+        "core clock (dependent-add chain), Hz; 0 if not measured here",
+        py::call_guard<py::gil_scoped_release>());
+  m.def("kernel_paths", &kernel_paths,
+        "[(op, how it computes with the kernel set in use)]");
   m.def("proj", &proj, "binary 1x1 projection with residual shortcut",
         py::arg("x"), py::arg("thr"), py::arg("wt"), py::arg("cout"),
         py::arg("a"), py::arg("b"), py::arg("slope"), py::arg("post_scale"),

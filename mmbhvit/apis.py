@@ -31,8 +31,8 @@ from torch import nn
 
 __all__ = [
     'CheckpointMismatchError', 'CheckpointReadError', 'build_model',
-    'load_config', 'load_weights', 'read_checkpoint', 'task_of',
-    'use_verified_loading'
+    'inferencer', 'load_config', 'load_weights', 'read_checkpoint',
+    'task_of', 'use_verified_loading'
 ]
 
 TASK_SCOPES = {'segmentation': 'mmseg', 'classification': 'mmpretrain'}
@@ -186,6 +186,18 @@ def build_model(config: Union[str, Config, dict],
         from mmengine.registry import init_default_scope
         init_default_scope(scope)
     return model.eval()
+
+
+def inferencer(config: Union[str, Config, dict],
+               checkpoint: Optional[str] = None,
+               **kwargs):
+    """mmseg's ``MMSegInferencer`` for a segmentation config, with the
+    model built by :func:`build_model` (strict) and the class names and
+    palette of the checkpoint's ``dataset_meta``, else of the config's
+    dataset (never Cityscapes'): :class:`mmbhvit.inferencer.SegInferencer`
+    (``kwargs``: ``classes``, ``palette``, ``device``, ``strict``)."""
+    from .inferencer import SegInferencer
+    return SegInferencer(config, checkpoint, **kwargs)
 
 
 # --------------------------------------------------------------------------

@@ -15,10 +15,11 @@ import torch
 import mmbhvit.models.binary as binary
 from mmbhvit.apis import build_model
 from mmbhvit.models.backbones.bhvit import BHViT
-from mmbhvit.models.binary import (BinaryConv2d, ClippedSignSTE,
-                                   GSBAttentionBinarizer, LearnableBias,
-                                   LSQAttentionQuantizer, RoundSTE, RPReLU,
-                                   ScaleGrad, SignSTE)
+from mmbhvit.models.binary import (BinaryConv2d, CentredSignSTE,
+                                   ClippedSignSTE, GSBAttentionBinarizer,
+                                   LearnableBias, LSQAttentionQuantizer,
+                                   RoundSTE, RPReLU, ScaleGrad,
+                                   ShiftedSignSTE, SignSTE)
 from mmbhvit.models.binary.attention import _GSBFunction
 
 REPO = osp.dirname(osp.dirname(osp.abspath(__file__)))
@@ -65,21 +66,24 @@ def test_every_binary_function_is_autocast_aware():
     run its forward under autocast without any decision about dtypes."""
     functions = _binary_functions()
     names = {f.__name__ for f in functions}
-    assert {'SignSTE', 'ClippedSignSTE', 'ScaleGrad', 'RoundSTE',
-            '_GSBFunction'} <= names
+    assert {'SignSTE', 'ShiftedSignSTE', 'ClippedSignSTE', 'CentredSignSTE',
+            'ScaleGrad', 'RoundSTE', '_GSBFunction'} <= names
     for f in functions:
         assert hasattr(f.forward, 'amp_cast_inputs'), f.__name__
         assert getattr(f.backward, 'amp_backward', False), f.__name__
     float32 = {f.__name__ for f in functions
                if f.forward.amp_cast_inputs is torch.float32}
-    assert float32 == {'ClippedSignSTE', 'ScaleGrad', '_GSBFunction'}
+    assert float32 == {'ClippedSignSTE', 'CentredSignSTE', 'ScaleGrad',
+                       '_GSBFunction'}
 
 
 def _apply(x, w, scale, s, p, alpha, beta1, beta2):
     return {
         'SignSTE': SignSTE.apply(x),
+        'ShiftedSignSTE': ShiftedSignSTE.apply(x, s),
         'RoundSTE': RoundSTE.apply(x * 2),
         'ClippedSignSTE': ClippedSignSTE.apply(w, scale, 1.0),
+        'CentredSignSTE': CentredSignSTE.apply(w),
         'ScaleGrad': ScaleGrad.apply(s, 1e-3),
         '_GSBFunction': _GSBFunction.apply(p, alpha, beta1, beta2, 0.7, 0.9),
     }
@@ -106,8 +110,9 @@ def test_function_dtypes_under_cpu_autocast(dtype):
     inputs = _inputs(dtype)
     with torch.autocast('cpu', dtype=dtype):
         outs = _apply(*inputs)
-    expected = {'SignSTE': dtype, 'RoundSTE': dtype,
-                'ClippedSignSTE': torch.float32, 'ScaleGrad': torch.float32,
+    expected = {'SignSTE': dtype, 'ShiftedSignSTE': dtype, 'RoundSTE': dtype,
+                'ClippedSignSTE': torch.float32,
+                'CentredSignSTE': torch.float32, 'ScaleGrad': torch.float32,
                 '_GSBFunction': torch.float32}
     assert {k: v.dtype for k, v in outs.items()} == expected
     sum(o.float().sum() for o in outs.values()).backward()

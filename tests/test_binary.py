@@ -5,11 +5,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from mmbhvit.models.binary import (BinaryConv2d, ClippedSignSTE,
-                                   GSBAttentionBinarizer, LayerScale,
+from mmbhvit.models.binary import (BinaryConv2d, CentredSignSTE,
+                                   ClippedSignSTE, GSBAttentionBinarizer,
+                                   LayerScale, LearnableBias,
                                    LSQAttentionQuantizer, QuantizerFunction,
-                                   RoundSTE, RPReLU, ScaleGrad, SignSTE,
-                                   binarize_weight, integer_range_bits,
+                                   RoundSTE, RPReLU, ScaleGrad,
+                                   ShiftedSignSTE, SignSTE, binarize_weight,
+                                   clipped_ste_grad, integer_range_bits,
                                    quantizer_function, sign_ste)
 
 
@@ -70,6 +72,90 @@ def test_binarize_weight_recu_clips_at_laplace_quantile():
     assert torch.allclose(w.grad, w3.grad, atol=1e-12)
 
 
+def _grads(f, *inputs, seed=0):
+    """Output of ``f(*inputs)`` and the gradients of a random projection
+    of it with respect to every input."""
+    inputs = [t.detach().clone().requires_grad_() for t in inputs]
+    out = f(*inputs)
+    g = torch.randn(out.shape, generator=torch.Generator().manual_seed(seed),
+                    dtype=out.dtype)
+    (out * g).sum().backward()
+    return out.detach(), [t.grad for t in inputs]
+
+
+@pytest.mark.parametrize('dtype', [torch.float64, torch.float32])
+def test_shifted_sign_ste_equals_sign_ste_of_the_shifted_input(dtype):
+    """The fused shift + sign gives the values and gradients (input and
+    bias) of ``SignSTE.apply(x + b)``, bit for bit, inside and outside the
+    STE window and at its edges."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 4, 5, 3, dtype=dtype)
+    x[0, 0, 0, :3] = torch.tensor([1., -1., 0.], dtype=dtype)  # |u| = 1, 0
+    b = torch.tensor([0., 0.3, -0.2, 1.5], dtype=dtype)
+    out, grads = _grads(ShiftedSignSTE.apply, x, b)
+    ref, ref_grads = _grads(
+        lambda x, b: SignSTE.apply(x + b.view(1, -1, 1, 1)), x, b)
+    assert torch.equal(out, ref)
+    for got, want in zip(grads, ref_grads):
+        assert torch.equal(got, want)
+    assert (grads[0] == 0).any() and (grads[0] != 0).any()
+    # the functional form and the layer API take the same path
+    assert torch.equal(sign_ste(x, b), ref)
+    conv = BinaryConv2d(4, 2, 1, bias=False).to(dtype)
+    shift = LearnableBias(4).to(dtype)
+    with torch.no_grad():
+        shift.bias.copy_(b)
+    assert torch.equal(conv(x, shift), conv(shift(x)))
+
+
+def test_shifted_sign_ste_refuses_a_second_backward():
+    """The backward reuses the shifted input in place; a second backward
+    through the same graph is an autograd error, not a wrong gradient."""
+    x = torch.randn(1, 2, 3, 3, requires_grad=True)
+    b = torch.zeros(2, requires_grad=True)
+    y = ShiftedSignSTE.apply(x, b).sum()
+    y.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match='inplace operation'):
+        y.backward()
+
+
+@pytest.mark.parametrize('dtype', [torch.float64, torch.float32])
+def test_centred_sign_ste_equals_the_composed_weight_binarizer(dtype):
+    """One Function for centring + clipped sign + scale: the values and
+    gradients of ``ClippedSignSTE`` applied to the centred weight with a
+    detached scale, bit for bit, including weights at exactly |c| = 1."""
+    torch.manual_seed(0)
+    w = torch.randn(6, 4, 3, 3, dtype=dtype) * 0.8
+    w[0] = 0
+    w[0, 0, 0, :2] = torch.tensor([1., -1.], dtype=dtype)  # c = +-1 exactly
+
+    def composed(w):
+        dims = (1, 2, 3)
+        scale = w.abs().mean(dim=dims, keepdim=True).detach()
+        return ClippedSignSTE.apply(w - w.mean(dim=dims, keepdim=True),
+                                    scale, 1.0)
+
+    out, (grad, ) = _grads(CentredSignSTE.apply, w)
+    ref, (ref_grad, ) = _grads(composed, w)
+    assert torch.equal(out, ref)
+    assert torch.equal(grad, ref_grad)
+    assert grad[0, 0, 0, 0] != 0 and grad[0, 0, 0, 1] != 0  # |c| = 1: in
+    assert torch.equal(binarize_weight(w), out)
+
+
+@pytest.mark.parametrize('dtype',
+                         [torch.float64, torch.float32, torch.bfloat16])
+def test_clipped_ste_grad_window_is_closed(dtype):
+    """``grad`` where ``|x| <= tau`` (the edge included), 0 outside."""
+    one = torch.tensor(1., dtype=dtype)
+    above = torch.nextafter(one, torch.tensor(2., dtype=dtype))
+    x = torch.stack([-above, -one, -one / 2, one * 0, one, above])
+    g = torch.arange(1., 7.).to(dtype)
+    assert clipped_ste_grad(g, x, 1.0).tolist() == [0., 2., 3., 4., 5., 0.]
+    assert clipped_ste_grad(g, x * 0.5, 0.5).tolist() == [
+        0., 2., 3., 4., 5., 0.]
+
+
 def test_binary_conv_bits_switch():
     torch.manual_seed(0)
     x = torch.randn(2, 8, 6, 6, dtype=torch.float64)
@@ -102,6 +188,7 @@ def test_binary_conv_forward_quantized_shares_the_input_quantization(bits):
 
 def test_quantizers_declare_their_precision():
     assert SignSTE.precision == ClippedSignSTE.precision == 1
+    assert ShiftedSignSTE.precision == CentredSignSTE.precision == 1
     assert RoundSTE.precision is None and RoundSTE.integer_valued
     assert not SignSTE.integer_valued
     # each quantizer's output really has that many levels per scale
@@ -123,7 +210,8 @@ def test_quantizers_declare_their_precision():
 def test_quantizer_registry_is_built_from_the_classes():
     """A trace names a Function node by its class name; the registry maps
     that name back to the class, whose ``precision`` the counter reads."""
-    for cls in (SignSTE, ClippedSignSTE, RoundSTE):
+    for cls in (SignSTE, ShiftedSignSTE, ClippedSignSTE, CentredSignSTE,
+                RoundSTE):
         assert issubclass(cls, QuantizerFunction)
         assert quantizer_function(cls.__name__) is cls
     assert quantizer_function('_GSBFunction').precision == 3

@@ -238,7 +238,8 @@ def test_rs_lvf_converter(tmp_path):
     expected = first.astype(np.uint8)
     expected[0, 0] = 255
     assert np.array_equal(label, expected)
-    ds = _dataset(str(out), split='val')
+    # images are written as (Geo)TIFF tiles, whatever the source format
+    ds = _dataset(str(out), split='val', img_suffix='.tif')
     assert ds.metainfo['classes'] == ('bg', 'roof', 'tree')
     assert len(ds) == 2 and ds[0]['inputs'].shape[0] == 3
 

@@ -24,7 +24,9 @@ from mmbhvit.converters import (convert_official_state_dict,
                                 official_flags_to_backbone_cfg)
 from mmbhvit.deploy import (PackedBHViT, PackedClassifier, export_model,
                             load_packed, pack_bits, save_packed, unpack_bits)
+from mmbhvit.deploy import blocks as deploy_blocks
 from mmbhvit.deploy import ops as deploy_ops
+from mmbhvit.deploy.registry import Params
 from mmbhvit.testing.deploy import (calibrate_random_model, decision_flips,
                                     diff_stats)
 from mmbhvit.models import BHViT
@@ -128,6 +130,15 @@ def isa(request):
     ext.set_isa(old)
 
 
+def _op(cls, spec, tensors, prefix, dtype, backend):
+    """A packed op of ``spec`` reading ``prefix.*`` from ``tensors``."""
+    return cls(spec, Params(tensors, prefix, dtype), dtype, backend)
+
+
+def _proj_spec(cin, cout, shortcut):
+    return deploy_blocks.ProjSpec(cin=cin, cout=cout, shortcut=shortcut)
+
+
 def _proj_tensors(prefix, cin, cout, g):
     t = {f'{prefix}.wbits': pack_bits(torch.rand(cout, cin, generator=g) > .5)}
     t[f'{prefix}.thr'] = 0.3 * torch.randn(cin, generator=g)
@@ -145,28 +156,24 @@ def test_kernels_match_fallback(isa, dtype):
                           (512, 64, 'mean'), (96, 32, 'mean'),
                           (100, 36, 'none'), (36, 108, 'tile')]:
         t = _proj_tensors('p', cin, cout, g)
-        spec = dict(prefix='p', cin=cin, cout=cout, shortcut=sc)
+        spec = _proj_spec(cin, cout, sc)
         x = torch.randn(2, 13, cin, generator=g, dtype=dtype)
         res = torch.randn(2, 13, cout, generator=g, dtype=dtype)
-        a = deploy_ops.BinaryProj(spec, t, dtype, 'cpp')(x, res)
-        b = deploy_ops.BinaryProj(spec, t, dtype, 'torch')(x, res)
+        a = _op(deploy_blocks.PackedProj, spec, t, 'p', dtype, 'cpp')(x, res)
+        b = _op(deploy_blocks.PackedProj, spec, t, 'p', dtype, 'torch')(x,
+                                                                        res)
         assert torch.equal(a, b), (cin, cout, sc)
     # fused MLP (expand + reduce + residual), as in blocks of ratio 1, 2, 8
     for c, ratio in [(64, 8), (48, 2), (32, 1), (128, 4)]:
         hid = c * ratio
-        t = _proj_tensors('e', c, hid, g)
-        t.update(_proj_tensors('r', hid, c, g))
-        layers = {}
-        for be in ('cpp', 'torch'):
-            e = deploy_ops.BinaryProj(
-                dict(prefix='e', cin=c, cout=hid,
-                     shortcut='tile' if ratio > 1 else 'identity'), t, dtype,
-                be)
-            r = deploy_ops.BinaryProj(
-                dict(prefix='r', cin=hid, cout=c,
-                     shortcut='mean' if ratio > 1 else 'identity'), t, dtype,
-                be)
-            layers[be] = deploy_ops.BinaryFFN(e, r)
+        t = _proj_tensors('f.expand', c, hid, g)
+        t.update(_proj_tensors('f.reduce', hid, c, g))
+        spec = deploy_blocks.FFNSpec(
+            expand=_proj_spec(c, hid, 'tile' if ratio > 1 else 'identity'),
+            reduce=_proj_spec(hid, c, 'mean' if ratio > 1 else 'identity'),
+            layer_scale=True)
+        layers = {be: _op(deploy_blocks.PackedFFN, spec, t, 'f', dtype, be)
+                  for be in ('cpp', 'torch')}
         x = torch.randn(2, 11, c, generator=g, dtype=dtype)
         res = torch.randn(2, 11, c, generator=g, dtype=dtype)
         a, b = (layers[be](x, res) for be in ('cpp', 'torch'))
@@ -179,66 +186,78 @@ def test_kernels_match_fallback(isa, dtype):
                           (128, 4, (6, 5)), (256, 2, (3, 11))]:
         cg = c // groups
         t = {}
-        for n in ('norm1.scale', 'norm1.bias', 'norm2.scale', 'norm2.bias',
-                  'mixer.thr', 'mixer.out_scale', 'mixer.out_bias'):
+        for n in ('thr', 'out_scale', 'out_bias'):
             t[f'b.{n}'] = torch.randn(c, generator=g)
+        norm1, norm2 = ((torch.randn(c, generator=g).to(dtype),
+                         torch.randn(c, generator=g).to(dtype))
+                        for _ in range(2))
         for i in range(3):
-            t[f'b.mixer.conv{i}.wbits'] = pack_bits(
+            t[f'b.conv{i}.wbits'] = pack_bits(
                 torch.rand(c, 9 * cg, generator=g) > .5)
             for n in ('a', 'b', 'slope'):
-                t[f'b.mixer.conv{i}.{n}'] = torch.randn(c, generator=g)
-        spec = dict(prefix='b', channels=c, groups=groups,
-                    dilations=[1, 3, 5])
+                t[f'b.conv{i}.{n}'] = torch.randn(c, generator=g)
+        spec = deploy_blocks.MSGDCSpec(channels=c, groups=groups,
+                                       kernel_size=[3, 3],
+                                       dilations=[1, 3, 5])
         x = torch.randn(2, *hw, c, generator=g, dtype=dtype)
-        (h1, hn1), (h2, hn2) = (deploy_ops.MSGDCMixer(spec, t, dtype, be)(x)
-                                for be in ('cpp', 'torch'))
+        (h1, hn1), (h2, hn2) = (
+            _op(deploy_blocks.PackedMSGDC, spec, t, 'b', dtype, be)(
+                x, norm1, norm2) for be in ('cpp', 'torch'))
         assert torch.equal(h1, h2) and torch.equal(hn1, hn2), (c, groups)
     # binary patch merging (tile shortcut of the 2x2 average)
     for cin, cout in [(32, 64), (64, 128), (20, 40)]:
         t = _proj_tensors('m', cin, cout, g)
         t['m.wbits'] = pack_bits(torch.rand(cout, 4 * cin, generator=g) > .5)
-        spec = dict(prefix='m', cin=cin, cout=cout)
-        x0 = torch.randn(2, 6, 10, cin, generator=g, dtype=dtype)
-        pos = torch.randn(3, 5, cout, generator=g, dtype=dtype)
-        a, b = (deploy_ops.BinaryMerge(spec, t, dtype, be)(x0, pos)
-                for be in ('cpp', 'torch'))
-        assert torch.equal(a, b)
+        for n in ('norm_in.scale', 'norm_in.bias'):
+            t[f'm.{n}'] = torch.randn(cin, generator=g)
+        t['m.pos_embed'] = torch.randn(1, cout, 2, 4, generator=g)
+        spec = deploy_blocks.MergeSpec(cin=cin, cout=cout, binary=True,
+                                       pos_size=[2, 4])
+        for hw in [(6, 10), (7, 9)]:  # padded to even sizes, pos resized
+            x = torch.randn(2, *hw, cin, generator=g, dtype=dtype)
+            a, b = (_op(deploy_blocks.PackedMerge, spec, t, 'm', dtype,
+                        be)(x) for be in ('cpp', 'torch'))
+            assert torch.equal(a, b)
     # attention products, LSQ (2 bit planes) and GSB (4 planes), T > 64
     for mode, heads, c, tokens in [('lsq', 4, 256, 74), ('gsb', 2, 128, 53),
                                    ('lsq', 1, 48, 130), ('gsb', 3, 72, 9)]:
-        t = {f'a.mixer.{n}_thr': 0.2 * torch.randn(c, generator=g)
+        t = {f'a.{n}_thr': 0.2 * torch.randn(c, generator=g)
              for n in 'qkv'}
         for n in ('ctx.a', 'ctx.b', 'ctx.slope', 'ctx.post_bias'):
-            t[f'a.mixer.{n}'] = torch.randn(c, generator=g)
-        attn = dict(type=mode)
+            t[f'a.{n}'] = torch.randn(c, generator=g)
         if mode == 'lsq':
-            attn['levels'] = 3
-            t['a.mixer.lsq.step'] = 0.01 + 0.05 * torch.rand(heads,
-                                                             generator=g)
-            t['a.mixer.lsq.zero'] = 0.1 * torch.randn(heads, generator=g)
+            attn = dict(binarizer='lsq', levels=3)
+            t['a.lsq.step'] = 0.01 + 0.05 * torch.rand(heads, generator=g)
+            t['a.lsq.zero'] = 0.1 * torch.randn(heads, generator=g)
         else:
-            attn.update(alpha=0.006, a=0.006, b1=1.3, b2=0.8, low=0.7,
-                        high=0.9)
-        spec = dict(prefix='a', num_heads=heads, scale=(c // heads)**-0.5,
-                    attn=attn)
+            attn = dict(binarizer='gsb', low=0.7, high=0.9)
+            t['a.gsb'] = torch.tensor([0.006, 0.006, 1.3, 0.8],
+                                      dtype=torch.float64)
+        spec = deploy_blocks.MSMHASpec(
+            channels=c, num_heads=heads, window_size=7, token_norm_eps=1e-5,
+            attention=attn, proj_layer_scale=True,
+            **{n: _proj_spec(c, c, 'identity') for n in ('q', 'k', 'v',
+                                                         'proj')})
         q, k, v = (torch.randn(3, tokens, c, generator=g, dtype=dtype)
                    for _ in range(3))
-        layers = [deploy_ops.BinaryAttention(spec, t, dtype, be)
+        scores = [_op(deploy_blocks.AttentionScores, spec, t, 'a', dtype, be)
                   for be in ('cpp', 'torch')]
-        s1, s2 = (m.scores(q, k) for m in layers)
+        context = [_op(deploy_blocks.AttentionContext, spec, t, 'a', dtype,
+                       be) for be in ('cpp', 'torch')]
+        s1, s2 = (m(q, k) for m in scores)
         assert torch.equal(s1, s2)
         p = torch.softmax(s1, -1)
-        o1, o2 = (m.context(p, q, k, v) for m in layers)
+        o1, o2 = (m(p, q, k, v) for m in context)
         assert torch.equal(o1, o2), mode
     # shift branches (circular, maps smaller than the filter too)
     t = {'s.weight': torch.randn(9, 24, generator=g),
          's.bias': torch.randn(24, generator=g)}
-    spec = dict(prefix='s', dy=[-2, -1, 0, 0, 0, 0, 0, 1, 2],
-                dx=[0, 0, -2, -1, 0, 1, 2, 0, 0])
+    spec = deploy_blocks.ShiftSpec(channels=24, radii=[1, 2])
     for hw in [(7, 9), (1, 3), (2, 2)]:
         x = torch.randn(2, *hw, 24, generator=g, dtype=dtype)
         res = torch.randn(2, *hw, 24, generator=g, dtype=dtype)
-        a, b = (deploy_ops.ShiftConv(spec, t, dtype, be)(x, res)
+        a, b = (_op(deploy_blocks.PackedShift, spec, t, 's', dtype, be)(x,
+                                                                        res)
                 for be in ('cpp', 'torch'))
         assert torch.equal(a, b)
 
@@ -400,7 +419,10 @@ def test_engine_refuses_what_it_cannot_do():
     with torch.no_grad():
         for w in range(64, 64 + 4 * 12, 4):
             engine(torch.zeros(1, 3, 48, w))
-    assert len(engine._pos_cache) <= 4 * engine.POS_CACHE_SIZES
+    caches = [p.cache for p in engine.pos_embeds()]
+    assert len(caches) == 4
+    assert all(0 < len(c) <= p.CACHE_SIZES
+               for c, p in zip(caches, engine.pos_embeds()))
 
 
 

@@ -142,9 +142,10 @@ def test_sdist_and_normal_install_ship_mim_data(installed):
         assert not osp.islink(osp.join(mim_dir, name))
 
 
-def test_build_without_torch_stops_with_explanation(tmp_path):
+def test_build_without_torch_warns_with_explanation(tmp_path):
     """pip install . under build isolation cannot see torch: the build
-    stops and says what to do (it used to leave the kernels out silently);
+    leaves the kernels out with a warning that says what to do (and
+    mmbhvit.deploy warns once at first use, tests/test_kernel_core.py);
     metadata steps still work without torch."""
     src = str(tmp_path / 'src')
     os.makedirs(src)
@@ -160,7 +161,8 @@ def test_build_without_torch_stops_with_explanation(tmp_path):
                 src, MMBHVIT_NO_EXT='0')
     assert done.returncode == 0, done.stderr[-3000:]
     done = _run([PY, '-c', runner, 'build_ext'], src, MMBHVIT_NO_EXT='0')
-    assert done.returncode != 0
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert 'are NOT built' in done.stderr
     assert 'torch is not importable while building' in done.stderr
     assert 'pip install --no-build-isolation .' in done.stderr
     assert 'MMBHVIT_NO_EXT=1' in done.stderr

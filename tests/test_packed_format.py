@@ -1,5 +1,5 @@
 # Copyright (c) mmbhvit contributors. Licensed under the Apache License 2.0.
-"""Packed file format v2: what the file claims is verified, and a file that
+"""Packed file format v3: what the file claims is verified, and a file that
 is corrupt, old, inconsistent or of another model is refused with an error
 that names the file, the tensor and the problem.
 
@@ -108,7 +108,7 @@ def _x():
 # --------------------------------------------------------------------------
 def test_file_carries_spec_manifest_and_digests(model, packed, tmp_path):
     g = packed['graph']
-    assert g['version'] == 2
+    assert g['version'] == 3
     arch = g['arch']
     assert arch == spec_mod.arch_spec(model)  # the exporter's own function
     for key, value in dict(depths=[1, 1, 2, 1], num_heads=[1, 2, 4, 2],
@@ -118,10 +118,17 @@ def test_file_carries_spec_manifest_and_digests(model, packed, tmp_path):
                            in_channels=3, out_indices=[0, 1, 2, 3],
                            final_norm=True).items():
         assert arch[key] == value, key
-    assert [[b['kind'] for b in s] for s in arch['stages']] == [
-        ['msgdc'], ['msgdc'], ['msmha', 'msmha'], ['msmha']]
-    assert arch['stages'][0][0]['dilations'] == [1, 3, 5]
-    assert [m['kind'] for m in arch['merges']] == ['fp'] * 3
+    assert [[b['token_mixer']['kind'] for b in s]
+            for s in arch['stages']] == [['msgdc'], ['msgdc'],
+                                         ['msmha', 'msmha'], ['msmha']]
+    assert arch['stages'][0][0]['token_mixer']['dilations'] == [1, 3, 5]
+    assert [m['binary'] for m in arch['downsamples']] == [False] * 3
+    # one description of the model: no second layer graph
+    assert 'backbone' not in g and g['head'] is None
+    # tensor names are the module paths of the PyTorch model
+    params = dict(model.named_parameters())
+    assert 'stages.2.1.token_mixer.q.conv.weight' in params
+    assert 'backbone.stages.2.1.token_mixer.q.wbits' in packed['tensors']
     # every tensor: shape, dtype and digest in the manifest
     man = g['manifest']
     assert sorted(man) == sorted(packed['tensors'])
@@ -202,7 +209,7 @@ def test_truncated_file_is_refused(packed, tmp_path):
 
 def test_damaged_tensor_is_named(packed):
     tensors = dict(packed['tensors'])
-    key = 'backbone.stages.2.1.mixer.q.a'
+    key = 'backbone.stages.2.1.token_mixer.q.a'
     tensors[key] = tensors[key].clone()
     tensors[key][3] += 1e-3
     with pytest.raises(PackedFormatError,
@@ -211,16 +218,16 @@ def test_damaged_tensor_is_named(packed):
 
 
 @pytest.mark.parametrize('change,message', [
-    ('drop', "no tensor 'backbone.stages.0.0.mixer.thr'"),
+    ('drop', "no tensor 'backbone.stages.0.0.token_mixer.thr'"),
     ('extra', "tensor 'backbone.extra' is not in its manifest"),
-    ('shape', r"'backbone.stages.0.0.mixer.thr' has shape \(31,\), its "
-     r'manifest says \(32,\)'),
-    ('dtype', "'backbone.stages.0.0.mixer.thr' has dtype float64, its "
+    ('shape', r"'backbone.stages.0.0.token_mixer.thr' has shape \(31,\), "
+     r'its manifest says \(32,\)'),
+    ('dtype', "'backbone.stages.0.0.token_mixer.thr' has dtype float64, its "
      'manifest says float32'),
 ])
 def test_manifest_must_match_the_tensors(packed, change, message):
     tensors = dict(packed['tensors'])
-    key = 'backbone.stages.0.0.mixer.thr'
+    key = 'backbone.stages.0.0.token_mixer.thr'
     if change == 'drop':
         del tensors[key]
     elif change == 'extra':
@@ -249,19 +256,24 @@ def test_edited_graph_is_refused(packed):
         load_packed(resealed)
 
 
-def test_version_1_file_says_reexport(packed, tmp_path):
+@pytest.mark.parametrize('version', [1, 2])
+def test_old_version_file_says_reexport(packed, tmp_path, version):
     path = str(tmp_path / 'old.packed.pth')
     g = packed['graph']
-    v1 = dict(format=g['format'], version=1, backbone=g['backbone'],
-              head=None, param_dtype='float32', stats=g['stats'], meta={})
-    torch.save(dict(graph=v1, tensors=packed['tensors']), path)
+    if version == 1:
+        old = dict(format=g['format'], version=1, backbone={}, head=None,
+                   param_dtype='float32', stats=g['stats'], meta={})
+    else:  # v2: the architecture spec and a separate layer graph, sealed
+        old = dict(g, version=2, backbone=dict(prefix='backbone'))
+        old = seal_packed(old, packed['tensors'])['graph']
+    torch.save(dict(graph=old, tensors=packed['tensors']), path)
     for load in (load_packed, PackedBHViT, load_engine):
         with pytest.raises(ValueError, match='old.packed.pth.* old packed '
-                           'format version 1.*re-export it with '
+                           f'format version {version}.*re-export it with '
                            'tools/deployment/export_binary.py'):
             load(path)
-    with pytest.raises(PackedFormatError, match='version 3.*reads version 2'):
-        load_packed(dict(packed, graph=dict(g, version=3)))
+    with pytest.raises(PackedFormatError, match='version 4.*reads version 3'):
+        load_packed(dict(packed, graph=dict(g, version=4)))
     with pytest.raises(PackedFormatError, match='not an exported packed'):
         load_packed(dict(state_dict={}))
 
@@ -292,9 +304,9 @@ def test_weight_row_missing_is_refused(packed, backend):
 
 @pytest.mark.parametrize('backend', BACKENDS)
 @pytest.mark.parametrize('key', [
-    'backbone.stages.2.0.mixer.q.a',  # per output channel of a projection
-    'backbone.stages.1.0.mixer.conv2.slope',  # MSGDC
-    'backbone.stages.3.0.mixer.lsq.step',  # per head
+    'backbone.stages.2.0.token_mixer.q.a',  # per output of a projection
+    'backbone.stages.1.0.token_mixer.conv2.slope',  # MSGDC
+    'backbone.stages.3.0.token_mixer.lsq.step',  # per head
     'backbone.norm.bias',
 ])
 def test_per_channel_parameter_cut_to_one_is_refused(packed, backend, key):
@@ -322,14 +334,15 @@ def test_cpp_kernels_check_their_sizes():
     ext = deploy_ops.load_extension()
     g = torch.Generator().manual_seed(0)
     cin, cout = 64, 32
-    t = {'p.wbits': deploy_ops.pack_bits(
-        torch.rand(cout, cin, generator=g) > .5)}
+    from mmbhvit.deploy.blocks import PackedProj, ProjSpec
+    from mmbhvit.deploy.packing import pack_bits
+    from mmbhvit.deploy.registry import Params
+    t = {'p.wbits': pack_bits(torch.rand(cout, cin, generator=g) > .5)}
     t['p.thr'] = torch.randn(cin, generator=g)
     for n in ('a', 'b', 'slope', 'post_scale', 'post_bias'):
         t[f'p.{n}'] = torch.randn(cout, generator=g)
-    proj = deploy_ops.BinaryProj(dict(prefix='p', cin=cin, cout=cout,
-                                      shortcut='mean'), t, torch.float32,
-                                 'cpp')
+    proj = PackedProj(ProjSpec(cin=cin, cout=cout, shortcut='mean'),
+                      Params(t, 'p', torch.float32), torch.float32, 'cpp')
     x = torch.randn(5, cin, generator=g)
     args = proj.kernel_args()
     with pytest.raises(RuntimeError, match='must have 32 elements, got 1'):

@@ -62,6 +62,12 @@ def test_config_builds_infers_and_draws(config, image_file, tmp_path):
     cfg.test_pipeline = [
         t for t in cfg.test_pipeline if t['type'] != 'Resize'
     ]
+    bands = cfg.model.backbone.get('in_channels', 3)
+    if bands != 3:  # an N-band config (RS-LVF R, G, B, near infrared)
+        rgb = cv2.imread(image_file)
+        image_file = str(tmp_path / 'input.tif')
+        cv2.imwrite(image_file, np.dstack([rgb[..., i % 3]
+                                           for i in range(bands)]))
     model = init_model(cfg, None, device='cpu')
     n = model.decode_head.num_classes
     model.dataset_meta = dict(

@@ -70,6 +70,12 @@ def parse_args(argv=None):
         action='store_true',
         help='do not validate during training (as mmpretrain\'s tool)')
     parser.add_argument(
+        '--compile',
+        action='store_true',
+        help="torch.compile the model's train_step (mmengine's "
+        '`compile=True`; the first iterations compile and are slow; see '
+        'README "Training speed" for what it gains)')
+    parser.add_argument(
         '--skip-data-check',
         action='store_true',
         help='do not check every image/annotation before training (present, '
@@ -102,6 +108,8 @@ def build_cfg(args) -> Config:
     if args.no_validate:
         # the Runner wants the validation settings all set or all None
         cfg.val_cfg = cfg.val_dataloader = cfg.val_evaluator = None
+    if args.compile:
+        cfg.compile = True
     setup_amp(cfg, args.amp)
     setup_cpu_runtime(cfg)
     cfg.resume = args.resume

@@ -13,9 +13,15 @@ custom_imports = dict(imports=['mmbhvit'], allow_failed_imports=False)
 #   --cfg-options model.decode_head.num_classes=N
 num_classes = 2
 crop_size = (512, 512)
-data_preprocessor = dict(size=crop_size)
+# LoadRSImage yields the bands in file order (R, G, B) on a 0..255 scale:
+# ImageNet's statistics in RGB order, no channel swap
+data_preprocessor = dict(size=crop_size, bgr_to_rgb=False)
 model = dict(
     data_preprocessor=data_preprocessor,
+    # tiles and scenes larger than a crop: overlapping 512x512 windows,
+    # logits averaged where they overlap (tools/rs_inference.py uses the
+    # same grid over whole scenes)
+    test_cfg=dict(mode='slide', crop_size=crop_size, stride=(341, 341)),
     backbone=dict(arch='small'),
     decode_head=dict(num_classes=num_classes))
 

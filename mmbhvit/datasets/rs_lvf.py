@@ -14,8 +14,13 @@ Layout (``data_root``)::
     └── ann_dir/{train,val}/xxx.png   # one uint8 label index per pixel
 
 Each annotation is a single-channel PNG of class indices ``0 .. C-1``; 255
-marks "ignore". ``tools/dataset_converters/rs_lvf.py`` turns RGB-coloured
-masks into this layout.
+marks "ignore". ``tools/dataset_converters/rs_lvf.py`` turns scenes
+(GeoTIFF, 16-bit, multiband, or PNG/JPEG) and their index or RGB-coloured
+masks into this layout, tiled: images are then GeoTIFF tiles
+(``img_dir/*/*.tif``, the RS-LVF configs set ``img_suffix='.tif'``) and the
+data root also holds ``bands.json``, the per-band normalisation
+(:class:`~mmbhvit.datasets.geo.BandNorm`) that the ``LoadRSImage``
+transform applies, and ``tiles.json``, the scene and window of each tile.
 
 Metadata file formats:
 
@@ -31,6 +36,8 @@ from typing import List, Optional, Sequence
 
 from mmseg.datasets import BaseSegDataset
 from mmseg.registry import DATASETS
+
+from .geo import BANDS_FILE
 
 #: Names looked for in ``data_root`` when ``classes_file`` is not given.
 DEFAULT_CLASS_FILES = ('classes.json', 'classes.txt')
@@ -176,6 +183,19 @@ def resolve_metainfo(data_root: Optional[str],
     return metainfo
 
 
+def _band_norm(data_root: Optional[str],
+               bands_file: Optional[str]) -> Optional[dict]:
+    """The checked content of ``bands_file`` when it exists, else None."""
+    if not bands_file:
+        return None
+    if data_root is not None and not osp.isabs(bands_file):
+        bands_file = osp.join(data_root, bands_file)
+    if not osp.isfile(bands_file):
+        return None
+    from .geo import load_band_norm
+    return load_band_norm(bands_file).to_dict()
+
+
 @DATASETS.register_module()
 class RSLVFDataset(BaseSegDataset):
     """RS-LVF remote-sensing segmentation dataset (class list from data).
@@ -189,6 +209,12 @@ class RSLVFDataset(BaseSegDataset):
             config; must agree with the metadata file when both exist.
         img_suffix (str): image suffix. Defaults to '.png'.
         seg_map_suffix (str): annotation suffix. Defaults to '.png'.
+        bands_file (str, optional): per-band normalisation written by the
+            converter, relative to ``data_root`` unless absolute; used when
+            it exists. Its content goes into every sample
+            (``band_norm``, read by ``LoadRSImage``) and into the metainfo,
+            hence into the checkpoints' ``dataset_meta``, where
+            ``tools/rs_inference.py`` finds it. Defaults to 'bands.json'.
         **kwargs: the arguments of :class:`mmseg.datasets.BaseSegDataset`
             (``data_root``, ``data_prefix``, ``pipeline`` ...).
 
@@ -203,10 +229,14 @@ class RSLVFDataset(BaseSegDataset):
                  img_suffix: str = '.png',
                  seg_map_suffix: str = '.png',
                  reduce_zero_label: bool = False,
+                 bands_file: Optional[str] = BANDS_FILE,
                  **kwargs) -> None:
         metainfo = resolve_metainfo(
             kwargs.get('data_root'), metainfo, classes_file)
         self.classes_file = classes_file
+        band_norm = _band_norm(kwargs.get('data_root'), bands_file)
+        if band_norm is not None:
+            metainfo['band_norm'] = band_norm
         super().__init__(
             metainfo=metainfo,
             img_suffix=img_suffix,
@@ -217,6 +247,9 @@ class RSLVFDataset(BaseSegDataset):
     def load_data_list(self) -> List[dict]:
         data_list = super().load_data_list()
         num_classes = len(self._metainfo['classes'])
+        band_norm = self._metainfo.get('band_norm')
         for info in data_list:
             info['num_classes'] = num_classes
+            if band_norm is not None:
+                info['band_norm'] = band_norm
         return data_list

@@ -23,7 +23,7 @@ from typing import Callable, Dict, List, Optional
 import torch
 from torch import nn
 
-from .engine import Laps, PackedBHViT, PackedClassifier
+from .engine import PackedBHViT, PackedClassifier, Profile
 from .export import export_model, state_dict_bytes
 from .mmseg_backend import use_packed_backbone
 from .ops import resolve_backend
@@ -142,7 +142,7 @@ def benchmark_task(task: str, binary: nn.Module, fp: nn.Module,
             '(b) pytorch binary (simulated)': lambda: binary(x, mode='tensor'),
             '(c) packed engine': lambda: engine(x),
         }
-        laps_owner = engine.backbone
+        laps_owner = engine
     else:
         engine = PackedBHViT(packed, backend=backend).eval()
         # the segmentor as users run it: use_packed_backbone's defaults
@@ -181,7 +181,8 @@ def benchmark_task(task: str, binary: nn.Module, fp: nn.Module,
 
 def _profile(forms, binary, fp, laps_owner, iters, task, x) -> dict:
     """Time per layer type: hooks on the PyTorch models (backbone layers,
-    and the head for classifiers), laps in the engine."""
+    and the head for classifiers), the engine's own profile (forward hooks
+    on its ops, :meth:`PackedBHViT.profile`)."""
     out = {}
     for label, model in (('(a) pytorch fp32', fp),
                          ('(b) pytorch binary', binary)):
@@ -196,7 +197,7 @@ def _profile(forms, binary, fp, laps_owner, iters, task, x) -> dict:
         finally:
             remove()
         out[label] = {k: 1e3 * v / iters for k, v in times.items()}
-    laps: Laps = laps_owner.profile(True)
+    laps: Profile = laps_owner.profile(True)
     try:
         engine_fn = [f for k, f in forms.items() if k.startswith('(c)')][0]
         with torch.inference_mode():

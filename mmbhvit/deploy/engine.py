@@ -2,243 +2,279 @@
 """CPU inference engine for an exported (bit-packed) BHViT.
 
 :class:`PackedBHViT` runs the backbone from a file written by
-:func:`mmbhvit.deploy.export.export_model`: every 1-bit layer computes on
-packed words (MSGDC convolutions, the binary 1×1 projections of Q/K/V,
-attention output and MLP, binary patch merging, and the q·k and P̂·v
-attention products), through the C++ kernels when they are built and
-through the pure-PyTorch fallback otherwise (``backend='torch'`` forces it).
-The remaining float operations (stem, norms, pooling, softmax, window
-layout, full-precision patch merging, classification head) are PyTorch ops.
+:func:`mmbhvit.deploy.export.export_model`. This module holds what belongs
+to the backbone itself (:class:`BackboneSpec`, its handler and the stage
+loop); every block kind is a packed op of :mod:`mmbhvit.deploy.blocks`
+built from its spec through the registry (:mod:`mmbhvit.deploy.registry`),
+running the C++ kernels when they are built and the pure-PyTorch fallback
+otherwise (``backend='torch'`` forces it).
 
 Internally every feature map is channels-last ``(N, H, W, C)`` (the packed
 dimension is the channel); the outputs are NCHW like the PyTorch backbone.
+Profiling (:meth:`PackedBHViT.profile`) and the recording of binarization
+decisions (:meth:`PackedBHViT.record`) are forward hooks on the ops.
 """
 import time
-from collections import OrderedDict, defaultdict
-from typing import Dict, List, Optional, Tuple, Union
+from collections import defaultdict
+from types import SimpleNamespace
+from dataclasses import dataclass
+from typing import Any, Dict, List, Optional, Tuple, Union
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .export import load_packed
-from .ops import (BinaryAttention, BinaryFFN, BinaryMerge, BinaryProj,
-                  MSGDCMixer, ShiftConv, float_getter, resolve_backend)
-from .spec import check_tensor_shapes
+from ..models import BHViT
+from .blocks import BlockSpec, HeadSpec, MergeSpec, StemSpec
+from .export import BACKBONE_PATH, HEAD_PATH, load_packed
+from .ops import PackedOp, PosEmbed, named_ops, resolve_backend
+from .registry import (Folder, Handler, Params, Spec, TensorSpec, build,
+                       describe, param, register)
+from .spec import check_tensor_shapes, parse_graph
 
 
-class _NoLaps:
-    """Profiling switched off: laps cost one method call."""
 
-    def lap(self, key: str):
-        pass
+def _uniform(values):
+    """The common value of a per-block option (a list if blocks differ,
+    None if there is no such block)."""
+    values = list(values)
+    if not values:
+        return None
+    first = values[0]
+    return first if all(v == first for v in values) else values
 
 
-_NO_LAPS = _NoLaps()
+def _has_radius(radii, r: int):
+    """``shift3`` / ``shift5`` from the blocks' common shift radii (the
+    per-block lists when blocks differ)."""
+    if isinstance(radii, list) and all(isinstance(v, int) for v in radii):
+        return r in radii
+    return radii
 
 
-class Laps:
-    """Accumulates wall time per layer type between successive laps."""
+@dataclass
+class BackboneSpec(Spec):
+    """The complete architecture of a BHViT backbone: a summary of its
+    options (what :func:`~mmbhvit.deploy.spec.diff_specs` reports first)
+    and the specs of its stem, blocks and patch mergings."""
+    kind = 'BHViT'
+    in_channels: int
+    img_size: List[int]
+    embed_dims: List[int]
+    depths: List[int]
+    num_heads: List[int]
+    mlp_ratios: List[int]
+    window_size: Any
+    attn_binarizer: Any
+    binary_merge: bool
+    shift3: Any
+    shift5: Any
+    recu: Any
+    layer_scale: Any
+    weight_bits: Any
+    act_bits: Any
+    out_indices: List[int]
+    final_norm: bool
+    min_input_size: int
+    pos_size: List[int]
+    patch_embed: StemSpec
+    downsamples: List[MergeSpec]
+    stages: List[List[BlockSpec]]
 
-    def __init__(self):
+    def tensors(self) -> Dict[str, TensorSpec]:
+        t = {'pos_embed': param(1, self.embed_dims[0], *self.pos_size)}
+        if self.final_norm:
+            t['norm.scale'] = param(self.embed_dims[-1])
+            t['norm.bias'] = param(self.embed_dims[-1])
+        return t
+
+    def errors(self) -> List[str]:
+        """The summary against the specs of the blocks."""
+        errs = []
+        for k in ('embed_dims', 'depths', 'num_heads', 'mlp_ratios'):
+            v = getattr(self, k)
+            if not (isinstance(v, list) and len(v) == 4 and all(
+                    isinstance(i, int) and i > 0 for i in v)):
+                errs.append(f'arch.{k} must be 4 positive ints, got {v!r}')
+        if errs:
+            return errs
+        dims, heads = self.embed_dims, self.num_heads
+        stages, merges = self.stages, self.downsamples
+        if not isinstance(stages, list) or len(stages) != 4 or not all(
+                isinstance(s, list) for s in stages):
+            return ['arch.stages must list 4 stages']
+        if not isinstance(merges, list) or len(merges) != 3:
+            return ['arch.downsamples must list 3 patch mergings']
+        if [len(s) for s in stages] != self.depths:
+            errs.append(f'arch.depths {self.depths} but the stages hold '
+                        f'{[len(s) for s in stages]} blocks')
+        radii = [r for r, on in ((1, self.shift3), (2, self.shift5)) if on]
+        for i, stage in enumerate(stages):
+            c = dims[i]
+            for j, b in enumerate(stage):
+                where = f'arch.stages[{i}][{j}]'
+                if not isinstance(b, BlockSpec):
+                    errs.append(f'{where} is not a block spec')
+                    continue
+                if b.channels != c:
+                    errs.append(f'{where}.channels {b.channels} != '
+                                f'embed_dims[{i}] {c}')
+                hidden = b.ffn.expand.cout
+                if hidden != c * self.mlp_ratios[i]:
+                    errs.append(f'{where}.mlp hidden width {hidden} != {c} '
+                                f'x mlp_ratios[{i}] {self.mlp_ratios[i]}')
+                m = b.token_mixer
+                if m.kind == 'msmha':
+                    if m.num_heads != heads[i]:
+                        errs.append(f'{where}.num_heads {m.num_heads} != '
+                                    f'num_heads[{i}] {heads[i]}')
+                    if m.window_size != self.window_size:
+                        errs.append(f'{where}.window_size {m.window_size} '
+                                    '!= arch.window_size '
+                                    f'{self.window_size}')
+                    kind = (m.attention or {}).get('binarizer')
+                    if kind != self.attn_binarizer:
+                        errs.append(f'{where}.attention {m.attention!r} but '
+                                    'arch.attn_binarizer is '
+                                    f'{self.attn_binarizer!r}')
+                have = b.shifts.radii if b.shifts is not None else []
+                if have != radii:
+                    errs.append(f'{where}.shift_radii {have!r} disagree with '
+                                f'shift3={self.shift3!r}, '
+                                f'shift5={self.shift5!r}')
+        for i, m in enumerate(merges):
+            where = f'arch.downsamples[{i}]'
+            if not isinstance(m, MergeSpec):
+                errs.append(f'{where} is not a merge spec')
+                continue
+            if (m.cin, m.cout) != (dims[i], dims[i + 1]):
+                errs.append(f'{where}: {m.cin} -> {m.cout} channels, '
+                            f'embed_dims say {dims[i]} -> {dims[i + 1]}')
+            if m.binary != self.binary_merge:
+                errs.append(f'{where}.binary {m.binary!r} but binary_merge='
+                            f'{self.binary_merge!r}')
+        out = self.out_indices
+        if not (isinstance(out, list) and out and len(set(out)) == len(out)
+                and all(isinstance(i, int) and 0 <= i < 4 for i in out)):
+            errs.append(f'arch.out_indices must be distinct stages 0..3, got '
+                        f'{out!r}')
+        stem = self.patch_embed
+        if not isinstance(stem, StemSpec) or (
+                stem.in_channels, stem.channels) != (self.in_channels,
+                                                     dims[0]):
+            errs.append(f'arch.patch_embed {stem!r} does not map '
+                        f'{self.in_channels} input channels to embed_dims[0]'
+                        f' {dims[0]}')
+        return errs
+
+
+class _Engine(nn.Module):
+    """What the engine modules share: no parameters to move (moves that
+    would change the tensors are refused), hook-based profiling and
+    recording."""
+    profile_label = 'engine: norms, positional embeddings, layout (float)'
+
+    def _apply(self, fn, recurse=True):
+        """``.to()``, ``.cuda()``, ``.half()`` ... reach the engine through
+        the model around it; its tensors are not parameters, so refuse what
+        would change them instead of ignoring it (CPU moves are no-ops)."""
+        probe = fn(torch.zeros(1, dtype=self.dtype))
+        if probe.device.type != 'cpu' or probe.dtype != self.dtype:
+            raise RuntimeError(
+                f'the packed engine stays on the CPU in {self.dtype} '
+                f'(asked for {probe.dtype} on {probe.device}); build it '
+                'with PackedBHViT(..., dtype=...) instead')
+        return self
+
+    def profile(self, enabled: bool = True) -> Optional['Profile']:
+        """Start (or stop) accumulating wall time per op kind (exclusive
+        time of each op's ``profile_label``, through hooks on the ops);
+        returns the accumulator (``.times``, ``.calls``; the engine's own
+        float work between the ops under its ``profile_label``)."""
+        old = getattr(self, '_profile', None)
+        if old is not None:
+            old.remove()
+        self._profile = Profile(self) if enabled else None
+        return self._profile
+
+    def record(self, enabled: bool = True) -> Optional['Recorder']:
+        """Record every binarization decision of the following forward
+        passes (sign bits, attention levels), for exactness statistics."""
+        old = getattr(self, '_recorder', None)
+        if old is not None:
+            old.remove()
+        self._recorder = Recorder(self) if enabled else None
+        return self._recorder
+
+
+class Profile:
+    """Wall time per ``profile_label`` of the engine and its ops; each
+    one's time excludes that of the ops it calls."""
+
+    def __init__(self, root: nn.Module):
         self.times: Dict[str, float] = defaultdict(float)
         self.calls: Dict[str, int] = defaultdict(int)
-        self.t = time.perf_counter()
+        self._stack: List[str] = []
+        self._t = 0.0
+        self._handles = [
+            root.register_forward_pre_hook(self._enter_root),
+            root.register_forward_hook(self._leave)
+        ]
+        for _, op in named_ops(root):
+            remove = op.add_hooks(self._enter, self._leave)
+            self._handles.append(SimpleNamespace(remove=remove))
 
-    def restart(self):
-        self.t = time.perf_counter()
+    def _enter_root(self, module, args):
+        self._stack.clear()  # a forward that raised leaves its stack
+        self._enter(module, args)
 
-    def lap(self, key: str):
+    def _enter(self, module, args):
         now = time.perf_counter()
-        self.times[key] += now - self.t
-        self.calls[key] += 1
-        self.t = now
+        if self._stack:
+            self.times[self._stack[-1]] += now - self._t
+        self._stack.append(module.profile_label)
+        self._t = now
+
+    def _leave(self, module, args, out):
+        now = time.perf_counter()
+        label = self._stack.pop() if self._stack else module.profile_label
+        self.times[label] += now - self._t
+        self.calls[label] += 1
+        self._t = now
+
+    def remove(self):
+        for h in self._handles:
+            h.remove()
+        self._handles = []
 
 
-def _pad_nhwc(x: Tensor, multiple: int) -> Tensor:
-    """Zero-pad the bottom/right of ``(N, H, W, C)`` to multiples."""
-    h, w = x.shape[1:3]
-    ph, pw = (-h) % multiple, (-w) % multiple
-    if ph or pw:
-        x = F.pad(x, (0, 0, 0, pw, 0, ph))
-    return x
+class Recorder:
+    """The binarization decisions of the ops (their ``decisions(*inputs)``)
+    in execution order: ``items`` = ``[(name, tensor)]``."""
 
-
-class _Recorder:
-    """Collects the binarization decisions of one forward pass (tests)."""
-
-    def __init__(self):
+    def __init__(self, root: nn.Module):
         self.items: List[Tuple[str, Tensor]] = []
+        self._handles = []
+        for name, op in named_ops(root):
+            if callable(getattr(op, 'decisions', None)):
+                remove = op.add_hooks(post=lambda op, args, out, name=name:
+                                      self._add(name, op.decisions(*args)))
+                self._handles.append(SimpleNamespace(remove=remove))
+
+    def _add(self, name: str, decisions: Dict[str, Tensor]):
+        for key, value in decisions.items():
+            self.items.append((f'{name}.{key}' if key else name,
+                               value.detach().clone()))
 
     def add(self, name: str, value: Tensor):
         self.items.append((name, value.detach().clone()))
 
-
-class _BlockTail:
-    """The end shared by both block kinds: binary MLP (expand + reduce
-    with its shortcut ``h``), then the shift branches."""
-
-    def build_tail(self, spec, tensors, dtype, backend) -> None:
-        self.ffn = BinaryFFN(
-            BinaryProj(spec['expand'], tensors, dtype, backend),
-            BinaryProj(spec['reduce'], tensors, dtype, backend))
-        self.shift = (ShiftConv(spec['shift'], tensors, dtype, backend)
-                      if spec['shift'] else None)
-
-    def mlp_and_shifts(self, hn: Tensor, h: Tensor, laps, rec) -> Tensor:
-        out = self.ffn(hn, h)
-        laps.lap('mlp expand + reduce (binary 1x1)')
-        if rec is not None:
-            rec.add(f'{self.name}.expand', self.ffn.expand.signs(hn))
-            rec.add(f'{self.name}.reduce',
-                    self.ffn.reduce.signs(self.ffn.expand(hn)))
-        if self.shift is not None:
-            out = self.shift(hn, out)
-            laps.lap('shift branches (float)')
-        return out
+    def remove(self):
+        for h in self._handles:
+            h.remove()
+        self._handles = []
 
 
-class _MSGDCBlock(_BlockTail):
-
-    def __init__(self, spec, tensors, dtype, backend):
-        self.name = spec['prefix']
-        self.mixer = MSGDCMixer(spec, tensors, dtype, backend)
-        self.build_tail(spec, tensors, dtype, backend)
-
-    def __call__(self, x: Tensor, laps, rec) -> Tensor:
-        if rec is not None:
-            rec.add(f'{self.name}.msgdc', self.mixer.signs(x))
-        h, hn = self.mixer(x)
-        laps.lap('msgdc (binary 3x3 convs)')
-        return self.mlp_and_shifts(hn, h, laps, rec)
-
-
-class _MSMHABlock(_BlockTail):
-
-    def __init__(self, spec, tensors, dtype, backend):
-        p = spec['prefix']
-        self.name = p
-        t = float_getter(tensors, p, dtype)
-        self.n1_scale, self.n1_bias = t('norm1.scale'), t('norm1.bias')
-        self.n2_scale, self.n2_bias = t('norm2.scale'), t('norm2.bias')
-        self.mix = t('mixer.merge_mix')
-        self.rest = (1 - self.mix).contiguous()
-        self.merge_mix = self.mix.view(1, -1, 1, 1)
-        self.merge_rest = self.rest.view(1, -1, 1, 1)
-        self.ln_weight = t('mixer.token_norm.weight')
-        self.ln_bias = t('mixer.token_norm.bias')
-        self.ln_eps = float(spec['token_norm_eps'])
-        self.out_mix = t('mixer.out_mix')
-        self.out_rest = (1 - self.out_mix).contiguous()
-        self.s = int(spec['window_size'])
-        self.q, self.k, self.v = (BinaryProj(spec[n], tensors, dtype, backend)
-                                  for n in 'qkv')
-        self.attn = BinaryAttention(spec, tensors, dtype, backend)
-        self.ext = self.attn.ext
-        self.proj = BinaryProj(spec['proj'], tensors, dtype, backend)
-        self.build_tail(spec, tensors, dtype, backend)
-
-    def tokens(self, x: Tensor) -> Tuple[Tensor, tuple]:
-        """Norm1, window partition and merged tokens, LayerNorm."""
-        n, h, w, c = x.shape
-        s = self.s
-        if self.ext is not None:
-            tok = self.ext.attn_tokens(x, self.n1_scale, self.n1_bias,
-                                       self.mix, self.rest, s)
-            tok = F.layer_norm(tok, (c, ), self.ln_weight, self.ln_bias,
-                               self.ln_eps)
-            return tok, (n, h, w, c, -(-h // s), -(-w // s))
-        xn = x * self.n1_scale
-        xn = _pad_nhwc(xn + self.n1_bias, s)
-        hp, wp = xn.shape[1:3]
-        nh, nw = hp // s, wp // s
-        wins = xn.view(n, nh, s, nw, s, c).permute(0, 1, 3, 2, 4, 5).reshape(
-            n * nh * nw, s * s, c)
-        xc = xn.permute(0, 3, 1, 2)
-        mx = F.max_pool2d(xc, s, s, padding=s // 2)
-        av = F.avg_pool2d(xc, s, s, padding=s // 2, count_include_pad=True)
-        merged = self.merge_mix * mx + self.merge_rest * av  # (n, c, nh, nw)
-        merged = merged.permute(0, 2, 3, 1).reshape(n, 1, nh * nw, c)
-        merged = merged.expand(n, nh * nw, nh * nw, c).reshape(
-            n * nh * nw, nh * nw, c)
-        tok = torch.cat([wins, merged], dim=1)
-        tok = F.layer_norm(tok, (c, ), self.ln_weight, self.ln_bias,
-                           self.ln_eps)
-        return tok, (n, h, w, c, nh, nw)
-
-    def untokens(self, a: Tensor, shape: tuple) -> Tensor:
-        """Window tokens back in place, merged tokens averaged over windows
-        and upsampled, mixed per channel, cropped."""
-        n, h, w, c, nh, nw = shape
-        s = self.s
-        if self.ext is not None:
-            return self.ext.attn_untokens(a, self.out_mix, self.out_rest, n,
-                                          h, w, s)
-        win = a[:, :s * s].reshape(n, nh, nw, s, s, c)
-        win = win.permute(0, 1, 3, 2, 4, 5)
-        per_window = a[:, s * s:].reshape(n, nh * nw, nh, nw, c)
-        merged = per_window[:, 0]
-        for i in range(1, nh * nw):  # left to right, as the kernel
-            merged = merged + per_window[:, i]
-        merged = merged / (nh * nw)
-        out = win * self.out_mix + merged.view(n, nh, 1, nw, 1,
-                                               c) * self.out_rest
-        return out.reshape(n, nh * s, nw * s, c)[:, :h, :w].contiguous()
-
-    def __call__(self, x: Tensor, laps, rec) -> Tensor:
-        tok, shape = self.tokens(x)
-        laps.lap('attention tokens: norm, windows, pooling, LN (float)')
-        q, k, v = self.q(tok), self.k(tok), self.v(tok)
-        laps.lap('attention q/k/v (binary 1x1)')
-        scores = self.attn.scores(q, k)
-        laps.lap('attention q.k (binary)')
-        probs = torch.softmax(scores, dim=-1)
-        laps.lap('attention softmax (float)')
-        a = self.attn.context(probs, q, k, v)
-        laps.lap('attention P.v (bit planes)')
-        if rec is not None:
-            rec.add(f'{self.name}.qkv_in', torch.stack(
-                [p.signs(tok) for p in (self.q, self.k, self.v)]))
-            rec.add(f'{self.name}.q', q > self.attn.thr_q)
-            rec.add(f'{self.name}.k', k > self.attn.thr_k)
-            rec.add(f'{self.name}.v', v > self.attn.thr_v)
-            rec.add(f'{self.name}.attn_levels', self.attn.levels_of(probs))
-        out = self.untokens(a, shape)
-        laps.lap('attention tokens: norm, windows, pooling, LN (float)')
-        if rec is not None:
-            rec.add(f'{self.name}.proj', self.proj.signs(out))
-        h = self.proj(out, residual=x)
-        laps.lap('attention proj (binary 1x1)')
-        hn = h * self.n2_scale
-        hn = hn + self.n2_bias
-        laps.lap('norms (float)')
-        return self.mlp_and_shifts(hn, h, laps, rec)
-
-
-class _FPMerge:
-    """Full-precision patch merging (BatchNorms folded into the conv)."""
-
-    def __init__(self, spec, tensors, dtype, backend):
-        p = spec['prefix']
-        t = float_getter(tensors, p, dtype)
-        self.in_scale, self.in_bias = t('norm_in.scale'), t('norm_in.bias')
-        self.weight, self.bias = t('weight'), t('bias')
-
-    def __call__(self, x0: Tensor, pos: Tensor) -> Tensor:
-        y = F.conv2d(x0.permute(0, 3, 1, 2), self.weight, self.bias, stride=2)
-        return (y.permute(0, 2, 3, 1) + pos).contiguous()
-
-
-class _BinaryMerge(BinaryMerge):
-
-    def __init__(self, spec, tensors, dtype, backend):
-        super().__init__(spec, tensors, dtype, backend)
-        p = spec['prefix']
-        t = float_getter(tensors, p, dtype)
-        self.in_scale, self.in_bias = t('norm_in.scale'), t('norm_in.bias')
-
-
-class PackedBHViT(nn.Module):
+class PackedBHViT(_Engine):
     """The packed BHViT backbone: ``forward(x)`` → tuple of NCHW maps for
     the exported ``out_indices`` (a drop-in for the PyTorch backbone).
 
@@ -267,80 +303,46 @@ class PackedBHViT(nn.Module):
                              f'float64, got dtype={dtype}, out_dtype='
                              f'{out_dtype}')
         packed = load_packed(packed)  # verified once (digests, spec)
-        g = packed['graph']['backbone']
-        tensors = packed['tensors']
         # every tensor's shape and dtype against the spec, once, before any
-        # layer (C++ or PyTorch backend) reads one
-        check_tensor_shapes(packed['graph'], tensors, packed.source)
+        # op (C++ or PyTorch backend) reads one
+        check_tensor_shapes(packed['graph'], packed['tensors'],
+                            packed.source)
+        spec, _ = parse_graph(packed['graph'], packed.source)
         self.source = packed.source
         self.graph = packed['graph']
+        self.spec = spec
         self.dtype = dtype
         self.out_dtype = out_dtype or dtype
         self.memory_format = (torch.channels_last if channels_last else
                               torch.contiguous_format)
         self.backend = resolve_backend(backend)
-        p = g['prefix']
-        t = float_getter(tensors, p, dtype)
-        self.in_channels = g['in_channels']
-        self.embed_dims = tuple(g['embed_dims'])
-        self.out_indices = tuple(g['out_indices'])
-        self.final_norm = g['final_norm']
-        self.min_input_size = g['min_input_size']
-        self.stem_weight, self.stem_bias = t('stem.weight'), t('stem.bias')
-        self.pos_embeds = [t('pos_embed')] + [
-            t(f'downsamples.{i}.pos_embed') for i in range(3)
+        self.in_channels = spec.in_channels
+        self.embed_dims = tuple(spec.embed_dims)
+        self.out_indices = tuple(spec.out_indices)
+        self.final_norm = spec.final_norm
+        self.min_input_size = spec.min_input_size
+        p = Params(packed['tensors'], BACKBONE_PATH, dtype)
+        be = self.backend
+        self.patch_embed = build(spec.patch_embed, p.child('patch_embed'),
+                                 dtype, be)
+        self.pos_embed = PosEmbed(p.f('pos_embed'))
+        self.downsamples = [
+            build(d, p.child(f'downsamples.{i}'), dtype, be)
+            for i, d in enumerate(spec.downsamples)
         ]
         self.stages = [[
-            (_MSGDCBlock if b['type'] == 'msgdc' else _MSMHABlock)(
-                b, tensors, dtype, self.backend) for b in stage
-        ] for stage in g['stages']]
-        self.downsamples = [
-            (_BinaryMerge if d['type'] == 'binary' else _FPMerge)(
-                d, tensors, dtype, self.backend) for d in g['downsamples']
-        ]
+            build(b, p.child(f'stages.{i}.{j}'), dtype, be)
+            for j, b in enumerate(stage)
+        ] for i, stage in enumerate(spec.stages)]
         if self.final_norm:
-            self.norm_scale, self.norm_bias = t('norm.scale'), t('norm.bias')
-        # resized positional embeddings of the last few input sizes
-        self._pos_cache: 'OrderedDict[tuple, Tensor]' = OrderedDict()
-        self.laps: Optional[Laps] = None
-        self.recorder: Optional[_Recorder] = None
+            self.norm_scale, self.norm_bias = p.f('norm.scale'), p.f(
+                'norm.bias')
 
-    #: input sizes whose resized positional embeddings are kept
-    POS_CACHE_SIZES = 8
+    def pos_embeds(self) -> List[PosEmbed]:
+        """The positional embeddings (stem, then each patch merging)."""
+        return [self.pos_embed] + [d.pos for d in self.downsamples]
 
-    def _apply(self, fn, recurse=True):
-        """``.to()``, ``.cuda()``, ``.half()`` ... reach the engine through
-        the model around it; its tensors are not parameters, so refuse what
-        would change them instead of ignoring it (CPU moves are no-ops)."""
-        probe = fn(torch.zeros(1, dtype=self.dtype))
-        if probe.device.type != 'cpu' or probe.dtype != self.dtype:
-            raise RuntimeError(
-                f'the packed engine stays on the CPU in {self.dtype} '
-                f'(asked for {probe.dtype} on {probe.device}); build it '
-                'with PackedBHViT(..., dtype=...) instead')
-        return self
-
-    # ------------------------------------------------------------------
-    def _pos(self, i: int, h: int, w: int) -> Tensor:
-        """Positional embedding ``i`` at ``h × w``, channels-last (bicubic
-        resize like the PyTorch model, cached per size)."""
-        key = (i, h, w)
-        pos = self._pos_cache.get(key)
-        if pos is None:
-            pe = self.pos_embeds[i]
-            if tuple(pe.shape[-2:]) != (h, w):
-                pe = F.interpolate(pe, size=(h, w), mode='bicubic',
-                                   align_corners=False)
-            pos = pe[0].permute(1, 2, 0).contiguous()
-            self._pos_cache[key] = pos
-            # bounded: keep-ratio inference sees a new size per image
-            while len(self._pos_cache) > self.POS_CACHE_SIZES * 4:
-                self._pos_cache.popitem(last=False)
-        else:
-            self._pos_cache.move_to_end(key)
-        return pos
-
-    def _check_input(self, x: Tensor):
+    def _check_input(self, x: Tensor) -> Tensor:
         if not isinstance(x, Tensor) or x.dim() != 4:
             raise ValueError('PackedBHViT expects a 4-D image batch (N, C, H, '
                              f'W), got {getattr(x, "shape", type(x))}')
@@ -360,67 +362,32 @@ class PackedBHViT(nn.Module):
         # the backbone's test and message (NaN / inf -> NonFiniteError)
         from ..models.finite import check_finite_input
         check_finite_input(x, 'PackedBHViT')
+        return x.to(self.dtype)
 
     def forward_nhwc(self, x: Tensor) -> List[Tensor]:
         """Channels-last outputs ``(N, H, W, C)`` for ``out_indices``."""
-        self._check_input(x)
-        laps = self.laps if self.laps is not None else _NO_LAPS
-        rec = self.recorder
-        if self.laps is not None:
-            self.laps.restart()
-        x = x.to(self.dtype)
-        h, w = x.shape[-2:]
-        ph, pw = (-h) % 4, (-w) % 4
-        if ph or pw:
-            x = F.pad(x, (0, pw, 0, ph))
-        x = F.gelu(F.conv2d(x, self.stem_weight, self.stem_bias, stride=4))
-        x = x.permute(0, 2, 3, 1) + self._pos(0, *x.shape[-2:])
-        x = x.contiguous()
-        laps.lap('stem (float)')
+        x = self._check_input(x)
+        x = self.patch_embed(x)
+        x = (x + self.pos_embed(x.shape[1], x.shape[2])).contiguous()
         outs = []
         for i, stage in enumerate(self.stages):
             if i > 0:
-                ds = self.downsamples[i - 1]
-                x0 = x * ds.in_scale
-                x0 = _pad_nhwc(x0 + ds.in_bias, 2)
-                pos = self._pos(i, x0.shape[1] // 2, x0.shape[2] // 2)
-                if rec is not None and isinstance(ds, _BinaryMerge):
-                    rec.add(f'downsamples.{i - 1}', ds.signs(x0))
-                x = ds(x0, pos)
-                laps.lap('patch merging ' + (
-                    '(binary)' if isinstance(ds, _BinaryMerge) else '(float)'))
+                x = self.downsamples[i - 1](x)
             for blk in stage:
-                x = blk(x, laps, rec)
+                x = blk(x)
             if i in self.out_indices:
                 out = x
                 if i == 3 and self.final_norm:
                     out = x * self.norm_scale
                     out = out + self.norm_bias
-                    laps.lap('norms (float)')
                 outs.append(out)
         return outs
 
     def forward(self, x: Tensor) -> Tuple[Tensor, ...]:
-        outs = self.forward_nhwc(x)
-        res = tuple(
+        return tuple(
             o.permute(0, 3, 1, 2).to(self.out_dtype).contiguous(
-                memory_format=self.memory_format) for o in outs)
-        if self.laps is not None:
-            self.laps.lap('layout (NHWC -> NCHW outputs)')
-        return res
-
-    # ------------------------------------------------------------------
-    def profile(self, enabled: bool = True) -> Optional[Laps]:
-        """Start (or stop) accumulating time per layer type; returns the
-        accumulator (``.times``, ``.calls``)."""
-        self.laps = Laps() if enabled else None
-        return self.laps
-
-    def record(self, enabled: bool = True) -> Optional[_Recorder]:
-        """Record every binarization decision of the following forward
-        passes (sign bits, attention levels), for exactness statistics."""
-        self.recorder = _Recorder() if enabled else None
-        return self.recorder
+                memory_format=self.memory_format)
+            for o in self.forward_nhwc(x))
 
     def extra_repr(self) -> str:
         depths = [len(s) for s in self.stages]
@@ -428,7 +395,65 @@ class PackedBHViT(nn.Module):
                 f'backend={self.backend!r}, dtype={self.dtype}')
 
 
-class PackedClassifier(nn.Module):
+@register(BHViT)
+class BHViTHandler(Handler):
+    """The root of the tree: its op is the engine (:class:`PackedBHViT`),
+    built from a whole file rather than by :func:`~.registry.build`."""
+    spec = BackboneSpec
+
+    def describe(self, backbone: BHViT) -> BackboneSpec:
+        stages = [[describe(b, f'stages.{i}.{j}') for j, b in
+                   enumerate(stage)] for i, stage in
+                  enumerate(backbone.stages)]
+        blocks = [b for s in stages for b in s]
+        mixers = [b.token_mixer for b in blocks]
+        msmha = [m for m in mixers if m.kind == 'msmha']
+        radii = _uniform(b.shifts.radii if b.shifts is not None else []
+                         for b in blocks)
+        att = _uniform(m.attention for m in msmha)
+        expands = [b.ffn.expand for b in blocks]
+        return BackboneSpec(
+            in_channels=int(backbone.in_channels),
+            img_size=list(backbone.img_size),
+            embed_dims=[int(v) for v in backbone.arch['embed_dims']],
+            depths=[len(s) for s in stages],
+            num_heads=[int(v) for v in backbone.arch['num_heads']],
+            mlp_ratios=[int(v) for v in backbone.arch['mlp_ratios']],
+            window_size=_uniform(m.window_size for m in msmha),
+            attn_binarizer=(att.get('binarizer') if isinstance(att, dict) else
+                            att),
+            binary_merge=bool(backbone.binary_merge),
+            shift3=_has_radius(radii, 1),
+            shift5=_has_radius(radii, 2),
+            recu=_uniform(p.recu for p in expands),
+            layer_scale=_uniform(b.ffn.layer_scale for b in blocks),
+            weight_bits=_uniform(p.weight_bits for p in expands),
+            act_bits=_uniform(p.act_bits for p in expands),
+            out_indices=[int(i) for i in backbone.out_indices],
+            final_norm=bool(backbone.final_norm),
+            min_input_size=int(backbone.min_input_size),
+            pos_size=list(backbone.pos_embed.shape[-2:]),
+            patch_embed=describe(backbone.patch_embed, 'patch_embed'),
+            downsamples=[describe(d, f'downsamples.{i}')
+                         for i, d in enumerate(backbone.downsamples)],
+            stages=stages)
+
+    def fold(self, backbone: BHViT, spec: BackboneSpec, out: Folder) -> None:
+        from .blocks.norm import bn_affine
+        out.fold('patch_embed', backbone.patch_embed, spec.patch_embed)
+        out.put('pos_embed', backbone.pos_embed.detach().double())
+        for i, stage in enumerate(backbone.stages):
+            for j, blk in enumerate(stage):
+                out.fold(f'stages.{i}.{j}', blk, spec.stages[i][j])
+        for i, ds in enumerate(backbone.downsamples):
+            out.fold(f'downsamples.{i}', ds, spec.downsamples[i])
+        if backbone.final_norm:
+            scale, bias = bn_affine(backbone.norm)
+            out.put('norm.scale', scale)
+            out.put('norm.bias', bias)
+
+
+class PackedClassifier(_Engine):
     """Packed backbone + global average pooling + linear head (an exported
     mmpretrain ``ImageClassifier``); ``forward(x)`` gives the logits."""
 
@@ -436,25 +461,20 @@ class PackedClassifier(nn.Module):
                  dtype: torch.dtype = torch.float32, backend: str = 'auto'):
         super().__init__()
         packed = load_packed(packed)
-        head = packed['graph'].get('head')
-        if not head:
+        _, head = parse_graph(packed['graph'], packed.source)
+        if head is None:
             raise ValueError('the packed file has no classification head '
                              '(exported from a backbone or a segmentor)')
         self.backbone = PackedBHViT(packed, dtype, backend)
         if 3 not in self.backbone.out_indices:
             raise ValueError('the classifier needs the stage-4 output')
         self._last = self.backbone.out_indices.index(3)
-        t = packed['tensors']
-        self.fc_weight = t[f"{head['prefix']}.weight"].to(dtype).contiguous()
-        self.fc_bias = t[f"{head['prefix']}.bias"].to(dtype).contiguous()
         self.dtype = dtype
+        self.head = build(head, Params(packed['tensors'], HEAD_PATH, dtype),
+                          dtype, self.backbone.backend)
 
     def forward(self, x: Tensor) -> Tensor:
-        feats = self.backbone.forward_nhwc(x)[self._last]
-        out = F.linear(feats.mean(dim=(1, 2)), self.fc_weight, self.fc_bias)
-        if self.backbone.laps is not None:
-            self.backbone.laps.lap('head: pooling + linear (float)')
-        return out
+        return self.head(self.backbone.forward_nhwc(x)[self._last])
 
 
 def load_engine(packed: Union[str, dict], dtype: torch.dtype = torch.float32,
@@ -464,3 +484,10 @@ def load_engine(packed: Union[str, dict], dtype: torch.dtype = torch.float32,
     packed = load_packed(packed)
     cls = PackedClassifier if packed['graph'].get('head') else PackedBHViT
     return cls(packed, dtype, backend)
+
+
+__all__ = [
+    'BackboneSpec', 'PackedBHViT', 'PackedClassifier', 'load_engine',
+    'Profile', 'Recorder', 'HeadSpec', 'PackedOp', 'BACKBONE_PATH',
+    'HEAD_PATH'
+]

@@ -133,6 +133,47 @@ def check_pretrained_backbone(model_cfg: dict) -> None:
         pretrained_file(init_cfg)
 
 
+#: The stem convolution whose input channels are the image bands.
+STEM_KEY = 'patch_embed.conv.weight'
+
+
+def expand_stem_bands(state: dict, own: dict, how) -> dict:
+    """Fit an RGB (3-band) checkpoint's stem to an N-band model
+    (``init_cfg=dict(type='Pretrained', ..., expand_bands='mean')``).
+
+    ``'mean'``: the N-band kernel keeps the RGB kernel for bands 1-3 and
+    gives every extra band the mean of the three RGB kernels (per filter
+    and tap); all N are then scaled by 3/N, so an input equal on every band
+    meets the stem with the response the RGB model had. A 1-band model
+    gets the sum of the RGB kernels. Other keys are untouched; None leaves
+    ``state`` as it is (a band mismatch stays an error)."""
+    if how is None or STEM_KEY not in state or STEM_KEY not in own:
+        return state
+    if how != 'mean':
+        raise ValueError(f"init_cfg.expand_bands must be 'mean' or None, got "
+                         f'{how!r}')
+    src, dst = state[STEM_KEY], own[STEM_KEY]
+    if src.shape == dst.shape:
+        return state
+    bands = dst.shape[1]
+    if src.shape[1] != 3 or src.shape[0] != dst.shape[0] or \
+            src.shape[2:] != dst.shape[2:] or bands == 2:
+        raise ValueError(f'expand_bands: cannot fit the stem {STEM_KEY} '
+                         f'{tuple(src.shape)} of the checkpoint to '
+                         f'{tuple(dst.shape)} (from 3 bands to 1 or more '
+                         'than 3)')
+    if bands == 1:
+        weight = src.sum(dim=1, keepdim=True)
+    else:
+        extra = src.mean(dim=1, keepdim=True).expand(-1, bands - 3, -1, -1)
+        weight = torch.cat([src, extra], dim=1) * (3.0 / bands)
+    state = dict(state)
+    state[STEM_KEY] = weight.to(dst.dtype).contiguous()
+    print_log(f'expand_bands: stem {STEM_KEY} from 3 to {bands} bands '
+              "('mean')", logger='current')
+    return state
+
+
 def load_pretrained(module: torch.nn.Module, init_cfg: dict):
     """Load ``init_cfg['checkpoint']`` (with optional ``prefix``) into
     ``module`` strictly: every parameter/buffer must be present with its
@@ -143,6 +184,7 @@ def load_pretrained(module: torch.nn.Module, init_cfg: dict):
     filename = pretrained_file(init_cfg)
     state = read_state_dict(filename, init_cfg.get('prefix'))
     own = module.state_dict()
+    state = expand_stem_bands(state, own, init_cfg.get('expand_bands'))
     ignore = () if getattr(module, 'final_norm', True) else ('norm.', )
     diff = StateDictMismatch(state, own, ignore_unexpected=ignore)
     if diff:

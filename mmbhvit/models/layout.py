@@ -1,6 +1,15 @@
 # Copyright (c) mmbhvit contributors. Licensed under the Apache License 2.0.
 """Layout helpers for NCHW feature maps: padding, windows, positional
-embeddings and a channel-wise LayerNorm."""
+embeddings and a channel-wise LayerNorm.
+
+Traceable for any input size: while the model is traced or exported
+(:func:`tracing_shapes`: ``torch.jit.trace``, the TorchScript ONNX export,
+``torch.export``) no helper takes a Python branch on a tensor size, so a
+graph traced at one size runs at every other (sizes, pads and indices are
+computed in the graph). Eager (and ``torch.compile``) results are the same
+as before: the traced forms skip shortcuts that are exact identities (a zero
+pad, a same-size resize) or copy the same values another way.
+"""
 from typing import Tuple
 
 import torch
@@ -8,14 +17,50 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 
+def tracing_shapes() -> bool:
+    """True while sizes are graph values rather than Python ints:
+    ``torch.jit.trace`` (and so ``torch.onnx.export(dynamo=False)``) and
+    ``torch.export``. Not under ``torch.compile``, whose guards handle
+    Python branches on sizes."""
+    if torch.jit.is_tracing():
+        return True
+    compiler = getattr(torch, 'compiler', None)
+    exporting = getattr(compiler, 'is_exporting', None)
+    return bool(exporting is not None and exporting())
+
+
 def pad_to_multiple(x: Tensor, multiple: int) -> Tensor:
     """Zero-pad the bottom/right of an NCHW map so that H and W are
     multiples of ``multiple`` (nothing is cropped, nothing is lost)."""
     h, w = x.shape[-2:]
     ph, pw = (-h) % multiple, (-w) % multiple
-    if ph or pw:
+    # traced: always pad (by amounts computed in the graph, maybe 0)
+    if tracing_shapes() or ph or pw:
         x = F.pad(x, (0, pw, 0, ph))
     return x
+
+
+def wrap_pad(x: Tensor, pad: int) -> Tensor:
+    """Circular padding of H and W by ``pad`` on each side.
+
+    Eager: ``F.pad(x, (pad,) * 4, mode='circular')`` (forward and backward
+    as before). Traced (:func:`tracing_shapes`) or for maps smaller than
+    ``pad``: a gather of the indices ``(i - pad) mod size``, the same values
+    for a map of any size (it wraps as often as needed), exported to ONNX as
+    ``Gather`` instead of a ``Pad`` of mode ``wrap``, which OpenVINO
+    rejects. (Slices + concatenation would also export, and trained no
+    slower in ``tools/analysis_tools/benchmark_shift_padding.py``, but add
+    the gradients of the wrapped copies in another order: the gradients
+    would change by float rounding.)
+    """
+    if pad == 0:
+        return x
+    h, w = x.shape[-2:]
+    if not tracing_shapes() and min(h, w) >= pad:
+        return F.pad(x, (pad, ) * 4, mode='circular')
+    rows = (torch.arange(h + 2 * pad, device=x.device) - pad) % h
+    cols = (torch.arange(w + 2 * pad, device=x.device) - pad) % w
+    return x.index_select(-2, rows).index_select(-1, cols)
 
 
 def window_partition(x: Tensor, size: int) -> Tensor:
@@ -37,8 +82,12 @@ def window_reverse(windows: Tensor, size: int, batch: int, h: int,
 
 def resize_pos_embed(pos_embed: Tensor, size: Tuple[int, int]) -> Tensor:
     """Bicubic resize of an NCHW positional embedding to ``size`` (a no-op
-    at the trained size, so the trained resolution is reproduced exactly)."""
-    if tuple(pos_embed.shape[-2:]) == tuple(size):
+    at the trained size, so the trained resolution is reproduced exactly).
+
+    Traced, the resize is always in the graph (``size`` comes from the
+    input's shape); at the trained size a bicubic resize is the identity
+    (its taps are 0, 1, 0, 0), so the values are the same."""
+    if not tracing_shapes() and tuple(pos_embed.shape[-2:]) == tuple(size):
         return pos_embed
     return F.interpolate(pos_embed, size=size, mode='bicubic',
                          align_corners=False)

@@ -2,27 +2,49 @@
 """Forward+backward time of a BHViT classifier, binary vs full precision.
 
     python tools/analysis_tools/benchmark_train_step.py --arch small \
-        --batch 8 --size 224 --repeats 10 [--official-repo PATH]
+        --batch 8 --size 224 --repeats 10 [--threads 2] [--compile] \
+        [--official-repo PATH --extra-path DEPS]
 
-Times one training step (forward, loss, backward; no optimizer step) of the
-mmpretrain classifier with 1-bit weights/activations and of its 32-bit
-counterpart (same architecture, ``weight_bits=act_bits=32``), interleaved so
-that machine noise hits both alike; prints median and spread.
+Times one training step (forward, cross-entropy, backward; no optimizer
+step) of the mmpretrain classifier with 1-bit weights/activations and of its
+32-bit counterpart (same architecture, ``weight_bits=act_bits=32``), with
+the timing protocol of :mod:`mmbhvit.utils.timing` (cases interleaved, order
+reversed every round, so that machine noise hits all alike); prints median,
+quartiles and spread, and the ratios of the medians.
+
+``--composed`` adds the 1-bit classifier with its quantizers composed as
+before their fusion into :class:`~mmbhvit.models.binary.ShiftedSignSTE` and
+:class:`~mmbhvit.models.binary.CentredSignSTE` (same weights, values and
+gradients): the gain of the fused Functions, measured in the same run.
+
+``--compile`` adds the same two classifiers wrapped in ``torch.compile``
+(default inductor backend; the first step, which compiles forward and
+backward, is timed separately and reported as the compile time).
 
 ``--official-repo`` additionally times the official implementation
-(IMRL/BHViT, a local clone; it needs ``transformers`` and ``timm`` importable,
-e.g. via ``--extra-path``) on the same configuration and weights.
+(IMRL/BHViT, a local clone; it needs ``transformers`` and ``timm``
+importable, e.g. via ``--extra-path``) on the same configuration.
+
+``OMP_WAIT_POLICY`` defaults to ``PASSIVE`` as in ``tools/train.py``.
 """
 import argparse
-import statistics
+import copy
+import os
 import sys
 import time
+import types
 
-import torch
+# as tools/train.py: OpenMP threads that busy-wait collapse on a shared CPU
+os.environ.setdefault('OMP_WAIT_POLICY', 'PASSIVE')
 
-import mmbhvit  # noqa: F401
-from mmbhvit.models import BHViT
-from mmbhvit.testing.parity import build_classifier
+import torch  # noqa: E402
+
+import mmbhvit  # noqa: E402,F401
+from mmbhvit.models import BHViT  # noqa: E402
+from mmbhvit.models.binary import BinaryConv2d, SignSTE  # noqa: E402
+from mmbhvit.testing.parity import build_classifier  # noqa: E402
+from mmbhvit.utils.sysinfo import cpu_description  # noqa: E402
+from mmbhvit.utils.timing import summarize, time_interleaved  # noqa: E402
 
 
 def _backbone_cfg(arch: str, bits: int, **kw) -> dict:
@@ -58,13 +80,70 @@ def official_model(repo: str, arch: str, bits: int, num_classes: int):
     return BHViTForImageClassification(config)
 
 
-def step_time(module, forward, x, target) -> float:
-    """Seconds for forward + cross-entropy + backward."""
-    t0 = time.perf_counter()
+class _ComposedClippedSign(torch.autograd.Function):
+    """The clipped-STE weight sign as written before the fused Functions
+    (mask multiplied in); for ``--composed`` only."""
+
+    @staticmethod
+    def forward(ctx, w, scale):
+        ctx.save_for_backward(w)
+        return scale * torch.sign(w)
+
+    @staticmethod
+    def backward(ctx, grad):
+        w, = ctx.saved_tensors
+        return grad * (w.abs() <= 1), None
+
+
+def _composed_weight(conv) -> torch.Tensor:
+    dims = tuple(range(1, conv.weight.dim()))
+    scale = conv.weight.abs().mean(dim=dims, keepdim=True).detach()
+    centred = conv.weight - conv.weight.mean(dim=dims, keepdim=True)
+    return _ComposedClippedSign.apply(centred, scale)
+
+
+def _composed_input(conv, x, shift=None):
+    return SignSTE.apply(x if shift is None else shift(x))
+
+
+def use_composed_quantizers(model) -> None:
+    """Give the binary convolutions of ``model`` the formulation of the
+    quantizers before they were fused (autograd through the weight centring,
+    a separate shift then :class:`SignSTE`): same values and gradients, more
+    tensors; ``--composed`` times it beside the fused one."""
+    for m in model.modules():
+        if isinstance(m, BinaryConv2d) and m.is_binary and not m.recu:
+            m.quantized_weight = types.MethodType(_composed_weight, m)
+            m.quantize_input = types.MethodType(_composed_input, m)
+
+
+def train_step(module, forward, x, target) -> None:
+    """Forward + cross-entropy + backward (gradients dropped after)."""
     loss = torch.nn.functional.cross_entropy(forward(x), target)
     loss.backward()
     module.zero_grad(set_to_none=True)
-    return time.perf_counter() - t0
+
+
+def ratio_pairs(names):
+    """The comparisons worth a ratio: every 1-bit mmbhvit case against its
+    32-bit counterpart and the official 1-bit code, every compiled case
+    against its eager twin."""
+    names = list(names)
+    for a in names:
+        if not a.startswith('mmbhvit'):
+            continue
+        others = []
+        if '1-bit' in a:
+            others += [a.replace('1-bit', '32-bit'), 'official 1-bit']
+        if '32-bit' in a:
+            others.append('official 32-bit')
+        if a.endswith(' compiled'):
+            others.append(a[:-len(' compiled')])
+        if a.endswith(' composed'):
+            others = [a[:-len(' composed')]]
+        for b in others:
+            if b in names:
+                yield a, b
 
 
 def main(argv=None):
@@ -75,6 +154,16 @@ def main(argv=None):
     parser.add_argument('--repeats', type=int, default=10)
     parser.add_argument('--warmup', type=int, default=2)
     parser.add_argument('--threads', type=int, default=None)
+    parser.add_argument('--compile', action='store_true',
+                        help='also time the mmbhvit classifiers wrapped in '
+                        'torch.compile (compile time reported apart)')
+    parser.add_argument('--no-eager', action='store_true',
+                        help='with --compile: leave out the eager mmbhvit '
+                        'cases')
+    parser.add_argument('--composed', action='store_true',
+                        help='also time the 1-bit classifier with the '
+                        'quantizers as composed before their fusion (same '
+                        'weights)')
     parser.add_argument('--official-repo', default=None)
     parser.add_argument('--extra-path', default=None,
                         help='a directory prepended to sys.path (e.g. where '
@@ -88,31 +177,60 @@ def main(argv=None):
     torch.manual_seed(0)
     x = torch.randn(args.batch, 3, args.size, args.size)
     target = torch.randint(0, 1000, (args.batch, ))
-    entries = {}
+    entries, models = {}, {}
+    compile_times = {}
     for bits in (1, 32):
-        clf = build_classifier(_backbone_cfg(args.arch, bits), 1000)
-        entries[f'mmbhvit {bits}-bit'] = (
+        clf = build_classifier(_backbone_cfg(args.arch, bits), 1000).train()
+        models[bits] = clf
+        # the first training step initialises LSQ from the data (eager)
+        train_step(clf, lambda x, m=clf: m(x, mode='tensor'), x, target)
+        if not args.no_eager:
+            entries[f'mmbhvit {bits}-bit'] = (
+                clf, lambda x, m=clf: m(x, mode='tensor'))
+        if args.compile:
+            compiled = torch.compile(clf)
+            name = f'mmbhvit {bits}-bit compiled'
+            forward = (lambda x, m=compiled: m(x, mode='tensor'))
+            start = time.perf_counter()
+            train_step(clf, forward, x, target)
+            compile_times[name] = time.perf_counter() - start
+            entries[name] = (clf, forward)
+    if args.composed:
+        clf = copy.deepcopy(models[1])
+        use_composed_quantizers(clf)
+        entries['mmbhvit 1-bit composed'] = (
             clf, lambda x, m=clf: m(x, mode='tensor'))
     if args.official_repo:
         for bits in (1, 32):
-            off = official_model(args.official_repo, args.arch, bits, 1000)
+            off = official_model(args.official_repo, args.arch, bits,
+                                 1000).train()
             entries[f'official {bits}-bit'] = (off, lambda x, m=off: m(x)[0])
-    for module, _ in entries.values():
-        module.train()
-    results = {name: [] for name in entries}
-    for i in range(args.warmup + args.repeats):
-        for name, (module, forward) in entries.items():  # interleaved
-            dt = step_time(module, forward, x, target)
-            if i >= args.warmup:
-                results[name].append(dt)
+    cases = {
+        name: (lambda m=module, f=forward: train_step(m, f, x, target))
+        for name, (module, forward) in entries.items()
+    }
+    times = time_interleaved(
+        cases, args.repeats, args.warmup,
+        on_round=lambda i, n: print(f'round {i}/{n}', file=sys.stderr,
+                                    flush=True))
     print(f'BHViT-{args.arch}, batch {args.batch}, {args.size}x{args.size}, '
-          f'forward+backward, {torch.get_num_threads()} threads, '
-          f'torch {torch.__version__}, {args.repeats} repeats')
-    print(f'{"model":<20} {"median s":>10} {"min s":>8} {"max s":>8}')
-    for name, ts in results.items():
-        print(f'{name:<20} {statistics.median(ts):10.3f} {min(ts):8.3f} '
-              f'{max(ts):8.3f}')
-    return results
+          f'forward+loss+backward, {torch.get_num_threads()} threads, '
+          f'torch {torch.__version__}, {args.repeats} repeats after '
+          f'{args.warmup} warm-up (interleaved)')
+    print(f'CPU: {cpu_description()}')
+    print(f'{"model":<28} {"median s":>9} {"q1":>7} {"q3":>7} {"min":>7} '
+          f'{"max":>7}')
+    stats = {name: summarize(ts) for name, ts in times.items()}
+    for name, s in stats.items():
+        print(f'{name:<28} {s["median"]:9.3f} {s["q1"]:7.3f} {s["q3"]:7.3f} '
+              f'{s["min"]:7.3f} {s["max"]:7.3f}')
+    for name, dt in compile_times.items():
+        print(f'{name}: first step (compiling) {dt:.1f} s')
+    med = {name: s['median'] for name, s in stats.items()}
+    print('ratios of medians:')
+    for a, b in ratio_pairs(med):
+        print(f'  {a} / {b}: {med[a] / med[b]:.2f}')
+    return times
 
 
 if __name__ == '__main__':

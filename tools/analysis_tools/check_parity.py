@@ -25,7 +25,11 @@ def main(argv=None):
     args = parser.parse_args(argv)
     warnings.filterwarnings('ignore', category=UserWarning)
     failed = False
-    for fixture in args.fixtures:
+    for index, fixture in enumerate(args.fixtures, 1):
+        # progress on stderr (a fixture takes seconds): stdout stays the
+        # report
+        print(f'[{index}/{len(args.fixtures)}] checking {fixture} ...',
+              file=sys.stderr, flush=True)
         try:
             result = run_parity(fixture, tolerance=args.tol)
         except (FileNotFoundError, ValueError) as err:

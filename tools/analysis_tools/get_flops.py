@@ -81,11 +81,17 @@ def render(report) -> str:
 def main(argv=None):
     args = parse_args(argv)
     modes = [False, True] if args.both else [args.full_precision]
-    reports = [
-        analyze_config(args.config, shape=args.shape, full_precision=fp,
-                       count_bn=not args.no_bn, cfg_options=args.cfg_options)
-        for fp in modes
-    ]
+    reports = []
+    for index, fp in enumerate(modes, 1):
+        # progress on stderr (tracing a 512x512 segmentor takes seconds):
+        # stdout stays the report
+        print(f'[{index}/{len(modes)}] counting the '
+              f'{"full-precision" if fp else "binary"} model of '
+              f'{args.config} ...', file=sys.stderr, flush=True)
+        reports.append(
+            analyze_config(args.config, shape=args.shape, full_precision=fp,
+                           count_bn=not args.no_bn,
+                           cfg_options=args.cfg_options))
     for report in reports:
         print(render(report))
     if args.json:

@@ -20,7 +20,8 @@ mmpretrain's ``ImageNet`` / ``CustomDataset``::
 
 File names are unique across classes, as ImageNet's are (tools that name
 their outputs after the image, e.g. ``tools/test.py --show-dir``, rely on
-it). The files only depend on the arguments (same seed -> same files).
+it). The files only depend on the arguments (same seed -> same files), not
+on ``--nproc`` (threads that encode and write the images).
 
 Example::
 
@@ -35,6 +36,7 @@ import cv2
 import numpy as np
 
 from mmbhvit.utils.io import atomic_write, write_image
+from mmbhvit.utils.progress import produce_consume
 
 # Sorted: readers of the folder layout number the classes in folder order.
 CLASSES = ('blobs', 'checker', 'dots', 'hstripes', 'vstripes')
@@ -87,10 +89,10 @@ def make_image(name: str, size: int, rng) -> np.ndarray:
     return np.clip(img, 0, 255).astype(np.uint8)
 
 
-def make_dataset(out_dir: str, num_train: int = 80, num_val: int = 20,
-                 size: int = 64, seed: int = 0) -> dict:
-    """Write the dataset; return ``{split: number of images}``."""
-    counts = {}
+def _images(out_dir: str, num_train: int, num_val: int, size: int,
+            seed: int):
+    """``(path, RGB image)`` of every image, in file order; one random
+    stream per split."""
     for offset, (split, num) in enumerate((('train', num_train),
                                            ('val', num_val))):
         rng = np.random.default_rng([seed, offset])
@@ -98,10 +100,29 @@ def make_dataset(out_dir: str, num_train: int = 80, num_val: int = 20,
             folder = osp.join(out_dir, split, name)
             os.makedirs(folder, exist_ok=True)
             for i in range(num):
-                img = make_image(name, size, rng)
-                write_image(osp.join(folder, f'{name}_{i:06d}.png'),
-                            cv2.cvtColor(img, cv2.COLOR_RGB2BGR))
-        counts[split] = num * len(CLASSES)
+                yield (osp.join(folder, f'{name}_{i:06d}.png'),
+                       make_image(name, size, rng))
+
+
+def _write(item) -> None:
+    path, img = item
+    write_image(path, cv2.cvtColor(img, cv2.COLOR_RGB2BGR))
+
+
+def make_dataset(out_dir: str, num_train: int = 80, num_val: int = 20,
+                 size: int = 64, seed: int = 0, nproc: int = 1,
+                 progress: bool = False) -> dict:
+    """Write the dataset; return ``{split: number of images}``.
+
+    The images are drawn in order (one random stream per split); ``nproc``
+    threads encode and write them, so the files are the same whatever
+    ``nproc``. ``progress``: draw a progress bar (stderr).
+    """
+    counts = {'train': num_train * len(CLASSES),
+              'val': num_val * len(CLASSES)}
+    produce_consume(_images(out_dir, num_train, num_val, size, seed), _write,
+                    total=sum(counts.values()), nproc=nproc,
+                    progress=progress)
     os.makedirs(osp.join(out_dir, 'meta'), exist_ok=True)
     with atomic_write(osp.join(out_dir, 'meta', 'classes.txt'), 'w') as f:
         f.write('\n'.join(CLASSES) + '\n')
@@ -119,13 +140,19 @@ def parse_args(argv=None):
                         help='validation images per class')
     parser.add_argument('--size', type=int, default=64, help='image side')
     parser.add_argument('--seed', type=int, default=0)
+    parser.add_argument('--nproc', type=int, default=1,
+                        help='threads encoding and writing the images (the '
+                        'files do not depend on it)')
     return parser.parse_args(argv)
 
 
 def main(argv=None):
     args = parse_args(argv)
+    if args.nproc < 1:
+        raise SystemExit(f'--nproc must be at least 1, got {args.nproc}.')
     counts = make_dataset(args.out_dir, args.num_train, args.num_val,
-                          args.size, args.seed)
+                          args.size, args.seed, nproc=args.nproc,
+                          progress=True)
     print(f'wrote {counts} images of {len(CLASSES)} classes '
           f'{list(CLASSES)} to {args.out_dir}')
 

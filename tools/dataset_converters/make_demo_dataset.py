@@ -17,12 +17,14 @@ few CPU minutes. The output uses the mmseg / RS-LVF layout read by
     OUT_DIR/img_dir/{train,val}/000000.png   RGB images
     OUT_DIR/ann_dir/{train,val}/000000.png   uint8 class indices
 
-The output only depends on the arguments (same seed -> same files).
+The output only depends on the arguments (same seed -> same files), not on
+``--nproc`` (threads that encode and write the images; the samples are
+drawn in order in the main thread).
 
 Example::
 
     python tools/dataset_converters/make_demo_dataset.py data/demo_shapes \
-        --num-train 400 --num-val 60 --size 96 --seed 0
+        --num-train 400 --num-val 60 --size 96 --seed 0 --nproc 4
 """
 import argparse
 import colorsys
@@ -33,6 +35,7 @@ import cv2
 import numpy as np
 
 from mmbhvit.utils.io import atomic_write_json, write_image
+from mmbhvit.utils.progress import produce_consume
 
 CLASSES = ('background', 'circle', 'square', 'triangle', 'ring')
 PALETTE = [[0, 0, 0], [230, 25, 75], [60, 180, 75], [255, 225, 25],
@@ -127,8 +130,9 @@ def make_sample(rng, size):
     return np.clip(img, 0, 255).astype(np.uint8), label
 
 
-def make_dataset(out_dir, num_train=400, num_val=60, size=96, seed=0):
-    """Write the dataset to ``out_dir`` and return the class list."""
+def _samples(out_dir, num_train, num_val, size, seed):
+    """``(image path, annotation path, image, label)`` of every sample, in
+    file order, drawn from one random stream."""
     rng = np.random.default_rng(seed)
     for split, count in (('train', num_train), ('val', num_val)):
         img_dir = osp.join(out_dir, 'img_dir', split)
@@ -138,14 +142,33 @@ def make_dataset(out_dir, num_train=400, num_val=60, size=96, seed=0):
         for i in range(count):
             img, label = make_sample(rng, size)
             name = f'{i:06d}.png'
-            write_image(osp.join(img_dir, name), img[..., ::-1])  # RGB->BGR
-            write_image(osp.join(ann_dir, name), label)
+            yield (osp.join(img_dir, name), osp.join(ann_dir, name), img,
+                   label)
+
+
+def _write_sample(sample) -> None:
+    img_path, ann_path, img, label = sample
+    write_image(img_path, img[..., ::-1])  # RGB->BGR
+    write_image(ann_path, label)
+
+
+def make_dataset(out_dir, num_train=400, num_val=60, size=96, seed=0,
+                 nproc=1, progress=False):
+    """Write the dataset to ``out_dir`` and return the class list.
+
+    The samples are drawn in order from one random stream (``seed``);
+    ``nproc`` threads encode and write them, so the files are the same
+    whatever ``nproc``. ``progress``: draw a progress bar (stderr).
+    """
+    produce_consume(
+        _samples(out_dir, num_train, num_val, size, seed), _write_sample,
+        total=num_train + num_val, nproc=nproc, progress=progress)
     atomic_write_json(dict(classes=list(CLASSES), palette=PALETTE),
                       osp.join(out_dir, 'classes.json'), indent=1)
     return list(CLASSES)
 
 
-def parse_args():
+def parse_args(argv=None):
     parser = argparse.ArgumentParser(
         description='Generate the synthetic "demo shapes" segmentation '
         'dataset (mmseg layout, classes.json metadata).')
@@ -155,15 +178,21 @@ def parse_args():
     parser.add_argument('--size', type=int, default=96,
                         help='image side in pixels')
     parser.add_argument('--seed', type=int, default=0)
-    return parser.parse_args()
+    parser.add_argument('--nproc', type=int, default=1,
+                        help='threads encoding and writing the images (the '
+                        'files do not depend on it)')
+    return parser.parse_args(argv)
 
 
-def main():
-    args = parse_args()
+def main(argv=None):
+    args = parse_args(argv)
     if args.size < 32:
         raise SystemExit('--size must be at least 32 (BHViT needs 32x32).')
+    if args.nproc < 1:
+        raise SystemExit(f'--nproc must be at least 1, got {args.nproc}.')
     classes = make_dataset(args.out_dir, args.num_train, args.num_val,
-                           args.size, args.seed)
+                           args.size, args.seed, nproc=args.nproc,
+                           progress=True)
     print(f'Wrote {args.num_train} train + {args.num_val} val images '
           f'({args.size}x{args.size}, classes {classes}) to {args.out_dir}')
 

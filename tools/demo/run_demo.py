@@ -90,8 +90,9 @@ def ensure_dataset(args) -> None:
         print(f'Using the existing dataset in {args.data_root}')
         return
     print(f'Generating the demo dataset in {args.data_root} ...')
-    _load_tool('dataset_converters/make_demo_dataset.py').make_dataset(args.data_root, args.num_train,
-                                   args.num_val, args.size, args.seed)
+    _load_tool('dataset_converters/make_demo_dataset.py').make_dataset(
+        args.data_root, args.num_train, args.num_val, args.size, args.seed,
+        nproc=2, progress=True)
 
 
 def majority_baseline(ann_dir: str, num_classes: int,

@@ -1,25 +1,240 @@
 # Copyright (c) mmbhvit contributors. Licensed under the Apache License 2.0.
 """Batch-1 CPU latency of (a) the PyTorch fp32 counterpart, (b) the PyTorch
-binary model (simulated 1-bit) and (c) the packed engine, side by side.
+binary model (simulated 1-bit) and (c) the packed engine, side by side; or,
+with ``--kernels``, the binary ops of the packed engine one by one.
 
 Examples::
 
     # BHViT-small classifier at 224 and BHViT-small + UPerNet at 512
     python tools/deployment/benchmark_binary.py --profile
     # one config, trained weights, 2 threads only
-    python tools/deployment/benchmark_binary.py \
-        configs/bhvit/upernet_bhvit_ade20k.py --checkpoint iter_160000.pth \
+    python tools/deployment/benchmark_binary.py \\
+        configs/bhvit/upernet_bhvit_ade20k.py --checkpoint iter_160000.pth \\
         --threads 2
+    # per-op kernel timings at BHViT-small / 224 shapes: every kernel set
+    # this CPU runs, 1 and 2 threads, binary MACs per second and the
+    # fraction of this CPU's AVX2 popcount peak
+    python tools/deployment/benchmark_binary.py --kernels
 
 Results and their discussion: docs/deployment.md.
 """
+import os
 import os.path as osp
 import sys
 
 ROOT = osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__))))
 sys.path.insert(0, ROOT)
 
-from mmbhvit.deploy.benchmark import main  # noqa: E402
+#: AVX2 XOR-popcount of 256 bits (one register of 4 outputs x 64 input
+#: bits, with the nibble table): vpxor, vpsrlw, 2 vpand, 2 vpshufb,
+#: 2 vpaddb = 8 vector-ALU uops; Intel (Ice Lake and newer) and AMD Zen 3
+#: issue 256-bit integer ALU uops on 3 resp. 4 ports, vpshufb on 2 of them.
+AVX2_UOPS_PER_256_BITS = 8
+
+
+def avx2_peak_per_cycle(vector_ports: int = 3) -> float:
+    """Binary MACs per cycle and core of the AVX2 popcount loop: 256 bits
+    per ``AVX2_UOPS_PER_256_BITS / vector_ports`` cycles (3 ports: 96)."""
+    return 256.0 * vector_ports / AVX2_UOPS_PER_256_BITS
+
+
+def _visited_taps(size: int, d: int) -> int:
+    """Number of (position, tap) pairs of a 3-tap dilated 1-d window on
+    ``size`` positions with zero padding ``d`` that fall inside."""
+    return sum(1 for p in range(size) for k in (-1, 0, 1)
+               if 0 <= p + k * d < size)
+
+
+def kernel_cases(dtype):
+    """(name, binary MACs, call) at BHViT-small / 224 shapes (batch 1)."""
+    import torch
+
+    from mmbhvit.deploy.ops import kernel_words, lane_words
+    from mmbhvit.deploy.packing import pack_bits
+
+    g = torch.Generator().manual_seed(0)
+
+    def rand(*shape, scale=1.0):
+        return (scale * torch.randn(*shape, generator=g)).to(dtype)
+
+    def words(rows, n):
+        return pack_bits(torch.rand(rows, n, generator=g) > 0.5)
+
+    def proj_args(cin, cout):
+        return [rand(cin, scale=0.3), kernel_words(words(cout, cin), 1,
+                                                   cin)[0]] + [
+            rand(cout) for _ in range(5)]
+
+    cases = []
+
+    def ffn(name, tokens, c, ratio):
+        hid = c * ratio
+        x, res = rand(tokens, c), rand(tokens, c)
+        e, r = proj_args(c, hid), proj_args(hid, c)
+        cases.append((name, tokens * 2 * c * hid, lambda ext: ext.ffn(
+            x, res, e, hid, 2, r, 3)))
+
+    def proj(name, tokens, cin, cout):
+        x = rand(tokens, cin)
+        t = proj_args(cin, cout)
+        cases.append((name, tokens * cin * cout, lambda ext: ext.proj(
+            x, t[0], t[1], cout, *t[2:], 1 if cin == cout else 0, None)))
+
+    def msgdc(name, h, w, c, dils=(1, 3, 5), groups=4):
+        cg = c // groups
+        x = rand(1, h, w, c)
+        vec = [rand(c) for _ in range(7)]
+        wb = [words(c, 9 * cg) for _ in dils]
+        wt = [kernel_words(b, 9, cg) for b in wb]
+        lane = [lane_words(b, cg) for b in wb]
+        abs_ = [[rand(c) for _ in dils] for _ in range(3)]
+        macs = sum(_visited_taps(h, d) * _visited_taps(w, d)
+                   for d in dils) * c * cg
+        cases.append((name, macs, lambda ext: ext.msgdc(
+            x, vec[0], vec[1], vec[2], groups, list(dils), wt, abs_[0],
+            abs_[1], abs_[2], vec[3], vec[4], vec[5], vec[6], lane)))
+
+    def merge(name, h, w, cin, cout):
+        x = rand(1, h, w, cin)
+        wt = kernel_words(words(cout, 4 * cin), 4, cin)
+        v = [rand(cout) for _ in range(4)]
+        thr, pos = rand(cin, scale=0.3), rand(h // 2, w // 2, cout)
+        cases.append((name, (h // 2) * (w // 2) * 4 * cin * cout,
+                      lambda ext: ext.merge(x, thr, wt, cout, *v, pos)))
+
+    def attention(name, windows, t, c, heads):
+        q, k, v = rand(windows, t, c), rand(windows, t, c), rand(
+            windows, t, c)
+        thr = [rand(c, scale=0.3) for _ in range(3)]
+        d = c // heads
+        cases.append((name + ' q.k', windows * heads * t * t * d,
+                      lambda ext: ext.attn_scores(q, k, thr[0], thr[1],
+                                                  heads, d**-0.5)))
+        p = torch.softmax(rand(windows, heads, t, t, scale=3.0), -1)
+        step = (0.05 + 0.25 * torch.rand(heads, generator=g)).to(dtype)
+        zero = (torch.rand(heads, generator=g) - 0.5).to(dtype)
+        ep = [rand(c) for _ in range(4)]
+        # LSQ with 3 levels: two bit planes, each a binary t x t x d product
+        cases.append((name + ' context', 2 * windows * heads * t * t * d,
+                      lambda ext: ext.attn_context(p, q, k, v, thr[2], heads,
+                                                   0, 3, step, zero, [],
+                                                   *ep)))
+
+    msgdc('msgdc stage1 56x56x64', 56, 56, 64)
+    msgdc('msgdc stage2 28x28x128', 28, 28, 128)
+    ffn('ffn stage1 3136x64 r8', 3136, 64, 8)
+    ffn('ffn stage3 196x256 r4', 196, 256, 4)
+    proj('proj q/k/v stage3 212x256', 212, 256, 256)
+    merge('merge 56x56 64->128', 56, 56, 64, 128)
+    merge('merge 28x28 128->256', 28, 28, 128, 256)
+    merge('merge 14x14 256->512', 14, 14, 256, 512)
+    attention('attn stage3 4x53x256 h4', 4, 53, 256, 4)
+    attention('attn stage4 1x50x512 h8', 1, 50, 512, 8)
+    return cases
+
+
+def benchmark_kernels(sets=None, threads=(1, 2), rounds=15, min_time=0.02,
+                      clock='wall'):
+    """Interleaved timings: every round times every (threads, set, op) once
+    (the median of the rounds is reported), so drift and other load on the
+    cores spread over all candidates alike. ``clock='cpu'`` times the
+    process's CPU time instead of the wall clock (for 1 thread: the time the
+    kernels actually ran, whatever else shares the cores; with more threads
+    it also counts threads waiting at the end of a parallel region)."""
+    import time
+
+    import torch
+
+    from mmbhvit.deploy.ops import load_extension
+    from mmbhvit.utils.sysinfo import cpu_description
+
+    timer = time.perf_counter if clock == 'wall' else time.process_time
+    ext = load_extension()
+    if ext is None:
+        from mmbhvit.deploy.ops import extension_error
+        raise SystemExit(f'the packed-bit kernels are not built: '
+                         f'{extension_error()}')
+    sets = sets or ext.available_isas()
+    old_set, old_threads = ext.isa(), torch.get_num_threads()
+    cases = kernel_cases(torch.float32)
+    hz = ext.cpu_clock_hz()
+    peak = avx2_peak_per_cycle() * hz
+    times = {}
+    try:
+        # calls per timing, sized once on the fastest set with 1 thread
+        reps = {}
+        ext.set_isa(sets[0])
+        torch.set_num_threads(1)
+        for name, _, call in cases:
+            call(ext)
+            t0 = time.perf_counter()
+            call(ext)
+            reps[name] = max(1, int(min_time / max(time.perf_counter() - t0,
+                                                   1e-6)))
+        for _ in range(rounds):
+            for nt in threads:
+                torch.set_num_threads(nt)
+                for s in sets:
+                    ext.set_isa(s)
+                    for name, _, call in cases:
+                        n = reps[name]
+                        t0 = timer()
+                        for _ in range(n):
+                            call(ext)
+                        dt = (timer() - t0) / n
+                        if clock == 'cpu':
+                            dt /= nt  # CPU seconds of nt threads
+                        times.setdefault((name, s, nt), []).append(dt)
+    finally:
+        ext.set_isa(old_set)
+        torch.set_num_threads(old_threads)
+    print(f'CPU: {cpu_description()}')
+    print(f'clock (dependent-add chain): {hz / 1e9:.2f} GHz; AVX2 '
+          f'popcount peak {avx2_peak_per_cycle():.0f} binary MACs/cycle/core'
+          f' = {peak / 1e9:.0f} G/s per core')
+    print(f'median of {rounds} interleaved rounds, float32, batch 1, '
+          f'{clock} clock' + (' (CPU time / threads)' if clock == 'cpu' else
+                               '') +
+          f'; fraction = achieved / (AVX2 peak x threads); load average '
+          f'{os.getloadavg()[0]:.1f}')
+    head = f'{"op":32s} {"set":8s} {"thr":>3s} {"time us":>9s} ' \
+           f'{"GMAC/s":>8s} {"of AVX2 peak":>12s}'
+    print(head)
+    print('-' * len(head))
+    rows = []
+    for name, macs, _ in cases:
+        for s in sets:
+            for nt in threads:
+                ts = sorted(times[(name, s, nt)])
+                t = ts[len(ts) // 2]
+                rate = macs / t
+                frac = rate / (peak * nt) if peak else float('nan')
+                rows.append((name, s, nt, t, rate, frac))
+                print(f'{name:32s} {s:8s} {nt:3d} {t * 1e6:9.1f} '
+                      f'{rate / 1e9:8.1f} {frac:11.0%}')
+    return rows
+
+
+def main_kernels(argv):
+    import argparse
+    parser = argparse.ArgumentParser(
+        description='per-op timings of the packed-bit kernels')
+    parser.add_argument('--kernels', action='store_true')
+    parser.add_argument('--sets', nargs='*', default=None,
+                        help='kernel sets (default: all this CPU runs)')
+    parser.add_argument('--threads', nargs='*', type=int, default=[1, 2])
+    parser.add_argument('--rounds', type=int, default=15)
+    parser.add_argument('--clock', choices=('wall', 'cpu'), default='wall',
+                        help='wall clock (latency; default) or the process '
+                        "CPU time (robust to other jobs on the cores)")
+    args = parser.parse_args(argv)
+    benchmark_kernels(args.sets, tuple(args.threads), args.rounds,
+                      clock=args.clock)
+    return 0
+
 
 if __name__ == '__main__':
+    if '--kernels' in sys.argv[1:]:
+        sys.exit(main_kernels(sys.argv[1:]))
+    from mmbhvit.deploy.benchmark import main
     sys.exit(main())

@@ -1,19 +1,25 @@
-# RS-LVF remote-sensing segmentation, 512x512 crops.
-# Layout (see configs/bhvit/README.md):
+# RS-LVF remote-sensing segmentation, 512x512 crops of GeoTIFF tiles.
+# Layout (tools/dataset_converters/rs_lvf.py writes it; see
+# docs/remote_sensing.md and configs/bhvit/README.md):
 #   data/rs_lvf/classes.json                 {"classes": [...],
 #                                             "palette": [[r, g, b], ...]}
-#   data/rs_lvf/img_dir/{train,val}/*.png
+#   data/rs_lvf/bands.json                   per-band normalisation
+#   data/rs_lvf/tiles.json                   scene + window of every tile
+#   data/rs_lvf/img_dir/{train,val}/*.tif    tiles, the scenes' bit depth
 #   data/rs_lvf/ann_dir/{train,val}/*.png    uint8 class index, 255 = ignore
 # The class list is read from classes.json (or classes.txt); it is never
 # guessed. To give it in the config instead, set on every dataset
 #   metainfo=dict(classes=(...), palette=[...])
-# (if both exist they must agree). tools/dataset_converters/rs_lvf.py
-# converts RGB colour masks into this layout.
+# (if both exist they must agree).
+# LoadRSImage reads any band count and bit depth and maps each band onto
+# float [0, 255] with bands.json (8-bit data without bands.json: as is);
+# bands come in file order (RGB), so the data preprocessor of the RS-LVF
+# configs has bgr_to_rgb=False.
 dataset_type = 'RSLVFDataset'
 data_root = 'data/rs_lvf'
 crop_size = (512, 512)
 train_pipeline = [
-    dict(type='LoadImageFromFile'),
+    dict(type='LoadRSImage'),
     dict(type='LoadAnnotations'),
     # num_classes comes from the dataset's class list
     dict(type='CheckLabelRange'),
@@ -26,19 +32,22 @@ train_pipeline = [
     # aerial views have no "up": flip both ways
     dict(type='RandomFlip', prob=0.5, direction='horizontal'),
     dict(type='RandomFlip', prob=0.5, direction='vertical'),
-    dict(type='PhotoMetricDistortion'),
+    # brightness/contrast in float for any band count (PhotoMetricDistortion
+    # needs 3 bands and rounds to uint8)
+    dict(type='RandomGainBias', prob=0.5),
     dict(type='PackSegInputs')
 ]
+# Tiles at their own resolution; the models' test_cfg slides a 512x512
+# window over them (and tools/rs_inference.py over whole scenes).
 test_pipeline = [
-    dict(type='LoadImageFromFile'),
-    dict(type='Resize', scale=(512, 512), keep_ratio=True),
+    dict(type='LoadRSImage'),
     dict(type='LoadAnnotations'),
     dict(type='CheckLabelRange'),
     dict(type='PackSegInputs')
 ]
 img_ratios = [0.5, 0.75, 1.0, 1.25, 1.5, 1.75]
 tta_pipeline = [
-    dict(type='LoadImageFromFile', backend_args=None),
+    dict(type='LoadRSImage'),
     dict(
         type='TestTimeAug',
         transforms=[
@@ -64,6 +73,7 @@ train_dataloader = dict(
         type=dataset_type,
         data_root=data_root,
         data_prefix=dict(img_path='img_dir/train', seg_map_path='ann_dir/train'),
+        img_suffix='.tif',
         pipeline=train_pipeline))
 val_dataloader = dict(
     batch_size=1,
@@ -74,6 +84,7 @@ val_dataloader = dict(
         type=dataset_type,
         data_root=data_root,
         data_prefix=dict(img_path='img_dir/val', seg_map_path='ann_dir/val'),
+        img_suffix='.tif',
         pipeline=test_pipeline))
 test_dataloader = val_dataloader
 

@@ -14,6 +14,7 @@ Every tensor is NCHW; the token BatchNorm of the paper is a ``BatchNorm2d``
 (so SyncBN works), a token-wise linear layer is a binary 1×1 convolution.
 """
 import copy
+import warnings
 from contextlib import contextmanager
 from typing import Dict, Iterator, Optional, Sequence, Union
 
@@ -33,7 +34,8 @@ from ..binary import (BinaryConv2d, GSBAttentionBinarizer, LayerScale,
                       sign_ste)
 from ..finite import check_finite_input, is_tracing
 from ..layout import (ChannelLayerNorm, pad_to_multiple, resize_pos_embed,
-                      window_partition, window_reverse)
+                      tracing_shapes, window_partition, window_reverse,
+                      wrap_pad)
 
 
 def _norm(norm_cfg: dict, channels: int) -> nn.Module:
@@ -85,7 +87,7 @@ class BinaryResidualProj(nn.Module):
         return y + x
 
     def forward(self, x: Tensor) -> Tensor:
-        y = self.norm(self.conv(self.shift(x)))
+        y = self.norm(self.conv(x, self.shift))  # conv(sign(shift(x)))
         return self.act(self.add_shortcut(y, x))
 
 
@@ -146,7 +148,11 @@ class ShiftBranches(nn.Module):
     one depthwise convolution (circular padding) whose kernel is the
     scale-weighted sum of the filters, plus the summed biases: one pass over
     the map instead of a dozen rolls. :meth:`forward_rolls` is the direct
-    form (used for maps smaller than the filter, and in tests).
+    form (used for maps smaller than the filter, and in tests). The
+    circular padding is :func:`~mmbhvit.models.layout.wrap_pad`: ``F.pad``
+    in eager, a gather when traced (no ONNX ``Pad`` of mode ``wrap``, which
+    OpenVINO rejects); a traced forward always takes the fused form, which
+    then wraps maps of any size.
 
     Attributes:
         fused (bool): True (default): :meth:`forward` runs the depthwise
@@ -199,15 +205,15 @@ class ShiftBranches(nn.Module):
             self.fused = previous
 
     def forward(self, x: Tensor) -> Tensor:
-        if not self.fused or min(x.shape[-2:]) < self.pad:
+        if not self.fused or (not tracing_shapes()
+                              and min(x.shape[-2:]) < self.pad):
             return self.forward_rolls(x)
         branches = list(self.scales.values())
         scale = torch.stack([b.scale / n for b, n in zip(branches,
                                                           self.taps)])
         kernel = (scale[:, :, None, None] * self.filters).sum(0)
         bias = torch.stack([b.bias for b in branches]).sum(0)
-        p = self.pad
-        x = F.pad(x, (p, p, p, p), mode='circular')
+        x = wrap_pad(x, self.pad)
         return F.conv2d(x, kernel.unsqueeze(1), bias, groups=x.shape[1])
 
     def forward_rolls(self, x: Tensor) -> Tensor:
@@ -250,7 +256,7 @@ class MSGDC(nn.Module):
         self.norm = _norm(norm_cfg, channels)
 
     def forward(self, x: Tensor) -> Tensor:
-        xq = self.convs[0].quantize_input(self.shift(x))
+        xq = self.convs[0].quantize_input(x, self.shift)
         out = None
         for conv, act in zip(self.convs, self.acts):
             y = act(conv.forward_quantized(xq))
@@ -498,7 +504,7 @@ class PatchMerging(nn.Module):
         if self.binary:
             shortcut = F.avg_pool2d(x, 2).repeat(
                 1, self.conv.out_channels // self.conv.in_channels, 1, 1)
-            x = self.act(self.norm(self.conv(self.shift(x))) + shortcut)
+            x = self.act(self.norm(self.conv(x, self.shift)) + shortcut)
         else:
             x = self.norm(self.conv(x))
         return x + resize_pos_embed(self.pos_embed, x.shape[-2:])
@@ -707,23 +713,29 @@ class BHViT(BaseModule):
     # ------------------------------------------------------------------
     def _check_input(self, x: Tensor) -> Tensor:
         """Validate the image batch ``x`` and return it in the dtype of the
-        parameters (see :meth:`forward`)."""
+        parameters (see :meth:`forward`). While traced (ONNX export) the
+        size checks read the example input and are not part of the graph."""
         if not isinstance(x, Tensor) or x.dim() != 4:
             shape = tuple(x.shape) if isinstance(x, Tensor) else type(x)
             raise ValueError('BHViT expects a 4-D image batch (N, C, H, W), '
                              f'got {shape}')
-        if x.shape[0] == 0:
+        shape = tuple(x.shape)
+        if torch.jit.is_tracing():  # sizes are graph values: the example's
+            with warnings.catch_warnings():
+                warnings.simplefilter('ignore', torch.jit.TracerWarning)
+                shape = tuple(int(n) for n in shape)
+        if shape[0] == 0:
             raise ValueError('BHViT got an empty batch (N = 0, input shape '
-                             f'{tuple(x.shape)})')
-        if x.shape[1] != self.in_channels:
+                             f'{shape})')
+        if shape[1] != self.in_channels:
             raise ValueError(f'BHViT was built for {self.in_channels} input '
-                             f'channels, got {x.shape[1]} (input shape '
-                             f'{tuple(x.shape)})')
-        if min(x.shape[-2:]) < self.min_input_size:
+                             f'channels, got {shape[1]} (input shape '
+                             f'{shape})')
+        if min(shape[-2:]) < self.min_input_size:
             raise ValueError(f'BHViT needs images of at least '
                              f'{self.min_input_size}×{self.min_input_size} '
                              '(the last stage works at 1/32 resolution), got '
-                             f'{x.shape[-2]}×{x.shape[-1]}')
+                             f'{shape[-2]}×{shape[-1]}')
         if not x.is_floating_point():
             raise TypeError(f'BHViT expects a floating-point image batch '
                             f'(normalised by the data preprocessor), got '

@@ -4,14 +4,16 @@ binarizers, each usable and testable on its own."""
 from .attention import GSBAttentionBinarizer, LSQAttentionQuantizer
 from .layers import (BinaryConv2d, LayerScale, LearnableBias, RPReLU,
                      binary_conv_layers)
-from .quantizers import (ClippedSignSTE, QuantizerFunction, RoundSTE,
-                         ScaleGrad, SignSTE, amp_backward, amp_forward,
-                         binarize_weight, integer_range_bits,
+from .quantizers import (CentredSignSTE, ClippedSignSTE, QuantizerFunction,
+                         RoundSTE, ScaleGrad, ShiftedSignSTE, SignSTE,
+                         amp_backward, amp_forward, binarize_weight,
+                         clipped_ste_grad, integer_range_bits,
                          quantizer_function, sign_ste)
 
 __all__ = [
     'QuantizerFunction', 'quantizer_function', 'integer_range_bits',
-    'SignSTE', 'ClippedSignSTE', 'ScaleGrad', 'RoundSTE', 'binarize_weight',
+    'SignSTE', 'ShiftedSignSTE', 'ClippedSignSTE', 'CentredSignSTE',
+    'ScaleGrad', 'RoundSTE', 'binarize_weight', 'clipped_ste_grad',
     'sign_ste', 'amp_forward', 'amp_backward', 'BinaryConv2d',
     'LearnableBias', 'RPReLU', 'LayerScale', 'binary_conv_layers',
     'GSBAttentionBinarizer', 'LSQAttentionQuantizer'

@@ -59,9 +59,21 @@ class BinaryConv2d(nn.Conv2d):
             return binarize_weight(self.weight, self.recu)
         return self.weight
 
-    def quantize_input(self, x: Tensor) -> Tensor:
-        """The activation that reaches the convolution."""
-        return sign_ste(x) if self.act_bits == 1 else x
+    def quantize_input(self, x: Tensor,
+                       shift: Optional['LearnableBias'] = None) -> Tensor:
+        """The activation that reaches the convolution: ``sign(x)``, or
+        ``x`` with ``act_bits=32``.
+
+        With ``shift`` (the :class:`LearnableBias` in front of this layer)
+        it is ``sign(shift(x))``, with the shift and the sign in one autograd
+        Function (:class:`~mmbhvit.models.binary.quantizers.ShiftedSignSTE`:
+        same values and gradients, fewer activation-sized tensors).
+        """
+        if shift is None:
+            return sign_ste(x) if self.act_bits == 1 else x
+        if self.act_bits == 1:
+            return sign_ste(x, shift.bias)
+        return shift(x)
 
     def forward_quantized(self, xq: Tensor) -> Tensor:
         """The convolution of an input already passed through
@@ -75,8 +87,10 @@ class BinaryConv2d(nn.Conv2d):
         """
         return self._conv_forward(xq, self.quantized_weight(), self.bias)
 
-    def forward(self, x: Tensor) -> Tensor:
-        return self.forward_quantized(self.quantize_input(x))
+    def forward(self, x: Tensor,
+                shift: Optional['LearnableBias'] = None) -> Tensor:
+        """``conv(quantize_input(x, shift))``."""
+        return self.forward_quantized(self.quantize_input(x, shift))
 
     def extra_repr(self) -> str:
         return (super().extra_repr() + f', weight_bits={self.weight_bits}, '

@@ -68,6 +68,12 @@ def _device_type(args) -> Optional[str]:
     return None
 
 
+# Device types whose custom_fwd / custom_bwd wrappers are built when a
+# Function is defined rather than at its first call: building them inside a
+# torch.compile trace is a graph break (and a recompilation per layer shape).
+_PREBUILT_DEVICE_TYPES = ('cpu', 'cuda')
+
+
 def amp_forward(cast_inputs: Optional[torch.dtype] = None) -> Callable:
     """Decorator of an autograd ``Function.forward``: autocast handling for
     whichever device the inputs are on.
@@ -89,7 +95,11 @@ def amp_forward(cast_inputs: Optional[torch.dtype] = None) -> Callable:
     """
 
     def decorate(forward: Callable) -> Callable:
-        per_device: Dict[str, Callable] = {}
+        per_device: Dict[str, Callable] = {
+            device_type: torch.amp.custom_fwd(
+                forward, device_type=device_type, cast_inputs=cast_inputs)
+            for device_type in _PREBUILT_DEVICE_TYPES
+        }
 
         @functools.wraps(forward)
         def wrapped(ctx, *args):
@@ -114,7 +124,10 @@ def amp_backward(backward: Callable) -> Callable:
     """Decorator of an autograd ``Function.backward`` whose ``forward`` has
     :func:`amp_forward`: ``torch.amp.custom_bwd`` for the device type the
     forward saw, so the backward runs under the forward's autocast state."""
-    per_device: Dict[str, Callable] = {}
+    per_device: Dict[str, Callable] = {
+        device_type: torch.amp.custom_bwd(backward, device_type=device_type)
+        for device_type in _PREBUILT_DEVICE_TYPES
+    }
 
     @functools.wraps(backward)
     def wrapped(ctx, *grads):
@@ -141,6 +154,39 @@ def quantizer_function(name: str) -> Optional[Type[QuantizerFunction]]:
     """The :class:`QuantizerFunction` subclass called ``name`` (the name of
     a ``prim::PythonOp`` node in a trace), or None."""
     return _QUANTIZER_FUNCTIONS.get(name)
+
+
+def _polynomial_ste_grad(abs_x: Tensor, grad: Tensor) -> Tensor:
+    """``grad * max(2 - 2|x|, 0)`` written over ``abs_x`` (``|x|``, a buffer
+    the caller owns): in place, so the only new tensor is the one the
+    caller gave. This runs on every binary activation of the network, so
+    passes over memory and fresh allocations count."""
+    return abs_x.mul_(-2).add_(2).clamp_(min=0).mul_(grad)
+
+
+@functools.lru_cache(maxsize=None)
+def _open_bound(tau: float, dtype: torch.dtype) -> float:
+    """The smallest value of ``dtype`` above ``tau``: ``|x| <= tau`` is
+    ``-bound < x < bound`` for ``x`` of that dtype."""
+    t = torch.tensor(tau, dtype=dtype)
+    return torch.nextafter(t, torch.tensor(math.inf, dtype=dtype)).item()
+
+
+def clipped_ste_grad(grad: Tensor, x: Tensor, tau: float) -> Tensor:
+    r"""``grad`` where :math:`|x| \le \tau`, 0 elsewhere: the gradient of a
+    clipped identity STE, in one pass over memory
+    (``aten::hardtanh_backward``, whose window is open, gets the bounds
+    :math:`\pm\tau` moved out by one unit in the last place of ``x``'s
+    dtype, so :math:`|x| = \tau` is inside as before)."""
+    if not x.is_floating_point():
+        raise TypeError(f'clipped_ste_grad expects a floating x, got '
+                        f'{x.dtype}')
+    if torch.compiler.is_compiling():
+        # inductor fuses the plain expression into one kernel, and the
+        # bound below would be a host read (a graph break)
+        return grad * (x.abs() <= tau)
+    bound = _open_bound(float(tau), x.dtype)
+    return torch.ops.aten.hardtanh_backward(grad, x, -bound, bound)
 
 
 class SignSTE(QuantizerFunction):
@@ -171,10 +217,7 @@ class SignSTE(QuantizerFunction):
     @amp_backward
     def backward(ctx, grad: Tensor) -> Tensor:
         x, = ctx.saved_tensors
-        # max(2 - 2|x|, 0), computed in place: this runs on every binary
-        # activation of the network, so passes over memory count.
-        window = x.abs().mul_(-2).add_(2).clamp_(min=0)
-        return window.mul_(grad)
+        return _polynomial_ste_grad(x.abs(), grad)
 
 
 class ClippedSignSTE(QuantizerFunction):
@@ -206,7 +249,93 @@ class ClippedSignSTE(QuantizerFunction):
     @amp_backward
     def backward(ctx, grad: Tensor):
         w, = ctx.saved_tensors
-        return grad * (w.abs() <= ctx.tau), None, None
+        return clipped_ste_grad(grad, w, ctx.tau), None, None
+
+
+class ShiftedSignSTE(QuantizerFunction):
+    r"""``sign(x + b)`` with the STE of :class:`SignSTE`, ``b`` a
+    per-channel bias (dim 1): a learnable shift and the activation
+    binarizer in one Function.
+
+    Forward: :math:`u = x + b`, :math:`s = \operatorname{sign}(u)`.
+
+    Backward: :math:`\partial L/\partial x = g \max(2 - 2|u|, 0)` (the
+    :class:`SignSTE` window), :math:`\partial L/\partial b = \sum_{n,h,w}
+    \partial L/\partial x`: the values and gradients of
+    ``SignSTE.apply(x + b)``.
+
+    Why one Function: ``u`` is then this Function's own tensor, and the
+    backward turns it into the gradient in place instead of allocating the
+    window (on a CPU a fresh activation-sized tensor costs page faults, more
+    than the arithmetic). Consequently a second backward through the same
+    graph (``retain_graph=True``) is refused by autograd's saved-tensor
+    version check ("modified by an inplace operation"), never silently
+    wrong.
+
+    Autocast: runs in the incoming dtype, as :class:`SignSTE`; ``x + b``
+    follows the usual type promotion (a float32 bias makes ``u`` float32,
+    as the separate add did).
+    """
+    precision = 1
+
+    @staticmethod
+    @amp_forward()
+    def forward(ctx, x: Tensor, bias: Tensor) -> Tensor:
+        u = x + bias.view(1, -1, *([1] * (x.dim() - 2)))
+        ctx.save_for_backward(u)
+        return torch.sign(u)
+
+    @staticmethod
+    @amp_backward
+    def backward(ctx, grad: Tensor):
+        u, = ctx.saved_tensors
+        grad_x = _polynomial_ste_grad(u.abs_(), grad)  # u is ours
+        grad_b = None
+        if ctx.needs_input_grad[1]:
+            dims = (0, ) + tuple(range(2, grad_x.dim()))
+            grad_b = grad_x.sum(dim=dims)
+        return grad_x, grad_b
+
+
+class CentredSignSTE(QuantizerFunction):
+    r"""Weight binarizer of :func:`binarize_weight` (without ReCU) in one
+    Function: centre per output channel, sign, scale.
+
+    Forward, with :math:`o` the output channel (dim 0) and the means over
+    the other dims:
+
+    .. math::
+        s_o = \operatorname{mean}|w_o|, \quad
+        c = w - \operatorname{mean}(w_o), \quad
+        \hat w = s_o \operatorname{sign}(c)
+
+    Backward: :math:`g_c = g\,\mathbb 1[|c| \le 1]` (the clipped STE of
+    :class:`ClippedSignSTE`, the scale a constant) followed by the gradient
+    of the centring, :math:`\partial L/\partial w = g_c -
+    \operatorname{mean}_o(g_c)`: the values and gradients of
+    ``ClippedSignSTE.apply(w - w.mean(...), scale.detach(), 1.0)``, in
+    fewer passes over the weights (it runs on all of them every step).
+
+    Autocast: cast to float32, as :class:`ClippedSignSTE`.
+    """
+    precision = 1
+
+    @staticmethod
+    @amp_forward(cast_inputs=torch.float32)
+    def forward(ctx, w: Tensor) -> Tensor:
+        dims = tuple(range(1, w.dim()))
+        scale = w.abs().mean(dim=dims, keepdim=True)
+        centred = w - w.mean(dim=dims, keepdim=True)
+        ctx.save_for_backward(centred)
+        return torch.sign(centred).mul_(scale)
+
+    @staticmethod
+    @amp_backward
+    def backward(ctx, grad: Tensor) -> Tensor:
+        centred, = ctx.saved_tensors
+        grad_c = clipped_ste_grad(grad, centred, 1.0)
+        dims = tuple(range(1, grad_c.dim()))
+        return grad_c - grad_c.mean(dim=dims, keepdim=True)
 
 
 class ScaleGrad(torch.autograd.Function):
@@ -271,7 +400,8 @@ def binarize_weight(weight: Tensor, recu: bool = False) -> Tensor:
         \hat w = s_o \operatorname{sign}(c)
 
     The scale ``s`` is taken from the un-centred weight and is treated as a
-    constant. The STE passes gradients where :math:`|c| \le 1`.
+    constant. The STE passes gradients where :math:`|c| \le 1`
+    (:class:`CentredSignSTE`, one Function for the whole construction).
 
     With ``recu=True`` (ReCU, Xu et al. 2021) ``c`` is first standardised per
     output channel, :math:`c' = c / (\sqrt{\operatorname{var}(c)+10^{-5}} /
@@ -279,18 +409,22 @@ def binarize_weight(weight: Tensor, recu: bool = False) -> Tensor:
     :math:`|c'| \le \tau` with :math:`\tau = -\operatorname{mean}|c'| \cdot
     \ln(2 - 2q)`, :math:`q = 0.92`, a constant of the current step.
     """
+    if not recu:
+        return CentredSignSTE.apply(weight)
     dims = tuple(range(1, weight.dim()))
     scale = weight.abs().mean(dim=dims, keepdim=True).detach()
     centred = weight - weight.mean(dim=dims, keepdim=True)
-    tau = 1.0
-    if recu:
-        std = torch.sqrt(centred.var(dim=dims, keepdim=True) + 1e-5)
-        centred = centred / (std / 2 / math.sqrt(2))
-        tau = float(-centred.abs().mean().detach() *
-                    math.log(2 - 2 * RECU_QUANTILE))
+    std = torch.sqrt(centred.var(dim=dims, keepdim=True) + 1e-5)
+    centred = centred / (std / 2 / math.sqrt(2))
+    tau = float(-centred.abs().mean().detach() *
+                math.log(2 - 2 * RECU_QUANTILE))
     return ClippedSignSTE.apply(centred, scale, tau)
 
 
-def sign_ste(x: Tensor) -> Tensor:
-    """Functional form of :class:`SignSTE`."""
-    return SignSTE.apply(x)
+def sign_ste(x: Tensor, bias: Optional[Tensor] = None) -> Tensor:
+    """``sign(x)`` (:class:`SignSTE`), or ``sign(x + bias)`` with a
+    per-channel ``bias`` (:class:`ShiftedSignSTE`, same values and
+    gradients as ``SignSTE.apply(x + bias)``)."""
+    if bias is None:
+        return SignSTE.apply(x)
+    return ShiftedSignSTE.apply(x, bias)

@@ -1,11 +1,10 @@
 // Copyright (c) mmbhvit contributors. Licensed under the Apache License 2.0.
 //
-// Plain-data interface between the torch bindings (binary_ops.cpp) and the
-// packed-bit kernels (binary_kernels.h), which are compiled once per
-// instruction set (kernels_avx512.cpp, kernels_avx2.cpp, kernels_generic.cpp)
-// and picked at run time. Nothing here depends on torch, so the kernel
-// translation units can be built with their own target flags without
-// instantiating any torch or standard-library template under them.
+// Plain-data parameters of the packed-bit kernels (csrc/core). The kernels
+// are compiled once per instruction set (csrc/kernels/kernels_*.cpp) and
+// reached through a table of function pointers (kernel_table.h). Nothing
+// here depends on torch or on the standard library, so the kernel
+// translation units can be built with their own target flags.
 //
 // Conventions shared by every kernel:
 //   * activations are channels-last: (tokens, channels) or (N, H, W, C);
@@ -15,7 +14,8 @@
 //   * for two packed ±1 vectors of n channels, dot = n - 2 popcount(a ^ b);
 //     a padded tap contributes nothing because it is simply not visited;
 //   * weights are "transposed" for the kernels: (taps, words, cout_pad),
-//     cout_pad a multiple of 8 (8 outputs share one 512-bit register);
+//     cout_pad a multiple of 8, outputs innermost (a vector register holds
+//     neighbouring outputs of one weight word);
 //   * every float epilogue evaluates its operations in a fixed order, one
 //     rounding per operation (built with -ffp-contract=off), the order the
 //     pure-PyTorch fallback (mmbhvit/deploy/ops.py) uses as well.
@@ -91,10 +91,10 @@ struct MsgdcParams {
   const T* n2_bias;
   T* h_out;             // (n, h, w, c)
   T* hn_out;            // (n, h, w, c)
-  // Lane path (AVX-512 and AVX2; group width cg = lane_bits in {16, 32},
-  // C | 512): a 512-bit block holds 512 / cg (output, tap) pairs, each cg-bit
-  // lane counted on its own (VPOPCNTW / VPOPCNTD; AVX2: byte counts summed
-  // per lane, two 256-bit halves). lane_bits == 0: word path.
+  // Lane path (AVX-512, AVX2, NEON; group width cg = lane_bits in {16, 32},
+  // C | 512): a 512-bit block holds 512 / cg (output, tap) pairs, each
+  // cg-bit lane counted on its own (VPOPCNTW / VPOPCNTD; AVX2 and NEON:
+  // byte counts summed per lane). lane_bits == 0: word path.
   int lane_bits;
   int64_t nvec;                        // ceil(c / (512 / cg))
   const uint64_t* expanded;            // (n, h, w, nvec, 8): lane j of
@@ -225,48 +225,5 @@ struct ShiftParams {
   const T* bias;          // (c)
   T* y;
 };
-
-// One instruction-set flavour of the kernels; every function handles the
-// work items [begin, end) so the caller can split the work across threads.
-#define MMBHVIT_DECLARE_KERNELS(NS)                                          \
-  namespace NS {                                                             \
-  template <typename T>                                                      \
-  void proj(const ProjParams<T>& p, int64_t begin, int64_t end);             \
-  template <typename T>                                                      \
-  void ffn(const FfnParams<T>& p, int64_t begin, int64_t end);               \
-  template <typename T>                                                      \
-  void pack(const PackParams<T>& p, int64_t begin, int64_t end);             \
-  template <typename T>                                                      \
-  void msgdc(const MsgdcParams<T>& p, int64_t begin, int64_t end);           \
-  template <typename T>                                                      \
-  void msgdc_expand(const ExpandParams<T>& p, int64_t begin, int64_t end);   \
-  bool msgdc_lanes(int lane_bits, int64_t c);                                \
-  template <typename T>                                                      \
-  void merge(const MergeParams<T>& p, int64_t begin, int64_t end);           \
-  template <typename T>                                                      \
-  void head_pack(const HeadPackParams<T>& p, int64_t begin, int64_t end);    \
-  template <typename T>                                                      \
-  void head_pack_t(const HeadPackParams<T>& p, int64_t begin, int64_t end);  \
-  template <typename T>                                                      \
-  void token_pack(const HeadPackParams<T>& p, int64_t begin, int64_t end);   \
-  template <typename T>                                                      \
-  void scores(const ScoreParams<T>& p, int64_t begin, int64_t end);          \
-  template <typename T>                                                      \
-  void context(const ContextParams<T>& p, int64_t begin, int64_t end);       \
-  template <typename T>                                                      \
-  void shift(const ShiftParams<T>& p, int64_t begin, int64_t end);           \
-  template <typename T>                                                      \
-  void merged_tokens(const TokensParams<T>& p, int64_t begin, int64_t end);  \
-  template <typename T>                                                      \
-  void window_tokens(const TokensParams<T>& p, int64_t begin, int64_t end);  \
-  template <typename T>                                                      \
-  void merged_means(const UntokensParams<T>& p, int64_t begin, int64_t end); \
-  template <typename T>                                                      \
-  void untokens(const UntokensParams<T>& p, int64_t begin, int64_t end);     \
-  }
-
-MMBHVIT_DECLARE_KERNELS(avx512)
-MMBHVIT_DECLARE_KERNELS(avx2)
-MMBHVIT_DECLARE_KERNELS(generic)
 
 }  // namespace mmbhvit

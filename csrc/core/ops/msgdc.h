@@ -1,0 +1,152 @@
+// Copyright (c) mmbhvit contributors. Licensed under the Apache License 2.0.
+//
+// MSGDC: up to four binary grouped dilated 3x3 convolutions sharing one
+// packed input, each with its PReLU, summed, plus the block's residual and
+// the next norm. Padded taps are simply not visited.
+#pragma once
+
+#include <cstdint>
+
+#include "../output_transform.h"
+#include "../popcount_core.h"
+
+namespace mmbhvit {
+namespace MMBHVIT_NS {
+namespace {
+
+// Sign bits of a channels-last map, per channel group.
+template <typename T>
+void pack(const PackParams<T>& p, int64_t begin, int64_t end) {
+  for (int64_t i = begin; i < end; ++i) {
+    const T* x = p.x + i * p.c;
+    uint64_t* out = p.bits + i * p.groups * p.wg;
+    for (int64_t g = 0; g < p.groups; ++g) {
+      const int64_t c0 = g * p.cg;
+      pack_row(x + c0, p.thr + c0,
+               p.in_scale != nullptr ? p.in_scale + c0 : nullptr,
+               p.in_bias != nullptr ? p.in_bias + c0 : nullptr, p.cg,
+               out + g * p.wg);
+    }
+  }
+}
+
+// Whether the lane path runs for this group width and channel count.
+bool msgdc_lanes(int lane_bits, int64_t c) {
+  return kHasLanes && (lane_bits == 16 || lane_bits == 32) && c % 4 == 0 &&
+         c / 4 == lane_bits && 512 % c == 0;
+}
+
+// item = pixel: dense sign bits of the pixel, then per 512-bit block v the
+// input lanes of outputs v * 512/cg + j: lane j holds the cg bits of the
+// group of that output. A 64-bit word holds 64/cg lanes of one group, so it
+// is the group's bits repeated.
+template <typename T>
+void msgdc_expand(const ExpandParams<T>& p, int64_t begin, int64_t end) {
+  const int64_t C = p.c, cg = p.cg, nl = 512 / cg, nvec = p.nvec;
+  const int64_t groups = C / cg;
+  if (cg != 16 && cg != 32) return;  // not a lane-path shape
+  const uint64_t repeat = cg == 16 ? 0x0001000100010001ull
+                                   : 0x0000000100000001ull;
+  const uint64_t mask = (uint64_t(1) << cg) - 1;
+  // bit offset (g * cg) of the group of each output word (lane shapes:
+  // C = 4 cg <= 128, so nvec = C cg / 512 <= 8)
+  int64_t shift[64];
+  if (nvec > 8) return;
+  for (int64_t v = 0; v < nvec; ++v)
+    for (int64_t wi = 0; wi < 8; ++wi) {
+      int64_t g = (v * nl + wi * (64 / cg)) / cg;
+      g = g < groups ? g : groups - 1;
+      shift[v * 8 + wi] = g * cg;
+    }
+  uint64_t dense[8];
+  for (int64_t pix = begin; pix < end; ++pix) {
+    pack_row(p.x + pix * C, p.thr, p.in_scale, p.in_bias, C, dense);
+    uint64_t* out = p.expanded + pix * nvec * 8;
+    for (int64_t k = 0; k < nvec * 8; ++k) {
+      const int64_t sh = shift[k];
+      out[k] = ((dense[sh >> 6] >> (sh & 63)) & mask) * repeat;
+    }
+  }
+}
+
+template <typename T>
+void msgdc(const MsgdcParams<T>& p, int64_t begin, int64_t end) {
+  const int64_t H = p.h, Wd = p.w, C = p.c, G = p.groups, cg = p.cg,
+                wg = p.wg, CP = p.cout_pad;
+  const int64_t pix_words = G * wg;
+  Scratch<int32_t> acc(CP > 512 ? CP : 512);
+  Scratch<T> sum(C);
+  const bool lanes = p.lane_bits != 0;
+  for (int64_t pix = begin; pix < end; ++pix) {
+    const int64_t n = pix / (H * Wd), yx = pix % (H * Wd);
+    const int64_t y = yx / Wd, x = yx % Wd;
+    for (int di = 0; di < p.ndil; ++di) {
+      const int64_t d = p.dil[di];
+      const uint64_t* xs[9];
+      int tap_id[9];
+      int nv = 0;
+      for (int ky = 0; ky < 3; ++ky) {
+        const int64_t yy = y + (ky - 1) * d;
+        if (yy < 0 || yy >= H) continue;
+        for (int kx = 0; kx < 3; ++kx) {
+          const int64_t xx = x + (kx - 1) * d;
+          if (xx < 0 || xx >= Wd) continue;
+          const int64_t q = (n * H + yy) * Wd + xx;
+          xs[nv] = lanes ? p.expanded + q * p.nvec * 8 : p.bits + q * pix_words;
+          tap_id[nv] = ky * 3 + kx;
+          ++nv;
+        }
+      }
+      Tap taps[9];
+      if (lanes) {
+        for (int t = 0; t < nv; ++t)
+          taps[t] = Tap{xs[t], p.wx[di] + tap_id[t] * p.nvec * 8};
+        popcount_lanes(taps, nv, int(cg), p.nvec, acc.ptr);
+      } else {
+        for (int64_t g = 0; g < G; ++g) {
+          for (int t = 0; t < nv; ++t)
+            taps[t] = Tap{xs[t] + g * wg, p.wt[di] + tap_id[t] * wg * CP + g * cg};
+          popcount_accumulate<BitOp::kXor, 1>(taps, nv, wg, wg, CP, cg,
+                                              acc.ptr + g * cg, CP);
+        }
+      }
+      const T* __restrict a = p.a[di];
+      const T* __restrict b = p.b[di];
+      const T* __restrict sl = p.slope[di];
+      const int32_t* __restrict ac = acc.ptr;
+      T* __restrict sm = sum.ptr;
+      const int32_t full = int32_t(nv * cg);
+      if (di == 0) {
+        MMBHVIT_NOALIAS_LOOP
+        for (int64_t o = 0; o < C; ++o)
+          sm[o] = binary_prelu<T, false>(full, ac[o], a[o], b[o], T(0), sl[o]);
+      } else {
+        MMBHVIT_NOALIAS_LOOP
+        for (int64_t o = 0; o < C; ++o)
+          sm[o] = sm[o] + binary_prelu<T, false>(full, ac[o], a[o], b[o],
+                                                 T(0), sl[o]);
+      }
+    }
+    const T* __restrict xin = p.x + pix * C;
+    T* __restrict h = p.h_out + pix * C;
+    T* __restrict hn = p.hn_out + pix * C;
+    const T* __restrict os = p.out_scale;
+    const T* __restrict ob = p.out_bias;
+    const T* __restrict n2s = p.n2_scale;
+    const T* __restrict n2b = p.n2_bias;
+    const T* __restrict sm = sum.ptr;
+    MMBHVIT_NOALIAS_LOOP
+    for (int64_t o = 0; o < C; ++o) {
+      T t = sm[o] * os[o];
+      t = t + ob[o];
+      const T hv = xin[o] + t;
+      h[o] = hv;
+      T u = hv * n2s[o];
+      hn[o] = u + n2b[o];
+    }
+  }
+}
+
+}  // namespace
+}  // namespace MMBHVIT_NS
+}  // namespace mmbhvit

@@ -1,0 +1,151 @@
+// Copyright (c) mmbhvit contributors. Licensed under the Apache License 2.0.
+//
+// Popcount core, AVX2 (no vector popcount instruction): the bits of a
+// 256-bit register are counted per byte with a 16-entry nibble table
+// (vpshufb), the byte counts summed for up to 31 steps (31 * 8 < 256) and
+// then folded into four 64-bit lanes (vpsadbw): four outputs per register.
+#pragma once
+
+namespace mmbhvit {
+namespace MMBHVIT_NS {
+namespace {
+
+template <BitOp OP>
+inline __m256i bitop256(__m256i a, __m256i b) {
+  return OP == BitOp::kXor ? _mm256_xor_si256(a, b) : _mm256_and_si256(a, b);
+}
+
+// Bit counts of the 32 bytes of v.
+inline __m256i popcount_bytes(__m256i v) {
+  const __m256i table = _mm256_setr_epi8(0, 1, 1, 2, 1, 2, 2, 3, 1, 2, 2, 3,
+                                         2, 3, 3, 4, 0, 1, 1, 2, 1, 2, 2, 3,
+                                         1, 2, 2, 3, 2, 3, 3, 4);
+  const __m256i low = _mm256_set1_epi8(0x0f);
+  const __m256i lo = _mm256_and_si256(v, low);
+  const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), low);
+  return _mm256_add_epi8(_mm256_shuffle_epi8(table, lo),
+                         _mm256_shuffle_epi8(table, hi));
+}
+
+// lanes < left all ones (vpmaskmovq mask)
+inline __m256i tail4(int64_t left) {
+  const __m256i idx = _mm256_setr_epi64x(0, 1, 2, 3);
+  return _mm256_cmpgt_epi64(_mm256_set1_epi64x(left < 4 ? left : 4), idx);
+}
+
+inline void store4(int32_t* dst, __m256i total, int64_t left) {
+  // the low 32 bits of the four 64-bit lanes
+  const __m128i lo = _mm256_castsi256_si128(_mm256_permutevar8x32_epi32(
+      total, _mm256_setr_epi32(0, 2, 4, 6, 0, 2, 4, 6)));
+  if (left >= 4) {
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(dst), lo);
+  } else {
+    alignas(16) int32_t tmp[4];
+    _mm_store_si128(reinterpret_cast<__m128i*>(tmp), lo);
+    for (int64_t j = 0; j < left; ++j) dst[j] = tmp[j];
+  }
+}
+
+// kFull: all 4 NB outputs exist (plain loads), else masked loads.
+template <BitOp OP, int NK, int NB, bool kFull>
+inline void avx2_block(const Tap* taps, int ntaps, int64_t words, int64_t xs,
+                       int64_t ldw, int64_t o, int64_t n, int32_t* acc,
+                       int64_t lda) {
+  const __m256i zero = _mm256_setzero_si256();
+  __m256i mask[NB];  // used by partial blocks only
+  for (int b = 0; b < NB; ++b)
+    mask[b] = kFull ? _mm256_setzero_si256() : tail4(n - o - 4 * b);
+  __m256i part[NK][NB], total[NK][NB];
+  for (int k = 0; k < NK; ++k)
+    for (int b = 0; b < NB; ++b) part[k][b] = total[k][b] = zero;
+  int fill = 0;
+  for (int t = 0; t < ntaps; ++t) {
+    const uint64_t* x = taps[t].x;
+    const uint64_t* w = taps[t].w + o;
+    for (int64_t i = 0; i < words; ++i) {
+      __m256i wv[NB];
+      for (int b = 0; b < NB; ++b) {
+        const uint64_t* p = w + i * ldw + 4 * b;
+        wv[b] = kFull ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))
+                     : _mm256_maskload_epi64(
+                           reinterpret_cast<const long long*>(p), mask[b]);
+      }
+      for (int k = 0; k < NK; ++k) {
+        const __m256i xv =
+            _mm256_set1_epi64x(static_cast<long long>(x[k * xs + i]));
+        for (int b = 0; b < NB; ++b)
+          part[k][b] = _mm256_add_epi8(
+              part[k][b], popcount_bytes(bitop256<OP>(wv[b], xv)));
+      }
+      if (++fill == 31) {
+        for (int k = 0; k < NK; ++k)
+          for (int b = 0; b < NB; ++b) {
+            total[k][b] = _mm256_add_epi64(total[k][b],
+                                           _mm256_sad_epu8(part[k][b], zero));
+            part[k][b] = zero;
+          }
+        fill = 0;
+      }
+    }
+  }
+  for (int k = 0; k < NK; ++k)
+    for (int b = 0; b < NB; ++b) {
+      total[k][b] =
+          _mm256_add_epi64(total[k][b], _mm256_sad_epu8(part[k][b], zero));
+      store4(acc + k * lda + o + 4 * b, total[k][b], n - o - 4 * b);
+    }
+}
+
+template <BitOp OP, int NK>
+inline void popcount_accumulate(const Tap* taps, int ntaps, int64_t words,
+                                int64_t xs, int64_t ldw, int64_t n,
+                                int32_t* acc, int64_t lda) {
+  // outputs per pass: NK rows x NB registers of byte and 64-bit sums
+  constexpr int NB = NK >= 3 ? 1 : (NK == 2 ? 2 : 3);
+  int64_t o = 0;
+  for (; o + 4 * NB <= n; o += 4 * NB)
+    avx2_block<OP, NK, NB, true>(taps, ntaps, words, xs, ldw, o, n, acc,
+                                 lda);
+  for (; o + 4 <= n; o += 4)
+    avx2_block<OP, NK, 1, true>(taps, ntaps, words, xs, ldw, o, n, acc, lda);
+  if (o < n)
+    avx2_block<OP, NK, 1, false>(taps, ntaps, words, xs, ldw, o, n, acc,
+                                 lda);
+}
+
+// Lane path (see popcount_core_avx512.h), per 256-bit half u of the
+// 512-bit vectors: lane j <-> output u * 256 / cg + j; the per-lane counts
+// are byte counts summed pairwise (vpmaddubsw, then vpmaddwd for 32 bits).
+constexpr bool kHasLanes = true;
+inline void popcount_lanes(const Tap* taps, int ntaps, int cg, int64_t nvec,
+                           int32_t* acc) {
+  const __m256i ones8 = _mm256_set1_epi8(1);
+  const __m256i ones16 = _mm256_set1_epi16(1);
+  for (int64_t u = 0; u < 2 * nvec; ++u) {
+    __m256i s = _mm256_setzero_si256();
+    for (int t = 0; t < ntaps; ++t) {
+      const __m256i xv = _mm256_loadu_si256(
+          reinterpret_cast<const __m256i*>(taps[t].x + u * 4));
+      const __m256i wv = _mm256_loadu_si256(
+          reinterpret_cast<const __m256i*>(taps[t].w + u * 4));
+      const __m256i pairs = _mm256_maddubs_epi16(
+          popcount_bytes(_mm256_xor_si256(xv, wv)), ones8);
+      s = cg == 16 ? _mm256_add_epi16(s, pairs)
+                   : _mm256_add_epi32(s, _mm256_madd_epi16(pairs, ones16));
+    }
+    if (cg == 16) {
+      int32_t* a = acc + u * 16;
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(a),
+                          _mm256_cvtepu16_epi32(_mm256_castsi256_si128(s)));
+      _mm256_storeu_si256(
+          reinterpret_cast<__m256i*>(a + 8),
+          _mm256_cvtepu16_epi32(_mm256_extracti128_si256(s, 1)));
+    } else {
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(acc + u * 8), s);
+    }
+  }
+}
+
+}  // namespace
+}  // namespace MMBHVIT_NS
+}  // namespace mmbhvit

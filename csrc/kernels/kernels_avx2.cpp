@@ -1,0 +1,31 @@
+// Copyright (c) mmbhvit contributors. Licensed under the Apache License 2.0.
+// Kernels for x86-64 CPUs with AVX2, FMA, BMI and POPCNT (x86-64-v3): the
+// popcount core counts 256 bits at a time with a nibble table (vpshufb).
+#include "../core/kernel_table.h"
+
+#if defined(__GNUC__) && defined(__x86_64__)
+#include <immintrin.h>  // before the target pragma
+
+#include <cstdint>
+#pragma GCC push_options
+#pragma GCC target("avx2,fma,bmi,bmi2,popcnt,f16c")
+#define MMBHVIT_NS avx2
+#define MMBHVIT_ISA_AVX2 1
+#define MMBHVIT_SET_NAME "avx2"
+#define MMBHVIT_SET_FN kernels_avx2
+#define MMBHVIT_PATHS                                                      \
+  {"popcount core: vpshufb nibble table, 4 outputs/register, 4 tokens "    \
+   "per weight load",                                                      \
+   "lane core: vpshufb + vpmaddubsw per (output, tap) lane (16/32-channel " \
+   "groups); else popcount core: vpshufb, taps accumulated",              \
+   "popcount core: vpshufb, 4 taps accumulated, 12 outputs per pass",     \
+   "popcount core: vpshufb, 4 query rows per key load",                   \
+   "popcount core (AND): vpshufb, one row per bit plane; AVX2 planes",   \
+   "AVX2 compare + movemask", "auto-vectorised (AVX2)"}
+#include "../core/kernels.inc.h"
+#pragma GCC pop_options
+#else
+namespace mmbhvit {
+const KernelSet* kernels_avx2() { return nullptr; }
+}  // namespace mmbhvit
+#endif

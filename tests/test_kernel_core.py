@@ -1,0 +1,207 @@
+# Copyright (c) mmbhvit contributors. Licensed under the Apache License 2.0.
+"""The kernel core (csrc/core, csrc/kernels) on its own: its C++ test
+program (csrc/tests/test_kernels.cpp, no Python, no torch) against the
+golden outputs of the PyTorch fallback, natively with each kernel set
+forced and, where the cross tools are installed, for aarch64 under qemu;
+the goldens being current; the kernel sets and paths the Python module
+reports; the warning when the engine falls back to PyTorch.
+
+CI also runs all of this through ``make test-kernels``.
+"""
+import filecmp
+import os
+import os.path as osp
+import re
+import shutil
+import subprocess
+import sys
+import warnings
+
+import pytest
+import torch
+
+from mmbhvit.deploy import ops as deploy_ops
+
+ROOT = osp.dirname(osp.dirname(osp.abspath(__file__)))
+CSRC = osp.join(ROOT, 'csrc')
+GOLDENS = osp.join(CSRC, 'tests', 'goldens')
+SETS = ('avx512', 'avx2', 'popcnt', 'neon', 'generic')
+X86_SETS = ('avx512', 'avx2', 'popcnt', 'generic')
+HAS_EXT = deploy_ops.extension_available()
+LINE = re.compile(r'^(pass: (\w+) \((\d+) cases\)|skipped: (\w+) \((.+)\))$')
+
+
+def _make(target, timeout=900):
+    if shutil.which('make') is None or shutil.which('g++') is None:
+        pytest.skip('make and g++ are needed to build the C++ kernel test')
+    done = subprocess.run(['make', '-C', CSRC, target], capture_output=True,
+                          text=True, timeout=timeout)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return done.stdout
+
+
+def _lines(stdout):
+    """The result lines of test_kernels, each checked against the format."""
+    out = [ln for ln in stdout.splitlines()
+           if ln.startswith(('pass:', 'skipped:', 'FAIL:'))]
+    for ln in out:
+        assert LINE.match(ln), ln
+    return out
+
+
+def test_goldens_are_current(tmp_path):
+    """write_kernel_goldens.py still writes the committed files byte for
+    byte (same fallback arithmetic, same seeds)."""
+    sys.path.insert(0, osp.join(ROOT, 'tools', 'deployment'))
+    try:
+        import write_kernel_goldens
+    finally:
+        sys.path.pop(0)
+    write_kernel_goldens.main(['--out', str(tmp_path)])
+    with open(osp.join(GOLDENS, 'MANIFEST')) as f:
+        names = f.read().split()
+    with open(tmp_path / 'MANIFEST') as f:
+        assert f.read().split() == names
+    for name in names:
+        assert filecmp.cmp(osp.join(GOLDENS, name), tmp_path / name,
+                           shallow=False), name
+
+
+def test_cpp_kernels_native_every_set_forced():
+    """Every x86 set forced on its own: it passes, or it is reported
+    skipped by name with the reason (the CPU lacks a feature / not built
+    for this target); the sets the Python module runs must pass."""
+    _make('build/native/test_kernels')
+    exe = osp.join(CSRC, 'build', 'native', 'test_kernels')
+    n_cases = len(open(osp.join(GOLDENS, 'MANIFEST')).read().split())
+    runs_here = set(deploy_ops.load_extension().available_isas()
+                    if HAS_EXT else [])
+    for s in SETS:
+        done = subprocess.run([exe, '--sets', s], capture_output=True,
+                              text=True, timeout=600)
+        lines = _lines(done.stdout)
+        assert len(lines) == 1 or done.returncode == 1, done.stdout
+        m = LINE.match(lines[-1])
+        if m.group(2) is not None:
+            assert done.returncode == 0, done.stdout
+            assert m.group(2) == s and int(m.group(3)) == n_cases
+        else:
+            assert done.returncode == 2, done.stdout  # named, but skipped
+            assert m.group(4) == s
+            assert re.fullmatch(r'CPU lacks \S+|not built for this target',
+                                m.group(5)), m.group(5)
+            assert s not in runs_here, f'{s}: Python runs it, C++ skips it'
+        if s in runs_here:
+            assert m.group(2) == s, f'{s} runs in Python but not here'
+    # the x86 sets are built on x86-64; NEON and generic on aarch64
+    if os.uname().machine in ('x86_64', 'AMD64'):
+        assert 'generic' in runs_here or not HAS_EXT
+
+
+@pytest.mark.skipif(
+    shutil.which('aarch64-linux-gnu-g++') is None
+    or shutil.which('qemu-aarch64') is None,
+    reason='no aarch64 cross compiler / qemu-aarch64 (Debian packages '
+    'g++-aarch64-linux-gnu qemu-user; `make test-kernels` installs them)')
+def test_cpp_kernels_aarch64_under_qemu():
+    """NEON (and the generic set) cross-compiled and run under qemu user
+    emulation: correctness only, qemu says nothing about speed."""
+    lines = _lines(_make('test-aarch64', timeout=1800))
+    assert [ln.split(' (')[0] for ln in lines] == ['pass: neon',
+                                                   'pass: generic']
+
+
+@pytest.mark.skipif(not HAS_EXT, reason='packed-bit C++ kernels not built')
+def test_module_reports_sets_and_paths():
+    ext = deploy_ops.load_extension()
+    sets = ext.kernel_sets()
+    assert [name for name, _ in sets] == list(SETS)
+    runs = [name for name, why in sets if not why]
+    assert runs == ext.available_isas() and 'generic' in runs
+    assert ext.isa() == runs[0] or os.environ.get('MMBHVIT_KERNELS')
+    old = ext.isa()
+    try:
+        for s in runs:
+            ext.set_isa(s)
+            paths = dict(ext.kernel_paths())
+            assert set(paths) >= {'proj/ffn', 'msgdc', 'merge', 'attn_scores',
+                                  'attn_context'}
+            assert all(paths.values())
+        for name, why in sets:
+            if why:
+                with pytest.raises(RuntimeError, match=re.escape(why)):
+                    ext.set_isa(name)
+    finally:
+        ext.set_isa(old)
+
+
+@pytest.mark.skipif(not HAS_EXT, reason='packed-bit C++ kernels not built')
+def test_every_set_agrees_through_python():
+    """The sets the Python module runs give identical results (the popcnt
+    set is not among test_deploy.py's parametrised sets)."""
+    from mmbhvit.deploy.ops import kernel_words
+    from mmbhvit.deploy.packing import pack_bits
+    ext = deploy_ops.load_extension()
+    g = torch.Generator().manual_seed(0)
+    cin, cout = 100, 36
+    x = torch.randn(5, 7, cin, generator=g)
+    wt = kernel_words(pack_bits(torch.rand(cout, cin, generator=g) > .5), 1,
+                      cin)[0]
+    v = [torch.randn(cout, generator=g) for _ in range(5)]
+    thr = 0.3 * torch.randn(cin, generator=g)
+    q, k, val = (torch.randn(2, 13, 48, generator=g) for _ in range(3))
+    p = torch.softmax(torch.randn(2, 3, 13, 13, generator=g), -1)
+    cv = [torch.randn(48, generator=g) for _ in range(5)]
+    step, zero = torch.full((3, ), 0.2), torch.full((3, ), 0.1)
+    old = ext.isa()
+    outs = {}
+    try:
+        for s in ext.available_isas():
+            ext.set_isa(s)
+            outs[s] = (ext.proj(x, thr, wt, cout, *v, 0, None),
+                       ext.attn_scores(q, k, cv[0], cv[1], 3, 0.25),
+                       ext.attn_context(p, q, k, val, cv[0], 3, 0, 3, step,
+                                        zero, [], *cv[1:]))
+    finally:
+        ext.set_isa(old)
+    for s, o in outs.items():
+        for a, b in zip(o, outs['generic']):
+            assert torch.equal(a, b), s
+
+
+def test_fallback_warns_once_with_the_fix(monkeypatch):
+    monkeypatch.setattr(deploy_ops, '_EXT_TRIED', True)
+    monkeypatch.setattr(deploy_ops, '_EXT', None)
+    monkeypatch.setattr(deploy_ops, '_EXT_ERROR',
+                        "ModuleNotFoundError: No module named "
+                        "'mmbhvit._binary_ops'")
+    monkeypatch.setattr(deploy_ops, '_FALLBACK_WARNED', False)
+    with pytest.warns(RuntimeWarning) as rec:
+        assert deploy_ops.resolve_backend('auto') == 'torch'
+    msg = str(rec[0].message)
+    assert "No module named 'mmbhvit._binary_ops'" in msg
+    assert 'build isolation' in msg and '--no-build-isolation' in msg
+    with warnings.catch_warnings():
+        warnings.simplefilter('error')
+        assert deploy_ops.resolve_backend('auto') == 'torch'  # once
+    with pytest.raises(RuntimeError, match='--no-build-isolation'):
+        deploy_ops.resolve_backend('cpp')
+
+
+def test_info_command():
+    done = subprocess.run([sys.executable, '-m', 'mmbhvit.deploy.info'],
+                          capture_output=True, text=True, cwd=ROOT,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    out = done.stdout
+    assert out.startswith('CPU: ')
+    if HAS_EXT:
+        for s in SETS:
+            assert re.search(rf'^  {s} +(runs here|CPU lacks \S+|not built '
+                             'for this target)$', out, re.M), s
+        assert re.search(r'^in use: \w+ \(', out, re.M)
+        for op in ('proj/ffn', 'msgdc', 'merge', 'attn_scores',
+                   'attn_context'):
+            assert re.search(rf'^  {re.escape(op)}: \S', out, re.M), op
+    else:
+        assert 'NOT available' in out and '--no-build-isolation' in out

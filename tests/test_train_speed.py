@@ -1,0 +1,93 @@
+# Copyright (c) mmbhvit contributors. Licensed under the Apache License 2.0.
+"""Training-speed options: ``tools/train.py --compile`` and the train-step
+benchmark's bookkeeping (the timings themselves are a benchmark,
+``tools/analysis_tools/benchmark_train_step.py``, never a test)."""
+import copy
+import os.path as osp
+
+import pytest
+import torch
+
+from _helpers import REPO, load_tool
+
+DEMO_CFG = osp.join(REPO, 'configs', 'bhvit',
+                    'upernet_bhvit-tiny_demo-shapes.py')
+
+
+@pytest.mark.parametrize('flag, expected', [([], None), (['--compile'], True)])
+def test_train_compile_flag_sets_the_config(flag, expected):
+    """``--compile`` is mmengine's ``compile=True`` (the Runner then wraps
+    ``train_step`` in ``torch.compile``); without it nothing is set."""
+    train = load_tool('train.py')
+    cfg = train.build_cfg(train.parse_args([DEMO_CFG] + flag))
+    assert cfg.get('compile') is expected
+
+
+def test_benchmark_compares_each_case_with_its_counterparts():
+    bench = load_tool('analysis_tools/benchmark_train_step.py')
+    names = ['mmbhvit 1-bit', 'mmbhvit 32-bit', 'mmbhvit 1-bit compiled',
+             'official 1-bit']
+    assert list(bench.ratio_pairs(names)) == [
+        ('mmbhvit 1-bit', 'mmbhvit 32-bit'),
+        ('mmbhvit 1-bit', 'official 1-bit'),
+        ('mmbhvit 1-bit compiled', 'official 1-bit'),
+        ('mmbhvit 1-bit compiled', 'mmbhvit 1-bit'),
+    ]
+
+
+def test_benchmark_runs_a_tiny_step(capsys):
+    """The benchmark's step is forward + loss + backward with the gradients
+    dropped after: the model is left without gradients."""
+    bench = load_tool('analysis_tools/benchmark_train_step.py')
+    model = torch.nn.Linear(4, 3)
+    x, target = torch.randn(2, 4), torch.tensor([0, 2])
+    bench.train_step(model, model, x, target)
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_composed_quantizers_give_the_fused_values_and_gradients():
+    """The benchmark's ``--composed`` baseline (the quantizers as composed
+    before their fusion) computes the same model: equal logits and
+    gradients on a reduced BHViT in float64."""
+    from mmbhvit.testing.parity import build_classifier
+    bench = load_tool('analysis_tools/benchmark_train_step.py')
+    arch = dict(embed_dims=[16, 32, 64, 128], depths=[1, 1, 1, 1],
+                num_heads=[1, 1, 2, 4], mlp_ratios=[2, 2, 2, 2])
+    torch.manual_seed(0)
+    fused = build_classifier(
+        dict(type='BHViT', arch=arch, img_size=64, binary_merge=True),
+        5).double().train()
+    composed = copy.deepcopy(fused)
+    bench.use_composed_quantizers(composed)
+    x = torch.randn(2, 3, 64, 64, dtype=torch.float64)
+    grads = []
+    for model in (fused, composed):
+        out = model(x, mode='tensor')
+        out.square().sum().backward()
+        grads.append({n: p.grad for n, p in model.named_parameters()
+                      if p.grad is not None})
+    torch.testing.assert_close(fused(x, mode='tensor'),
+                               composed(x, mode='tensor'), rtol=0, atol=0)
+    assert grads[0].keys() == grads[1].keys() and len(grads[0]) > 50
+    for name in grads[0]:
+        torch.testing.assert_close(grads[0][name], grads[1][name],
+                                   rtol=1e-12, atol=1e-12, msg=name)
+
+
+@pytest.mark.slow
+def test_binary_classifier_forward_is_one_graph_for_torch_compile():
+    """torch.compile sees the whole binary classifier forward (the
+    autocast-aware quantizer Functions included) as one graph: no graph
+    break, so no per-layer recompilation (checked with dynamo's eager
+    ``explain``; no inductor compilation)."""
+    from mmbhvit.testing.parity import build_classifier
+    arch = dict(embed_dims=[16, 32, 64, 128], depths=[1, 1, 1, 1],
+                num_heads=[1, 1, 2, 4], mlp_ratios=[2, 2, 2, 2])
+    model = build_classifier(dict(type='BHViT', arch=arch, img_size=64),
+                             5).train()
+    x = torch.randn(2, 3, 64, 64)
+    model(x, mode='tensor')  # first step: LSQ initialisation (eager)
+    torch._dynamo.reset()
+    report = torch._dynamo.explain(lambda x: model(x, mode='tensor'))(x)
+    assert report.graph_break_count == 0, report.break_reasons
+    assert report.graph_count == 1
