@@ -343,22 +343,13 @@ class PackedBHViT(_Engine):
         return [self.pos_embed] + [d.pos for d in self.downsamples]
 
     def _check_input(self, x: Tensor) -> Tensor:
-        if not isinstance(x, Tensor) or x.dim() != 4:
-            raise ValueError('PackedBHViT expects a 4-D image batch (N, C, H, '
-                             f'W), got {getattr(x, "shape", type(x))}')
+        # the backbone's checks and messages, then what only the engine needs
+        from ..models.backbones.bhvit import check_image_batch
+        check_image_batch(x, 'PackedBHViT', self.in_channels,
+                          self.min_input_size)
         if x.device.type != 'cpu':
             raise ValueError('the packed engine runs on the CPU; got an input '
                              f'on {x.device}')
-        if x.shape[0] == 0:
-            raise ValueError('PackedBHViT got an empty batch (N = 0)')
-        if x.shape[1] != self.in_channels:
-            raise ValueError(f'PackedBHViT was exported for '
-                             f'{self.in_channels} input channels, got '
-                             f'{x.shape[1]}')
-        if min(x.shape[-2:]) < self.min_input_size:
-            raise ValueError(f'PackedBHViT needs images of at least '
-                             f'{self.min_input_size}x{self.min_input_size}, '
-                             f'got {x.shape[-2]}x{x.shape[-1]}')
         # the backbone's test and message (NaN / inf -> NonFiniteError)
         from ..models.finite import check_finite_input
         check_finite_input(x, 'PackedBHViT')

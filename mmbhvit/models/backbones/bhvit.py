@@ -16,7 +16,7 @@ Every tensor is NCHW; the token BatchNorm of the paper is a ``BatchNorm2d``
 import copy
 import warnings
 from contextlib import contextmanager
-from typing import Dict, Iterator, Optional, Sequence, Union
+from typing import Dict, Iterator, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -513,6 +513,39 @@ class PatchMerging(nn.Module):
 # --------------------------------------------------------------------------
 # The backbone
 # --------------------------------------------------------------------------
+def check_image_batch(x: Tensor, owner: str, in_channels: int,
+                      min_size: int) -> Tuple[int, int, int, int]:
+    """Refuse what a BHViT backbone (``owner``: the model or its packed
+    engine) cannot compute: not a 4-D floating-point batch, an empty batch,
+    another channel count, a side under ``min_size``. Returns the shape;
+    while traced (ONNX export) the sizes are read from the example input
+    and are not part of the graph."""
+    if not isinstance(x, Tensor) or x.dim() != 4:
+        shape = tuple(x.shape) if isinstance(x, Tensor) else type(x)
+        raise ValueError(f'{owner} expects a 4-D image batch (N, C, H, W), '
+                         f'got {shape}')
+    shape = tuple(x.shape)
+    if torch.jit.is_tracing():
+        with warnings.catch_warnings():
+            warnings.simplefilter('ignore', torch.jit.TracerWarning)
+            shape = tuple(int(n) for n in shape)
+    if shape[0] == 0:
+        raise ValueError(f'{owner} got an empty batch (N = 0, input shape '
+                         f'{shape})')
+    if shape[1] != in_channels:
+        raise ValueError(f'{owner} was built for {in_channels} input '
+                         f'channels, got {shape[1]} (input shape {shape})')
+    if min(shape[-2:]) < min_size:
+        raise ValueError(f'{owner} needs images of at least {min_size}×'
+                         f'{min_size} (the last stage works at 1/32 '
+                         f'resolution), got {shape[-2]}×{shape[-1]}')
+    if not x.is_floating_point():
+        raise TypeError(f'{owner} expects a floating-point image batch '
+                        '(normalised by the data preprocessor), got '
+                        f'{x.dtype}')
+    return shape
+
+
 @register_model
 class BHViT(BaseModule):
     """BHViT backbone.
@@ -713,33 +746,8 @@ class BHViT(BaseModule):
     # ------------------------------------------------------------------
     def _check_input(self, x: Tensor) -> Tensor:
         """Validate the image batch ``x`` and return it in the dtype of the
-        parameters (see :meth:`forward`). While traced (ONNX export) the
-        size checks read the example input and are not part of the graph."""
-        if not isinstance(x, Tensor) or x.dim() != 4:
-            shape = tuple(x.shape) if isinstance(x, Tensor) else type(x)
-            raise ValueError('BHViT expects a 4-D image batch (N, C, H, W), '
-                             f'got {shape}')
-        shape = tuple(x.shape)
-        if torch.jit.is_tracing():  # sizes are graph values: the example's
-            with warnings.catch_warnings():
-                warnings.simplefilter('ignore', torch.jit.TracerWarning)
-                shape = tuple(int(n) for n in shape)
-        if shape[0] == 0:
-            raise ValueError('BHViT got an empty batch (N = 0, input shape '
-                             f'{shape})')
-        if shape[1] != self.in_channels:
-            raise ValueError(f'BHViT was built for {self.in_channels} input '
-                             f'channels, got {shape[1]} (input shape '
-                             f'{shape})')
-        if min(shape[-2:]) < self.min_input_size:
-            raise ValueError(f'BHViT needs images of at least '
-                             f'{self.min_input_size}×{self.min_input_size} '
-                             '(the last stage works at 1/32 resolution), got '
-                             f'{shape[-2]}×{shape[-1]}')
-        if not x.is_floating_point():
-            raise TypeError(f'BHViT expects a floating-point image batch '
-                            f'(normalised by the data preprocessor), got '
-                            f'{x.dtype}')
+        parameters (see :meth:`forward`)."""
+        check_image_batch(x, 'BHViT', self.in_channels, self.min_input_size)
         note = ''
         dtype = self.pos_embed.dtype
         if x.dtype != dtype:
