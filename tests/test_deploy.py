@@ -11,6 +11,7 @@ float64 model as the float32 PyTorch model is (with a margin), and the
 C++ kernels and the pure-PyTorch fallback are asserted to agree exactly.
 """
 import copy
+import importlib.util
 import json
 import logging
 import os.path as osp
@@ -578,7 +579,17 @@ def test_benchmark_tool_smoke(capsys):
         fp = build_classifier(
             dict(type='BHViT', arch=REDUCED, weight_bits=32, act_bits=32),
             7).eval()
+    from mmbhvit.deploy.benchmark import BASELINES, resolve_baselines
+    baselines = resolve_baselines(None)[0] if importlib.util.find_spec(
+        'onnx') else []
     res = benchmark_task('cls', binary, fp, (64, 64), [1], iters=2, warmup=1,
-                         profile=True)
+                         profile=True, baselines=baselines)
     text = format_result(res)
     assert '(c) packed engine' in text and 'mlp expand' in text
+    for runtime in baselines:  # the classifier's fp32 baselines
+        assert res['runs'][1][BASELINES[runtime]]['median_ms'] > 0
+    assert 'vs the fastest fp32 engine' in text
+    ops = res['ops']
+    assert ops['backbone_ops'] > 0 and ops['head_ops'] > 0
+    assert ops['backbone_ops'] + ops['head_ops'] == pytest.approx(
+        ops['total_ops'])

@@ -1,7 +1,9 @@
 # Copyright (c) mmbhvit contributors. Licensed under the Apache License 2.0.
 """Batch-1 CPU latency of (a) the PyTorch fp32 counterpart, (b) the PyTorch
-binary model (simulated 1-bit) and (c) the packed engine, side by side; or,
-with ``--kernels``, the binary ops of the packed engine one by one.
+binary model (simulated 1-bit), (c) the packed engine and the fp32 baselines
+(d) ONNX Runtime and (e) OpenVINO (the fp32 counterpart exported to ONNX;
+those installed), side by side; or, with ``--kernels``, the binary ops of
+the packed engine one by one.
 
 Examples::
 
@@ -11,6 +13,10 @@ Examples::
     python tools/deployment/benchmark_binary.py \\
         configs/bhvit/upernet_bhvit_ade20k.py --checkpoint iter_160000.pth \\
         --threads 2
+    # README rows: whole segmentor at 512, 1 and 2 threads, every baseline,
+    # OPs backbone / head, speed-ups vs each fp32 engine and the fastest
+    python tools/deployment/benchmark_binary.py \\
+        configs/bhvit/upernet_bhvit_ade20k.py --threads 1 2 --markdown
     # per-op kernel timings at BHViT-small / 224 shapes: every kernel set
     # this CPU runs, 1 and 2 threads, binary MACs per second and the
     # fraction of this CPU's AVX2 popcount peak
