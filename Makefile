@@ -69,7 +69,7 @@ $(STAMP): $(REQUIREMENTS) setup.py setup.cfg
 	touch "$(STAMP)"
 
 test: venv
-	$(VENV_PY) -m pytest -q tests $(PYTEST_ARGS)
+	$(VENV_PY) -m pytest -q tests --durations=15 $(PYTEST_ARGS)
 
 test-quick: venv
 	$(VENV_PY) -m pytest -q tests -m "not slow" $(PYTEST_ARGS)
