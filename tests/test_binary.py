@@ -241,6 +241,42 @@ def test_rprelu_and_layerscale_formulas():
     assert torch.allclose(ls(x), x * 2 + torch.tensor([1., -1.]).view(1, 2, 1, 1))
 
 
+@pytest.mark.parametrize('dtype', [torch.float64, torch.float32])
+def test_rprelu_function_equals_the_composed_expression(dtype):
+    """RPReLUFunction's backward is hand-written: values and all four
+    gradients bit-identical to autograd through ``F.prelu``, including
+    ``x - bias_in == 0`` (the kink) and a channel with a negative slope;
+    without gradients (and when traced) the plain expression runs."""
+    torch.manual_seed(0)
+    act = RPReLU(6).to(dtype)
+    with torch.no_grad():
+        for p in act.parameters():
+            p.uniform_(-0.5, 0.5)
+        act.weight[0] = -0.3
+    x = torch.randn(3, 6, 5, 7, dtype=dtype)
+    x[0, :, 0, 0] = act.bias_in.detach()
+    grad = torch.randn_like(x)
+    results = []
+    for fused in (True, False):
+        xr = x.clone().requires_grad_()
+        act.zero_grad(set_to_none=True)
+        if fused:
+            y = act(xr)
+            assert y.grad_fn.name() == 'RPReLUFunctionBackward'
+        else:
+            y = F.prelu(xr - act.bias_in.view(1, -1, 1, 1), act.weight) + \
+                act.bias_out.view(1, -1, 1, 1)
+        y.backward(grad)
+        results.append([y.detach(), xr.grad] +
+                       [p.grad for p in act.parameters()])
+    for a, b in zip(*results):
+        assert torch.equal(a, b)
+    with torch.no_grad():
+        assert torch.equal(act(x), results[1][0])
+    traced = torch.jit.trace(act, x, check_trace=False)
+    assert 'PythonOp' not in str(traced.graph)
+
+
 def test_gsb_decomposes_into_binary_maps():
     torch.manual_seed(0)
     p = torch.softmax(torch.randn(2, 3, 5, 7, dtype=torch.float64) * 3, -1)

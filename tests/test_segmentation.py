@@ -145,7 +145,7 @@ def test_demo_learns_well_above_majority_baseline(tmp_path):
         PY, osp.join(REPO, 'tools', 'demo', 'run_demo.py'), '--data-root',
         str(tmp_path / 'data'), '--work-dir',
         str(work), '--num-train', '48', '--num-val', '12', '--size', '64',
-        '--iters', '120', '--batch-size', '8', '--num-vis', '2',
+        '--iters', '90', '--batch-size', '8', '--num-vis', '2',
         '--log-interval', '40'
     ]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=900)

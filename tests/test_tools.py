@@ -95,43 +95,28 @@ def test_test_without_data(tmp_path):
 
 
 # --------------------------------------------------------------------------
-# --resume, --amp on the CPU, tools/test.py on the result
+# --amp on the CPU, tools/test.py and dist_test.sh on the result
 # --------------------------------------------------------------------------
 @pytest.mark.slow
-def test_resume_equals_straight_run_and_test_tool(data_root, tmp_path):
-    straight, resumed = tmp_path / 'straight', tmp_path / 'resumed'
-    # 4 iterations in one go
-    done = _run([TRAIN, DEMO_CFG, '--work-dir', str(straight),
-                 *_options(data_root, 4)])
-    assert done.returncode == 0, done.stderr[-3000:]
-    # 2 iterations (with --amp: on the CPU a warning, float32) ...
-    done = _run([TRAIN, DEMO_CFG, '--work-dir', str(resumed), '--amp',
+def test_amp_on_cpu_then_test_tool(data_root, tmp_path):
+    """--amp on the CPU warns and trains in float32; tools/test.py and
+    tools/dist_test.sh evaluate the result. (--resume, straight vs killed
+    and resumed, is tests/test_resume.py.)"""
+    straight = tmp_path / 'train'
+    done = _run([TRAIN, DEMO_CFG, '--work-dir', str(straight), '--amp',
                  *_options(data_root, 2)])
     assert done.returncode == 0, done.stderr[-3000:]
     assert '--amp ignored' in done.stdout + done.stderr
-    # ... then --resume up to 4
-    done = _run([TRAIN, DEMO_CFG, '--work-dir', str(resumed), '--resume',
-                 *_options(data_root, 4)])
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert 'resumed' in (done.stdout + done.stderr).lower()
-
-    a = _weights(straight / 'iter_4.pth')
-    b = _weights(resumed / 'iter_4.pth')
-    start = _weights(resumed / 'iter_2.pth')
-    assert a.keys() == b.keys()
-    moved = [k for k in a if a[k].is_floating_point()
-             and not torch.equal(a[k], start[k])]
-    assert len(moved) > 100  # iterations 3-4 changed the weights
-    # bit-identical, dropout included (ExactResumeHook; the SIGKILL case is
-    # in tests/test_resume.py)
-    for k in a:
-        assert torch.equal(a[k], b[k]), k
+    ckpt = torch.load(straight / 'iter_2.pth', map_location='cpu',
+                      weights_only=False)
+    assert all(v.dtype != torch.float16 and v.dtype != torch.bfloat16
+               for v in ckpt['state_dict'].values())
 
     # tools/test.py evaluates the checkpoint and writes predictions
     out, show = tmp_path / 'preds', tmp_path / 'show'
     done = _run([
         TEST, DEMO_CFG,
-        str(straight / 'iter_4.pth'), '--work-dir',
+        str(straight / 'iter_2.pth'), '--work-dir',
         str(tmp_path / 'test'), '--out',
         str(out), '--show-dir',
         str(show), '--cfg-options',
@@ -147,7 +132,7 @@ def test_resume_equals_straight_run_and_test_tool(data_root, tmp_path):
                PORT=str(_free_port()))
     done = subprocess.run([
         'bash', osp.join(REPO, 'tools', 'dist_test.sh'), DEMO_CFG,
-        str(straight / 'iter_4.pth'), '2', '--work-dir',
+        str(straight / 'iter_2.pth'), '2', '--work-dir',
         str(tmp_path / 'dist_test'), '--cfg-options',
         f'test_dataloader.dataset.data_root={data_root}'
     ], capture_output=True, text=True, env=env, timeout=600, cwd=REPO)

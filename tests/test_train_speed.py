@@ -14,13 +14,32 @@ DEMO_CFG = osp.join(REPO, 'configs', 'bhvit',
                     'upernet_bhvit-tiny_demo-shapes.py')
 
 
-@pytest.mark.parametrize('flag, expected', [([], None), (['--compile'], True)])
-def test_train_compile_flag_sets_the_config(flag, expected):
-    """``--compile`` is mmengine's ``compile=True`` (the Runner then wraps
-    ``train_step`` in ``torch.compile``); without it nothing is set."""
+@pytest.mark.parametrize('flag', [[], ['--compile']])
+def test_train_compile_flag_adds_the_compile_hook(flag):
+    """``--compile`` adds :class:`CompileModelHook` (once), not mmengine's
+    ``compile=True``; without it nothing is added."""
     train = load_tool('train.py')
-    cfg = train.build_cfg(train.parse_args([DEMO_CFG] + flag))
-    assert cfg.get('compile') is expected
+    cfg = train.build_cfg(train.parse_args([DEMO_CFG] + flag + flag))
+    hooks = [h for h in cfg.get('custom_hooks', None) or []
+             if h['type'] == 'CompileModelHook']
+    assert len(hooks) == (1 if flag else 0)
+    assert cfg.get('compile') is None
+
+
+def test_compile_hook_compiles_the_backbone_in_place():
+    from types import SimpleNamespace
+
+    from mmbhvit.engine import CompileModelHook
+    model = torch.nn.Module()
+    model.backbone = torch.nn.Linear(3, 2)
+    model.head = torch.nn.Linear(2, 2)
+    keys = list(model.state_dict())
+    CompileModelHook().before_train(SimpleNamespace(model=model))
+    assert model.backbone._compiled_call_impl is not None
+    assert getattr(model.head, '_compiled_call_impl', None) is None
+    assert list(model.state_dict()) == keys  # checkpoints unchanged
+    with pytest.raises(ValueError, match="no submodule 'neck'"):
+        CompileModelHook('neck').before_train(SimpleNamespace(model=model))
 
 
 def test_benchmark_compares_each_case_with_its_counterparts():

@@ -72,9 +72,9 @@ def parse_args(argv=None):
     parser.add_argument(
         '--compile',
         action='store_true',
-        help="torch.compile the model's train_step (mmengine's "
-        '`compile=True`; the first iterations compile and are slow; see '
-        'README "Training speed" for what it gains)')
+        help='torch.compile the backbone in place (CompileModelHook; the '
+        'first iteration compiles and is slow; see README "Training speed" '
+        'for what it gains)')
     parser.add_argument(
         '--skip-data-check',
         action='store_true',
@@ -109,7 +109,10 @@ def build_cfg(args) -> Config:
         # the Runner wants the validation settings all set or all None
         cfg.val_cfg = cfg.val_dataloader = cfg.val_evaluator = None
     if args.compile:
-        cfg.compile = True
+        hooks = list(cfg.get('custom_hooks', None) or [])
+        if not any(h.get('type') == 'CompileModelHook' for h in hooks):
+            hooks.append(dict(type='CompileModelHook'))
+        cfg.custom_hooks = hooks
     setup_amp(cfg, args.amp)
     setup_cpu_runtime(cfg)
     cfg.resume = args.resume

@@ -3,6 +3,7 @@
 binarizers, each usable and testable on its own."""
 from .attention import GSBAttentionBinarizer, LSQAttentionQuantizer
 from .layers import (BinaryConv2d, LayerScale, LearnableBias, RPReLU,
+                     RPReLUFunction,
                      binary_conv_layers)
 from .quantizers import (CentredSignSTE, ClippedSignSTE, QuantizerFunction,
                          RoundSTE, ScaleGrad, ShiftedSignSTE, SignSTE,
@@ -15,6 +16,7 @@ __all__ = [
     'SignSTE', 'ShiftedSignSTE', 'ClippedSignSTE', 'CentredSignSTE',
     'ScaleGrad', 'RoundSTE', 'binarize_weight', 'clipped_ste_grad',
     'sign_ste', 'amp_forward', 'amp_backward', 'BinaryConv2d',
-    'LearnableBias', 'RPReLU', 'LayerScale', 'binary_conv_layers',
+    'LearnableBias', 'RPReLU', 'RPReLUFunction', 'LayerScale',
+    'binary_conv_layers',
     'GSBAttentionBinarizer', 'LSQAttentionQuantizer'
 ]

@@ -1,0 +1,56 @@
+# Copyright (c) mmbhvit contributors. Licensed under the Apache License 2.0.
+"""``torch.compile`` a part of the model in place before training."""
+from typing import Optional
+
+import torch
+from mmengine.hooks import Hook
+from mmengine.logging import print_log
+from mmengine.model import is_model_wrapper
+from mmengine.registry import HOOKS
+
+
+@HOOKS.register_module()
+class CompileModelHook(Hook):
+    """Compile ``model.<target>`` with :meth:`torch.nn.Module.compile` when
+    training starts (what ``tools/train.py --compile`` adds).
+
+    Why not mmengine's ``compile=True``: it compiles the whole
+    ``train_step``, optimizer update included, which dynamo stops on with
+    mmengine 0.10.7 and torch 2.14; and mmseg/mmpretrain ``loss`` methods
+    take lists of data samples, one graph break each. The backbone is where
+    the time goes, takes a tensor and returns tensors, and compiles as one
+    graph (``tests/test_train_speed.py``). ``Module.compile`` compiles in
+    place: parameter names, checkpoints and ``load_from``/``resume`` stay
+    those of the eager model. Validation in eval mode compiles once more.
+
+    Args:
+        target (str): dotted path of the submodule to compile; ``''`` is
+            the whole model. Default: ``'backbone'``.
+        mode (str, optional): ``torch.compile``'s ``mode``.
+        dynamic (bool, optional): ``torch.compile``'s ``dynamic``.
+    """
+
+    priority = 'VERY_HIGH'
+
+    def __init__(self, target: str = 'backbone', mode: Optional[str] = None,
+                 dynamic: Optional[bool] = None):
+        self.target = target
+        self.kwargs = dict(mode=mode, dynamic=dynamic)
+
+    def before_train(self, runner) -> None:
+        model = runner.model
+        if is_model_wrapper(model):
+            model = model.module
+        try:
+            module = model.get_submodule(self.target)
+        except AttributeError as err:
+            raise ValueError(
+                f'CompileModelHook: the model ({type(model).__name__}) has '
+                f'no submodule {self.target!r} to compile') from err
+        if not hasattr(torch, 'compile'):
+            raise RuntimeError('CompileModelHook needs torch.compile '
+                               f'(torch >= 2.0), this is {torch.__version__}')
+        module.compile(**self.kwargs)
+        print_log(f'torch.compile: {self.target or "the model"} '
+                  f'({type(module).__name__}) compiled in place; the first '
+                  'iterations include the compilation', logger='current')
