@@ -49,90 +49,104 @@ inline void pack_row_scalar(const T* x, const T* thr, const T* sc,
   }
 }
 
+// Each word's bits are gathered in a register and stored once (or-ing the
+// chunks into memory makes every chunk wait for the previous store).
 #if MMBHVIT_AVX512
 inline void pack_row(const float* x, const float* thr, const float* sc,
                      const float* bi, int64_t n, uint64_t* out) {
-  const int64_t nw = words_for(n);
-  for (int64_t w = 0; w < nw; ++w) out[w] = 0;
-  for (int64_t i = 0; i < n; i += 16) {
-    const int64_t left = n - i;
-    const __mmask16 m =
-        left >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << left) - 1u);
-    __m512 v = _mm512_maskz_loadu_ps(m, x + i);
-    if (sc != nullptr) {
-      v = _mm512_mul_ps(v, _mm512_maskz_loadu_ps(m, sc + i));
-      v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(m, bi + i));
+  for (int64_t i0 = 0; i0 < n; i0 += 64) {
+    const int64_t i1 = n < i0 + 64 ? n : i0 + 64;
+    uint64_t word = 0;
+    for (int64_t i = i0; i < i1; i += 16) {
+      const int64_t left = i1 - i;
+      const __mmask16 m =
+          left >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << left) - 1u);
+      __m512 v = _mm512_maskz_loadu_ps(m, x + i);
+      if (sc != nullptr) {
+        v = _mm512_mul_ps(v, _mm512_maskz_loadu_ps(m, sc + i));
+        v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(m, bi + i));
+      }
+      const __mmask16 gt = _mm512_mask_cmp_ps_mask(
+          m, v, _mm512_maskz_loadu_ps(m, thr + i), _CMP_GT_OQ);
+      word |= uint64_t(gt) << (i - i0);
     }
-    const __mmask16 gt = _mm512_mask_cmp_ps_mask(
-        m, v, _mm512_maskz_loadu_ps(m, thr + i), _CMP_GT_OQ);
-    set_bits(out, i, uint64_t(gt));
+    out[i0 >> 6] = word;
   }
 }
 inline void pack_row(const double* x, const double* thr, const double* sc,
                      const double* bi, int64_t n, uint64_t* out) {
-  const int64_t nw = words_for(n);
-  for (int64_t w = 0; w < nw; ++w) out[w] = 0;
-  for (int64_t i = 0; i < n; i += 8) {
-    const int64_t left = n - i;
-    const __mmask8 m =
-        left >= 8 ? __mmask8(0xFF) : __mmask8((1u << left) - 1u);
-    __m512d v = _mm512_maskz_loadu_pd(m, x + i);
-    if (sc != nullptr) {
-      v = _mm512_mul_pd(v, _mm512_maskz_loadu_pd(m, sc + i));
-      v = _mm512_add_pd(v, _mm512_maskz_loadu_pd(m, bi + i));
+  for (int64_t i0 = 0; i0 < n; i0 += 64) {
+    const int64_t i1 = n < i0 + 64 ? n : i0 + 64;
+    uint64_t word = 0;
+    for (int64_t i = i0; i < i1; i += 8) {
+      const int64_t left = i1 - i;
+      const __mmask8 m =
+          left >= 8 ? __mmask8(0xFF) : __mmask8((1u << left) - 1u);
+      __m512d v = _mm512_maskz_loadu_pd(m, x + i);
+      if (sc != nullptr) {
+        v = _mm512_mul_pd(v, _mm512_maskz_loadu_pd(m, sc + i));
+        v = _mm512_add_pd(v, _mm512_maskz_loadu_pd(m, bi + i));
+      }
+      const __mmask8 gt = _mm512_mask_cmp_pd_mask(
+          m, v, _mm512_maskz_loadu_pd(m, thr + i), _CMP_GT_OQ);
+      word |= uint64_t(gt) << (i - i0);
     }
-    const __mmask8 gt = _mm512_mask_cmp_pd_mask(
-        m, v, _mm512_maskz_loadu_pd(m, thr + i), _CMP_GT_OQ);
-    set_bits(out, i, uint64_t(gt));
+    out[i0 >> 6] = word;
   }
 }
 #elif MMBHVIT_AVX2
 inline void pack_row(const float* x, const float* thr, const float* sc,
                      const float* bi, int64_t n, uint64_t* out) {
-  const int64_t nw = words_for(n);
-  for (int64_t w = 0; w < nw; ++w) out[w] = 0;
-  int64_t i = 0;
-  for (; i + 8 <= n; i += 8) {
-    __m256 v = _mm256_loadu_ps(x + i);
-    if (sc != nullptr) {
-      v = _mm256_mul_ps(v, _mm256_loadu_ps(sc + i));
-      v = _mm256_add_ps(v, _mm256_loadu_ps(bi + i));
+  for (int64_t i0 = 0; i0 < n; i0 += 64) {
+    const int64_t i1 = n < i0 + 64 ? n : i0 + 64;
+    uint64_t word = 0;
+    int64_t i = i0;
+    for (; i + 8 <= i1; i += 8) {
+      __m256 v = _mm256_loadu_ps(x + i);
+      if (sc != nullptr) {
+        v = _mm256_mul_ps(v, _mm256_loadu_ps(sc + i));
+        v = _mm256_add_ps(v, _mm256_loadu_ps(bi + i));
+      }
+      const int m = _mm256_movemask_ps(
+          _mm256_cmp_ps(v, _mm256_loadu_ps(thr + i), _CMP_GT_OQ));
+      word |= uint64_t(unsigned(m)) << (i - i0);
     }
-    const int m = _mm256_movemask_ps(
-        _mm256_cmp_ps(v, _mm256_loadu_ps(thr + i), _CMP_GT_OQ));
-    set_bits(out, i, uint64_t(unsigned(m)));
-  }
-  for (; i < n; ++i) {
-    float v = x[i];
-    if (sc != nullptr) {
-      v = v * sc[i];
-      v = v + bi[i];
+    for (; i < i1; ++i) {
+      float v = x[i];
+      if (sc != nullptr) {
+        v = v * sc[i];
+        v = v + bi[i];
+      }
+      if (v > thr[i]) word |= uint64_t(1) << (i - i0);
     }
-    if (v > thr[i]) out[i >> 6] |= uint64_t(1) << (i & 63);
+    out[i0 >> 6] = word;
   }
 }
 inline void pack_row(const double* x, const double* thr, const double* sc,
                      const double* bi, int64_t n, uint64_t* out) {
-  const int64_t nw = words_for(n);
-  for (int64_t w = 0; w < nw; ++w) out[w] = 0;
-  int64_t i = 0;
-  for (; i + 4 <= n; i += 4) {
-    __m256d v = _mm256_loadu_pd(x + i);
-    if (sc != nullptr) {
-      v = _mm256_mul_pd(v, _mm256_loadu_pd(sc + i));
-      v = _mm256_add_pd(v, _mm256_loadu_pd(bi + i));
+  for (int64_t i0 = 0; i0 < n; i0 += 64) {
+    const int64_t i1 = n < i0 + 64 ? n : i0 + 64;
+    uint64_t word = 0;
+    int64_t i = i0;
+    for (; i + 4 <= i1; i += 4) {
+      __m256d v = _mm256_loadu_pd(x + i);
+      if (sc != nullptr) {
+        v = _mm256_mul_pd(v, _mm256_loadu_pd(sc + i));
+        v = _mm256_add_pd(v, _mm256_loadu_pd(bi + i));
+      }
+      const int m = _mm256_movemask_pd(
+          _mm256_cmp_pd(v, _mm256_loadu_pd(thr + i), _CMP_GT_OQ));
+      word |= uint64_t(unsigned(m)) << (i - i0);
     }
-    const int m = _mm256_movemask_pd(
-        _mm256_cmp_pd(v, _mm256_loadu_pd(thr + i), _CMP_GT_OQ));
-    set_bits(out, i, uint64_t(unsigned(m)));
-  }
-  for (; i < n; ++i) {
-    double v = x[i];
-    if (sc != nullptr) {
-      v = v * sc[i];
-      v = v + bi[i];
+    for (; i < i1; ++i) {
+      double v = x[i];
+      if (sc != nullptr) {
+        v = v * sc[i];
+        v = v + bi[i];
+      }
+      if (v > thr[i]) word |= uint64_t(1) << (i - i0);
     }
-    if (v > thr[i]) out[i >> 6] |= uint64_t(1) << (i & 63);
+    out[i0 >> 6] = word;
   }
 }
 #else

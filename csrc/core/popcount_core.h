@@ -15,7 +15,12 @@
 //
 // MSGDC's lane path (popcount_lanes) instead counts 16- or 32-bit lanes,
 // each lane an (output, tap) pair of a grouped convolution with 16- or
-// 32-channel groups (see MsgdcParams).
+// 32-channel groups (see MsgdcParams); at most 9 taps (AVX2 sums byte
+// counts over the taps: at most 31 fit a byte).
+//
+// count8 (AVX2 and AVX-512 only) returns the counts of 8 neighbouring
+// outputs in a register instead of storing them, for the fused epilogues
+// of proj / ffn / merge / attention (ops/*.h, float only).
 #pragma once
 
 #include <cstdint>

@@ -113,37 +113,104 @@ inline void popcount_accumulate(const Tap* taps, int ntaps, int64_t words,
                                  lda);
 }
 
-// Lane path (see popcount_core_avx512.h), per 256-bit half u of the
-// 512-bit vectors: lane j <-> output u * 256 / cg + j; the per-lane counts
-// are byte counts summed pairwise (vpmaddubsw, then vpmaddwd for 32 bits).
-constexpr bool kHasLanes = true;
-inline void popcount_lanes(const Tap* taps, int ntaps, int cg, int64_t nvec,
-                           int32_t* acc) {
-  const __m256i ones8 = _mm256_set1_epi8(1);
-  const __m256i ones16 = _mm256_set1_epi16(1);
-  for (int64_t u = 0; u < 2 * nvec; ++u) {
-    __m256i s = _mm256_setzero_si256();
-    for (int t = 0; t < ntaps; ++t) {
-      const __m256i xv = _mm256_loadu_si256(
-          reinterpret_cast<const __m256i*>(taps[t].x + u * 4));
-      const __m256i wv = _mm256_loadu_si256(
-          reinterpret_cast<const __m256i*>(taps[t].w + u * 4));
-      const __m256i pairs = _mm256_maddubs_epi16(
-          popcount_bytes(_mm256_xor_si256(xv, wv)), ones8);
-      s = cg == 16 ? _mm256_add_epi16(s, pairs)
-                   : _mm256_add_epi32(s, _mm256_madd_epi16(pairs, ones16));
+// Counts of 8 neighbouring outputs (o .. o + 7, all present in the padded
+// weights) for NK rows, kept in registers for a fused epilogue:
+// out[k] = the 8 int32 counts of row k. Two weight registers per word, the
+// byte counts folded with vpsadbw (kFold: every 31 steps; else ntaps * words
+// <= 31), the two 64-bit-lane halves interleaved into 32-bit lanes and put
+// in order with one vpermd.
+template <BitOp OP, int NK, bool kFold>
+inline void count8(const Tap* taps, int ntaps, int64_t words, int64_t xs,
+                   int64_t ldw, int64_t o, __m256i* out) {
+  const __m256i zero = _mm256_setzero_si256();
+  __m256i part[NK][2];
+  __m256i total[NK];  // 32-bit lanes, interleaved order (kFold only)
+  for (int k = 0; k < NK; ++k) {
+    part[k][0] = part[k][1] = zero;
+    total[k] = zero;
+  }
+  int fill = 0;
+  for (int t = 0; t < ntaps; ++t) {
+    const uint64_t* x = taps[t].x;
+    const uint64_t* w = taps[t].w + o;
+    for (int64_t i = 0; i < words; ++i) {
+      const __m256i w0 =
+          _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + i * ldw));
+      const __m256i w1 = _mm256_loadu_si256(
+          reinterpret_cast<const __m256i*>(w + i * ldw + 4));
+      for (int k = 0; k < NK; ++k) {
+        const __m256i xv =
+            _mm256_set1_epi64x(static_cast<long long>(x[k * xs + i]));
+        part[k][0] = _mm256_add_epi8(part[k][0],
+                                     popcount_bytes(bitop256<OP>(w0, xv)));
+        part[k][1] = _mm256_add_epi8(part[k][1],
+                                     popcount_bytes(bitop256<OP>(w1, xv)));
+      }
+      if (kFold && ++fill == 31) {
+        for (int k = 0; k < NK; ++k) {
+          total[k] = _mm256_add_epi32(
+              total[k],
+              _mm256_or_si256(
+                  _mm256_sad_epu8(part[k][0], zero),
+                  _mm256_slli_epi64(_mm256_sad_epu8(part[k][1], zero), 32)));
+          part[k][0] = part[k][1] = zero;
+        }
+        fill = 0;
+      }
     }
+  }
+  const __m256i order = _mm256_setr_epi32(0, 2, 4, 6, 1, 3, 5, 7);
+  for (int k = 0; k < NK; ++k) {
+    __m256i c = _mm256_or_si256(
+        _mm256_sad_epu8(part[k][0], zero),
+        _mm256_slli_epi64(_mm256_sad_epu8(part[k][1], zero), 32));
+    if (kFold) c = _mm256_add_epi32(total[k], c);
+    out[k] = _mm256_permutevar8x32_epi32(c, order);
+  }
+}
+
+// Lane path (see popcount_core_avx512.h), per 256-bit half u of the
+// 512-bit vectors: lane j <-> output u * 256 / cg + j. The byte counts are
+// summed over the taps first (ntaps <= 9 here: at most 9 x 8 < 256 per
+// byte), then pairwise into the lanes once (vpmaddubsw, then vpmaddwd for
+// 32 bits); NH halves per pass share the tap pointers.
+template <int NH>
+inline void avx2_lanes(const Tap* taps, int ntaps, int cg, int64_t u0,
+                       int32_t* acc) {
+  __m256i bytes[NH];
+  for (int h = 0; h < NH; ++h) bytes[h] = _mm256_setzero_si256();
+  for (int t = 0; t < ntaps; ++t) {
+    const __m256i* xp = reinterpret_cast<const __m256i*>(taps[t].x) + u0;
+    const __m256i* wp = reinterpret_cast<const __m256i*>(taps[t].w) + u0;
+    for (int h = 0; h < NH; ++h)
+      bytes[h] = _mm256_add_epi8(
+          bytes[h], popcount_bytes(_mm256_xor_si256(_mm256_loadu_si256(xp + h),
+                                                    _mm256_loadu_si256(wp + h))));
+  }
+  const __m256i ones8 = _mm256_set1_epi8(1);
+  for (int h = 0; h < NH; ++h) {
+    const int64_t u = u0 + h;
+    const __m256i pairs = _mm256_maddubs_epi16(bytes[h], ones8);
     if (cg == 16) {
       int32_t* a = acc + u * 16;
       _mm256_storeu_si256(reinterpret_cast<__m256i*>(a),
-                          _mm256_cvtepu16_epi32(_mm256_castsi256_si128(s)));
+                          _mm256_cvtepu16_epi32(_mm256_castsi256_si128(pairs)));
       _mm256_storeu_si256(
           reinterpret_cast<__m256i*>(a + 8),
-          _mm256_cvtepu16_epi32(_mm256_extracti128_si256(s, 1)));
+          _mm256_cvtepu16_epi32(_mm256_extracti128_si256(pairs, 1)));
     } else {
-      _mm256_storeu_si256(reinterpret_cast<__m256i*>(acc + u * 8), s);
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(acc + u * 8),
+                          _mm256_madd_epi16(pairs, _mm256_set1_epi16(1)));
     }
   }
+}
+
+constexpr bool kHasLanes = true;
+inline void popcount_lanes(const Tap* taps, int ntaps, int cg, int64_t nvec,
+                           int32_t* acc) {
+  int64_t u = 0;
+  for (; u + 4 <= 2 * nvec; u += 4) avx2_lanes<4>(taps, ntaps, cg, u, acc);
+  for (; u < 2 * nvec; u += 2) avx2_lanes<2>(taps, ntaps, cg, u, acc);
 }
 
 }  // namespace

@@ -14,13 +14,17 @@
 #define MMBHVIT_SET_NAME "avx2"
 #define MMBHVIT_SET_FN kernels_avx2
 #define MMBHVIT_PATHS                                                      \
-  {"popcount core: vpshufb nibble table, 4 outputs/register, 4 tokens "    \
-   "per weight load",                                                      \
-   "lane core: vpshufb + vpmaddubsw per (output, tap) lane (16/32-channel " \
-   "groups); else popcount core: vpshufb, taps accumulated",              \
-   "popcount core: vpshufb, 4 taps accumulated, 12 outputs per pass",     \
-   "popcount core: vpshufb, 4 query rows per key load",                   \
-   "popcount core (AND): vpshufb, one row per bit plane; AVX2 planes",   \
+  {"popcount core: vpshufb nibble table, 8 outputs x 4 tokens per weight "  \
+   "load, counts in registers, epilogue fused (float)",                    \
+   "lane core: vpshufb per (output, tap) lane, bytes summed over taps, "    \
+   "vpmaddubsw once (16/32-channel groups); else popcount core: vpshufb, "  \
+   "taps accumulated; one epilogue pass for all dilations",                \
+   "popcount core: vpshufb, 4 taps accumulated, 8 outputs in registers, "   \
+   "epilogue fused (float)",                                               \
+   "popcount core: vpshufb, 4 query rows per key load, counts in "          \
+   "registers (float)",                                                    \
+   "popcount core (AND): vpshufb, both bit planes in registers, epilogue "  \
+   "fused (float, LSQ 2 planes); AVX2 planes",                             \
    "AVX2 compare + movemask", "auto-vectorised (AVX2)"}
 #include "../core/kernels.inc.h"
 #pragma GCC pop_options

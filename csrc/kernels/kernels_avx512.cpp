@@ -18,12 +18,16 @@
 #define MMBHVIT_SET_NAME "avx512"
 #define MMBHVIT_SET_FN kernels_avx512
 #define MMBHVIT_PATHS                                                       \
-  {"popcount core: VPOPCNTQ, 8 outputs/register, 4 tokens per weight load", \
+  {"popcount core: VPOPCNTQ, 8 outputs x 4 tokens per weight load, counts " \
+   "in registers, epilogue fused (float)",                                 \
    "lane core: VPOPCNTW/D per (output, tap) lane (16/32-channel groups); "  \
-   "else popcount core: VPOPCNTQ, 8 outputs/register, taps accumulated",   \
+   "else popcount core: VPOPCNTQ, 8 outputs/register, taps accumulated; "  \
+   "one epilogue pass for all dilations",                                  \
    "popcount core: VPOPCNTQ, 4 taps accumulated, 32 outputs per pass",     \
-   "popcount core: VPOPCNTQ, 4 query rows per key load",                   \
-   "popcount core (AND): VPOPCNTQ, one row per bit plane; AVX-512 planes", \
+   "popcount core: VPOPCNTQ, 4 query rows per key load, counts in "        \
+   "registers (float)",                                                    \
+   "popcount core (AND): VPOPCNTQ, both bit planes in registers, epilogue " \
+   "fused (float, LSQ 2 planes); AVX-512 planes",                          \
    "AVX-512 compare masks", "auto-vectorised (AVX-512)"}
 #include "../core/kernels.inc.h"
 #pragma GCC diagnostic pop

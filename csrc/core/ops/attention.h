@@ -66,10 +66,68 @@ void token_pack(const HeadPackParams<T>& p, int64_t begin, int64_t end) {
   }
 }
 
+// Fused scores (AVX2 / AVX-512, float): 4 query rows of one (b, head), the
+// counts of 8 keys in registers, D * scale stored directly (the last, partial
+// block of keys with a masked store).
+template <typename T>
+inline bool scores_fused(const ScoreParams<T>&, int64_t, int64_t) {
+  return false;
+}
+
+#if MMBHVIT_AVX2 || MMBHVIT_AVX512
+template <int NK>
+inline void scores_rows8(const ScoreParams<float>& p, int64_t item,
+                         int64_t bh) {
+  const Tap tap{p.qbits + item * p.wd, p.kbits + bh * p.wd * p.t_pad};
+  const __m256i full = _mm256_set1_epi32(int32_t(p.d));
+  const __m256 scale = _mm256_set1_ps(p.scale);
+  const int64_t t = p.t;
+  float* s = p.s + item * t;
+  for (int64_t j = 0; j < t; j += 8) {
+    __m256i cnt[NK];
+    count8<BitOp::kXor, NK, false>(&tap, 1, p.wd, p.wd, p.t_pad, j, cnt);
+    const int64_t left = t - j;
+    const __m256i mask = _mm256_cmpgt_epi32(
+        _mm256_set1_epi32(int32_t(left < 8 ? left : 8)),
+        _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+    for (int k = 0; k < NK; ++k) {
+      const __m256 v = _mm256_mul_ps(
+          _mm256_cvtepi32_ps(
+              _mm256_sub_epi32(full, _mm256_add_epi32(cnt[k], cnt[k]))),
+          scale);
+      if (left >= 8)
+        _mm256_storeu_ps(s + k * t + j, v);
+      else
+        _mm256_maskstore_ps(s + k * t + j, mask, v);
+    }
+  }
+}
+
+inline bool scores_fused(const ScoreParams<float>& p, int64_t begin,
+                         int64_t end) {
+  if (p.wd > 31 || p.t_pad % 8 != 0) return false;
+  for (int64_t item = begin; item < end;) {
+    const int64_t bh = item / p.t;
+    int64_t stop = (bh + 1) * p.t;
+    stop = stop < end ? stop : end;
+    const int nk = int(stop - item < 4 ? stop - item : 4);
+    switch (nk) {
+      case 4: scores_rows8<4>(p, item, bh); break;
+      case 3: scores_rows8<3>(p, item, bh); break;
+      case 2: scores_rows8<2>(p, item, bh); break;
+      default: scores_rows8<1>(p, item, bh); break;
+    }
+    item += nk;
+  }
+  return true;
+}
+#endif
+
 // Attention scores: item = query row (b, head, i); up to four rows of the
 // same (b, head) share each key load.
 template <typename T>
 void scores(const ScoreParams<T>& p, int64_t begin, int64_t end) {
+  if (scores_fused(p, begin, end)) return;
   constexpr int kRows = 4;
   Scratch<int32_t> acc(kRows * p.t_pad);
   const int32_t d = int32_t(p.d);
@@ -262,8 +320,74 @@ inline void gsb_planes(const float* p, int64_t t, float alpha, float low,
 }
 #endif
 
+// Fused path (AVX2 / AVX-512, float, LSQ with 2 bit planes, d % 8 == 0):
+// per query row the plane counts of 8 channels stay in registers and go
+// straight through the integer level sum and the float epilogue (the same
+// integer and float operations, in the same order, as the loop below).
+template <typename T>
+inline bool context_fused(const ContextParams<T>&, int64_t, int64_t) {
+  return false;
+}
+
+#if MMBHVIT_AVX2 || MMBHVIT_AVX512
+inline bool context_fused(const ContextParams<float>& p, int64_t begin,
+                          int64_t end) {
+  const int64_t tw = p.tw, d = p.d, t = p.t;
+  if (p.mode != kLSQ || bit_planes(p.levels) != 2 || d % 8 != 0 || tw > 31)
+    return false;
+  Scratch<uint64_t> planes(2 * tw);
+  for (int64_t item = begin; item < end; ++item) {
+    const int64_t bh = item / t, i = item % t;
+    const int64_t b = bh / p.heads, h = bh % p.heads;
+    for (int64_t k = 0; k < 2 * tw; ++k) planes.ptr[k] = 0;
+    lsq_planes(p.p + item * t, t, p.levels, p.step[h], p.zero[h], 2, tw,
+               planes.ptr);
+    int32_t c0 = 0, c1 = 0;
+    for (int64_t w = 0; w < tw; ++w) {
+      c0 += popc(planes.ptr[w]);
+      c1 += popc(planes.ptr[tw + w]);
+    }
+    const __m256i cnt0 = _mm256_set1_epi32(c0), cnt1 = _mm256_set1_epi32(c1);
+    const __m256 step = _mm256_set1_ps(p.step[h]);
+    const Tap tap{planes.ptr, p.vbits + bh * tw * d};
+    const int64_t tok = (b * t + i) * p.c + h * d;
+    const float* qv = p.q + tok;
+    const float* kv = p.k + tok;
+    const float* vv = p.v + tok;
+    const float* ca = p.ctx_a + h * d;
+    const float* cb = p.ctx_b + h * d;
+    const float* sl = p.slope + h * d;
+    const float* pb = p.post_bias + h * d;
+    float* out = p.out + tok;
+    for (int64_t c = 0; c < d; c += 8) {
+      __m256i cnt[2];
+      count8<BitOp::kAnd, 2, false>(&tap, 1, tw, tw, d, c, cnt);
+      // s = 2 popcount - |plane|, level sum s0 + 2 s1
+      const __m256i s0 = _mm256_sub_epi32(_mm256_add_epi32(cnt[0], cnt[0]),
+                                          cnt0);
+      const __m256i s1 = _mm256_sub_epi32(_mm256_add_epi32(cnt[1], cnt[1]),
+                                          cnt1);
+      const __m256 cx = _mm256_mul_ps(
+          _mm256_cvtepi32_ps(_mm256_add_epi32(s0, _mm256_add_epi32(s1, s1))),
+          step);
+      __m256 z = _mm256_mul_ps(cx, _mm256_loadu_ps(ca + c));
+      z = _mm256_add_ps(z, _mm256_loadu_ps(cb + c));
+      z = _mm256_add_ps(z, _mm256_loadu_ps(qv + c));
+      z = _mm256_add_ps(z, _mm256_loadu_ps(kv + c));
+      z = _mm256_add_ps(z, _mm256_loadu_ps(vv + c));
+      const __m256 neg = _mm256_mul_ps(z, _mm256_loadu_ps(sl + c));
+      z = _mm256_blendv_ps(neg, z,
+                           _mm256_cmp_ps(z, _mm256_setzero_ps(), _CMP_GT_OQ));
+      _mm256_storeu_ps(out + c, _mm256_add_ps(z, _mm256_loadu_ps(pb + c)));
+    }
+  }
+  return true;
+}
+#endif
+
 template <typename T>
 void context(const ContextParams<T>& p, int64_t begin, int64_t end) {
+  if (context_fused(p, begin, end)) return;
   const int64_t tw = p.tw, d = p.d, t = p.t;
   const int nplanes = p.mode == kGSB ? 4 : bit_planes(p.levels);
   Scratch<uint64_t> planes(int64_t(nplanes) * tw);

@@ -74,16 +74,20 @@ void msgdc(const MsgdcParams<T>& p, int64_t begin, int64_t end) {
   const int64_t H = p.h, Wd = p.w, C = p.c, G = p.groups, cg = p.cg,
                 wg = p.wg, CP = p.cout_pad;
   const int64_t pix_words = G * wg;
-  Scratch<int32_t> acc(CP > 512 ? CP : 512);
-  Scratch<T> sum(C);
+  // the counts of every dilation (one epilogue pass per pixel), CS apart
+  const int64_t CS = CP > 512 ? CP : 512;
+  Scratch<int32_t> acc(kMaxDilations * CS);
   const bool lanes = p.lane_bits != 0;
+  const int ndil = p.ndil;
   for (int64_t pix = begin; pix < end; ++pix) {
     const int64_t n = pix / (H * Wd), yx = pix % (H * Wd);
     const int64_t y = yx / Wd, x = yx % Wd;
-    for (int di = 0; di < p.ndil; ++di) {
+    int32_t full[kMaxDilations] = {0, 0, 0, 0};
+    for (int di = 0; di < ndil; ++di) {
       const int64_t d = p.dil[di];
-      const uint64_t* xs[9];
-      int tap_id[9];
+      // the valid taps, built in place (no tap-index array read back as a
+      // vector: that stalls on store forwarding)
+      Tap taps[9];
       int nv = 0;
       for (int ky = 0; ky < 3; ++ky) {
         const int64_t yy = y + (ky - 1) * d;
@@ -92,41 +96,30 @@ void msgdc(const MsgdcParams<T>& p, int64_t begin, int64_t end) {
           const int64_t xx = x + (kx - 1) * d;
           if (xx < 0 || xx >= Wd) continue;
           const int64_t q = (n * H + yy) * Wd + xx;
-          xs[nv] = lanes ? p.expanded + q * p.nvec * 8 : p.bits + q * pix_words;
-          tap_id[nv] = ky * 3 + kx;
+          const int64_t tap = ky * 3 + kx;
+          if (lanes)
+            taps[nv] = Tap{p.expanded + q * p.nvec * 8,
+                           p.wx[di] + tap * p.nvec * 8};
+          else
+            taps[nv] = Tap{p.bits + q * pix_words, p.wt[di] + tap * wg * CP};
           ++nv;
         }
       }
-      Tap taps[9];
+      int32_t* ad = acc.ptr + di * CS;
       if (lanes) {
-        for (int t = 0; t < nv; ++t)
-          taps[t] = Tap{xs[t], p.wx[di] + tap_id[t] * p.nvec * 8};
-        popcount_lanes(taps, nv, int(cg), p.nvec, acc.ptr);
+        popcount_lanes(taps, nv, int(cg), p.nvec, ad);
       } else {
+        Tap gt[9];
         for (int64_t g = 0; g < G; ++g) {
           for (int t = 0; t < nv; ++t)
-            taps[t] = Tap{xs[t] + g * wg, p.wt[di] + tap_id[t] * wg * CP + g * cg};
-          popcount_accumulate<BitOp::kXor, 1>(taps, nv, wg, wg, CP, cg,
-                                              acc.ptr + g * cg, CP);
+            gt[t] = Tap{taps[t].x + g * wg, taps[t].w + g * cg};
+          popcount_accumulate<BitOp::kXor, 1>(gt, nv, wg, wg, CP, cg,
+                                              ad + g * cg, CP);
         }
       }
-      const T* __restrict a = p.a[di];
-      const T* __restrict b = p.b[di];
-      const T* __restrict sl = p.slope[di];
-      const int32_t* __restrict ac = acc.ptr;
-      T* __restrict sm = sum.ptr;
-      const int32_t full = int32_t(nv * cg);
-      if (di == 0) {
-        MMBHVIT_NOALIAS_LOOP
-        for (int64_t o = 0; o < C; ++o)
-          sm[o] = binary_prelu<T, false>(full, ac[o], a[o], b[o], T(0), sl[o]);
-      } else {
-        MMBHVIT_NOALIAS_LOOP
-        for (int64_t o = 0; o < C; ++o)
-          sm[o] = sm[o] + binary_prelu<T, false>(full, ac[o], a[o], b[o],
-                                                 T(0), sl[o]);
-      }
+      full[di] = int32_t(nv * cg);
     }
+    // sum of the dilations' PReLUs (left to right), affine, residual, norm
     const T* __restrict xin = p.x + pix * C;
     T* __restrict h = p.h_out + pix * C;
     T* __restrict hn = p.hn_out + pix * C;
@@ -134,15 +127,48 @@ void msgdc(const MsgdcParams<T>& p, int64_t begin, int64_t end) {
     const T* __restrict ob = p.out_bias;
     const T* __restrict n2s = p.n2_scale;
     const T* __restrict n2b = p.n2_bias;
-    const T* __restrict sm = sum.ptr;
-    MMBHVIT_NOALIAS_LOOP
-    for (int64_t o = 0; o < C; ++o) {
-      T t = sm[o] * os[o];
-      t = t + ob[o];
-      const T hv = xin[o] + t;
-      h[o] = hv;
-      T u = hv * n2s[o];
-      hn[o] = u + n2b[o];
+    const int32_t* __restrict ac0 = acc.ptr;
+    const T* __restrict a0 = p.a[0];
+    const T* __restrict b0 = p.b[0];
+    const T* __restrict s0 = p.slope[0];
+    const int32_t f0 = full[0];
+    if (ndil == 3) {
+      const int32_t* __restrict ac1 = acc.ptr + CS;
+      const int32_t* __restrict ac2 = acc.ptr + 2 * CS;
+      const T* __restrict a1 = p.a[1];
+      const T* __restrict b1 = p.b[1];
+      const T* __restrict s1 = p.slope[1];
+      const T* __restrict a2 = p.a[2];
+      const T* __restrict b2 = p.b[2];
+      const T* __restrict s2 = p.slope[2];
+      const int32_t f1 = full[1], f2 = full[2];
+      MMBHVIT_NOALIAS_LOOP
+      for (int64_t o = 0; o < C; ++o) {
+        T sm = binary_prelu<T, false>(f0, ac0[o], a0[o], b0[o], T(0), s0[o]);
+        sm = sm + binary_prelu<T, false>(f1, ac1[o], a1[o], b1[o], T(0), s1[o]);
+        sm = sm + binary_prelu<T, false>(f2, ac2[o], a2[o], b2[o], T(0), s2[o]);
+        T t = sm * os[o];
+        t = t + ob[o];
+        const T hv = xin[o] + t;
+        h[o] = hv;
+        T u = hv * n2s[o];
+        hn[o] = u + n2b[o];
+      }
+    } else {
+      MMBHVIT_NOALIAS_LOOP
+      for (int64_t o = 0; o < C; ++o) {
+        T sm = binary_prelu<T, false>(f0, ac0[o], a0[o], b0[o], T(0), s0[o]);
+        for (int di = 1; di < ndil; ++di)
+          sm = sm + binary_prelu<T, false>(full[di], acc.ptr[di * CS + o],
+                                           p.a[di][o], p.b[di][o], T(0),
+                                           p.slope[di][o]);
+        T t = sm * os[o];
+        t = t + ob[o];
+        const T hv = xin[o] + t;
+        h[o] = hv;
+        T u = hv * n2s[o];
+        hn[o] = u + n2b[o];
+      }
     }
   }
 }

@@ -111,8 +111,280 @@ inline void proj_popcounts(int nk, const uint64_t* bits, int64_t words,
   popcount_rows<BitOp::kXor>(nk, &tap, 1, words, words, cp, cout, acc, cp);
 }
 
+// The group-mean shortcut of one token: sums[o] = mean of x over group o.
+template <typename T>
+inline void group_means(const T* x, int64_t cin, int64_t cout, T* tmp,
+                        T* sums) {
+  const int64_t r = cin / cout;
+  group_sums(x, cout, r, tmp, sums);
+  const T tr = T(r);
+  for (int64_t o = 0; o < cout; ++o) sums[o] = sums[o] / tr;
+}
+
+// Fused path (AVX2 / AVX-512, float): the counts of 8 outputs for 4 tokens
+// stay in registers and go straight through the epilogue (no int32 round
+// trip through memory, no separate epilogue pass); the ffn also takes the
+// sign bits of the hidden values there. Same float operations, same order
+// as proj_pass.
+template <typename T>
+inline bool proj_fused(const ProjParams<T>&, int64_t, int64_t) {
+  return false;
+}
+template <typename T>
+inline bool ffn_fused(const FfnParams<T>&, int64_t, int64_t) {
+  return false;
+}
+
+#if MMBHVIT_AVX2 || MMBHVIT_AVX512
+// prelu(D a + b (+ sc)) * ps + pb (+ res) for outputs o .. o + 7; prm:
+// a, b, slope, ps, pb of these outputs, 8 floats each (EpiParams)
+template <bool kSc, bool kRes>
+inline __m256 epilogue8(__m256i count, __m256i full, const float* prm,
+                        const float* sc, const float* res) {
+  const __m256 d = _mm256_cvtepi32_ps(
+      _mm256_sub_epi32(full, _mm256_add_epi32(count, count)));
+  __m256 z = _mm256_mul_ps(d, _mm256_loadu_ps(prm));
+  z = _mm256_add_ps(z, _mm256_loadu_ps(prm + 8));
+  if (kSc) z = _mm256_add_ps(z, _mm256_loadu_ps(sc));
+  const __m256 neg = _mm256_mul_ps(z, _mm256_loadu_ps(prm + 16));
+  z = _mm256_blendv_ps(neg, z,
+                       _mm256_cmp_ps(z, _mm256_setzero_ps(), _CMP_GT_OQ));
+  __m256 v = _mm256_mul_ps(z, _mm256_loadu_ps(prm + 24));
+  v = _mm256_add_ps(v, _mm256_loadu_ps(prm + 32));
+  if (kRes) v = _mm256_add_ps(_mm256_loadu_ps(res), v);
+  return v;
+}
+
+// The epilogue vectors of a projection interleaved per block of 8 outputs
+// (a, b, slope, post_scale, post_bias): one pointer in the output loop.
+struct EpiParams {
+  Scratch<float> v;
+  explicit EpiParams(const ProjParams<float>& p) : v(5 * p.cout) {
+    const float* src[5] = {p.a, p.b, p.slope, p.post_scale, p.post_bias};
+    for (int64_t o = 0; o < p.cout; o += 8)
+      for (int j = 0; j < 5; ++j)
+        for (int i = 0; i < 8; ++i) v.ptr[5 * o + 8 * j + i] = src[j][o + i];
+  }
+};
+
+constexpr int kShortNone = 0, kShortDirect = 1, kShortTile = 2;
+
+// One tile of kTokens rows (packed, W words apart in bits), every output:
+// row k: y[k ys + o], shortcut sc[k scs + o] (kShortTile: o % cin),
+// residual res[k rs + o]; kPack: also the sign bits y > pthr into
+// pbits + k * pw.
+template <int kShort, bool kRes, bool kPack>
+inline void proj_tile8(const ProjParams<float>& p, const float* prm,
+                       const uint64_t* bits, const float* sc, int64_t scs,
+                       const float* res, int64_t rs, float* y, int64_t ys,
+                       const float* pthr, uint64_t* pbits, int64_t pw) {
+  constexpr int NK = kTokens;
+  const int64_t W = p.words, CP = p.cout_pad, cout = p.cout, cin = p.cin;
+  const Tap tap{bits, p.wt};
+  const __m256i full = _mm256_set1_epi32(int32_t(cin));
+  uint64_t word[NK] = {0, 0, 0, 0};  // sign bits of the current 64 outputs
+  int64_t so = 0;  // kShortTile: o % cin (no division per block)
+  for (int64_t o = 0; o < cout; o += 8) {
+    __m256i cnt[NK];
+    if (W == 1)  // one word: the byte counts need no accumulator
+      count8<BitOp::kXor, NK, false>(&tap, 1, 1, 1, CP, o, cnt);
+    else if (W <= 31)
+      count8<BitOp::kXor, NK, false>(&tap, 1, W, W, CP, o, cnt);
+    else
+      count8<BitOp::kXor, NK, true>(&tap, 1, W, W, CP, o, cnt);
+    const float* po = prm + 5 * o;
+    for (int k = 0; k < NK; ++k) {
+      const __m256 v = epilogue8<kShort != kShortNone, kRes>(
+          cnt[k], full, po,
+          kShort != kShortNone
+              ? sc + k * scs + (kShort == kShortTile ? so : o)
+              : nullptr,
+          kRes ? res + k * rs + o : nullptr);
+      _mm256_storeu_ps(y + k * ys + o, v);
+      if (kPack)
+        word[k] |= uint64_t(unsigned(_mm256_movemask_ps(_mm256_cmp_ps(
+                       v, _mm256_loadu_ps(pthr + o), _CMP_GT_OQ))))
+                   << (o & 63);
+    }
+    if (kShort == kShortTile) so = so + 8 == cin ? 0 : so + 8;
+    if (kPack && (((o + 8) & 63) == 0 || o + 8 >= cout)) {
+      for (int k = 0; k < NK; ++k) {
+        pbits[k * pw + (o >> 6)] = word[k];
+        word[k] = 0;
+      }
+    }
+  }
+}
+
+// The group means of fused_group_means for r = 4 and r = 8 (float, cout
+// % 8 == 0): the pairwise sums of group_sums ((x0 + x1) + (x2 + x3)) + ...
+// with vhaddps (each lane one add of the same two values), then / r.
+inline void group_means8(const float* x, int64_t cout, int64_t r,
+                         float* out) {
+  const __m256 tr = _mm256_set1_ps(float(r));
+  for (int64_t o = 0; o < cout; o += 8) {
+    const float* g = x + o * r;
+    __m256 s;
+    if (r == 8) {
+      // outputs o + j: x[8 j .. 8 j + 7]
+      __m256 l2[2];
+      for (int h = 0; h < 2; ++h) {
+        const float* q = g + h * 32;
+        const __m256 l1a = _mm256_hadd_ps(_mm256_loadu_ps(q),
+                                          _mm256_loadu_ps(q + 8));
+        const __m256 l1b = _mm256_hadd_ps(_mm256_loadu_ps(q + 16),
+                                          _mm256_loadu_ps(q + 24));
+        // [A0123 B0123 C0123 D0123 | A4567 B4567 C4567 D4567]
+        l2[h] = _mm256_hadd_ps(l1a, l1b);
+      }
+      const __m256 lo = _mm256_permute2f128_ps(l2[0], l2[1], 0x20);
+      const __m256 hi = _mm256_permute2f128_ps(l2[0], l2[1], 0x31);
+      s = _mm256_add_ps(lo, hi);
+    } else {  // r == 4: outputs 2 per 8 floats
+      const __m256 l1a = _mm256_hadd_ps(_mm256_loadu_ps(g),
+                                        _mm256_loadu_ps(g + 8));
+      const __m256 l1b = _mm256_hadd_ps(_mm256_loadu_ps(g + 16),
+                                        _mm256_loadu_ps(g + 24));
+      // [o0 o2 o4 o6 | o1 o3 o5 o7]
+      const __m256 l2 = _mm256_hadd_ps(l1a, l1b);
+      s = _mm256_permutevar8x32_ps(l2, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+    }
+    _mm256_storeu_ps(out + o, _mm256_div_ps(s, tr));
+  }
+}
+
+inline void fused_group_means(const float* x, int64_t cin, int64_t cout,
+                              float* tmp, float* sums) {
+  const int64_t r = cin / cout;
+  if (r == 4 || r == 8)
+    group_means8(x, cout, r, sums);
+  else
+    group_means(x, cin, cout, tmp, sums);
+}
+
+inline bool fused_shape(const ProjParams<float>& p) {
+  if (p.cout % 8 != 0) return false;
+  if (p.shortcut == kTile) return p.cin % 8 == 0 && p.cout % p.cin == 0;
+  if (p.shortcut == kIdentity) return p.cin == p.cout;
+  if (p.shortcut == kGroupMean) return p.cin % p.cout == 0;
+  return p.shortcut == kNone;
+}
+
+// A tile of rows [t0, t0 + nk) of a (tokens, n) array as kTokens rows n
+// apart: in place when nk == kTokens, else copied into pad (rows past nk
+// repeat row 0); outputs of a partial tile go to pad and are copied back
+// with tile_out.
+inline const float* tile_in(const float* base, int64_t t0, int nk, int64_t n,
+                            float* pad) {
+  if (base == nullptr) return nullptr;
+  if (nk == kTokens) return base + t0 * n;
+  for (int k = 0; k < kTokens; ++k) {
+    const float* src = base + (t0 + (k < nk ? k : 0)) * n;
+    for (int64_t i = 0; i < n; ++i) pad[k * n + i] = src[i];
+  }
+  return pad;
+}
+inline void tile_out(const float* pad, int nk, int64_t n, float* dst) {
+  for (int64_t i = 0; i < nk * n; ++i) dst[i] = pad[i];
+}
+
+template <bool kPack>
+inline void proj_tile_dispatch(const ProjParams<float>& p, const float* prm,
+                               const uint64_t* bits, const float* sc,
+                               int64_t scs, const float* res, float* y,
+                               const float* pthr, uint64_t* pbits,
+                               int64_t pw) {
+  const int64_t n = p.cout;
+#define MMBHVIT_TILE(S, R) \
+  proj_tile8<S, R, kPack>(p, prm, bits, sc, scs, res, n, y, n, pthr, pbits, pw)
+  if (p.shortcut == kNone)
+    res ? MMBHVIT_TILE(kShortNone, true) : MMBHVIT_TILE(kShortNone, false);
+  else if (p.shortcut == kTile)
+    res ? MMBHVIT_TILE(kShortTile, true) : MMBHVIT_TILE(kShortTile, false);
+  else
+    res ? MMBHVIT_TILE(kShortDirect, true)
+        : MMBHVIT_TILE(kShortDirect, false);
+#undef MMBHVIT_TILE
+}
+
+// The shortcut rows of a tile (scs apart): x itself, or its group means.
+inline const float* tile_shortcut(const ProjParams<float>& p, const float* x,
+                                  float* tmp, float* means, int64_t* scs) {
+  if (p.shortcut != kGroupMean) {
+    *scs = p.cin;
+    return x;
+  }
+  for (int k = 0; k < kTokens; ++k)
+    fused_group_means(x + k * p.cin, p.cin, p.cout, tmp, means + k * p.cout);
+  *scs = p.cout;
+  return means;
+}
+
+inline bool proj_fused(const ProjParams<float>& p, int64_t begin,
+                       int64_t end) {
+  if (!fused_shape(p)) return false;
+  const int64_t W = p.words, cin = p.cin, cout = p.cout;
+  const EpiParams prm(p);
+  Scratch<uint64_t> bits(kTokens * W);
+  Scratch<float> tmp(cin);
+  Scratch<float> means(kTokens * cout);
+  Scratch<float> xpad(kTokens * cin), rpad(kTokens * cout),
+      ypad(kTokens * cout);
+  for (int64_t t0 = begin; t0 < end; t0 += kTokens) {
+    const int nk = int(end - t0 < kTokens ? end - t0 : kTokens);
+    const float* x = tile_in(p.x, t0, nk, cin, xpad.ptr);
+    const float* res = tile_in(p.residual, t0, nk, cout, rpad.ptr);
+    float* y = nk == kTokens ? p.y + t0 * cout : ypad.ptr;
+    for (int k = 0; k < kTokens; ++k)
+      pack_row(x + k * cin, p.thr, static_cast<const float*>(nullptr),
+               static_cast<const float*>(nullptr), cin, bits.ptr + k * W);
+    int64_t scs = 0;
+    const float* sc = tile_shortcut(p, x, tmp.ptr, means.ptr, &scs);
+    proj_tile_dispatch<false>(p, prm.v.ptr, bits.ptr, sc, scs, res, y,
+                              nullptr, nullptr, 0);
+    if (nk < kTokens) tile_out(ypad.ptr, nk, cout, p.y + t0 * cout);
+  }
+  return true;
+}
+
+inline bool ffn_fused(const FfnParams<float>& p, int64_t begin, int64_t end) {
+  const ProjParams<float>& e = p.expand;
+  const ProjParams<float>& rd = p.reduce;
+  if (!fused_shape(e) || !fused_shape(rd) || e.shortcut != kTile ||
+      e.residual != nullptr || rd.shortcut != kGroupMean)
+    return false;
+  const int64_t c = e.cin, hid = e.cout, ew = e.words, rw = rd.words;
+  const EpiParams eprm(e), rprm(rd);
+  Scratch<uint64_t> ebits(kTokens * ew);
+  Scratch<uint64_t> rbits(kTokens * rw);
+  Scratch<float> hidden(kTokens * hid);
+  Scratch<float> tmp(hid);
+  Scratch<float> means(kTokens * c);
+  Scratch<float> xpad(kTokens * c), rpad(kTokens * c), ypad(kTokens * c);
+  for (int64_t t0 = begin; t0 < end; t0 += kTokens) {
+    const int nk = int(end - t0 < kTokens ? end - t0 : kTokens);
+    const float* x = tile_in(e.x, t0, nk, c, xpad.ptr);
+    const float* res = tile_in(rd.residual, t0, nk, c, rpad.ptr);
+    float* y = nk == kTokens ? rd.y + t0 * c : ypad.ptr;
+    for (int k = 0; k < kTokens; ++k)
+      pack_row(x + k * c, e.thr, static_cast<const float*>(nullptr),
+               static_cast<const float*>(nullptr), c, ebits.ptr + k * ew);
+    proj_tile8<kShortTile, false, true>(e, eprm.v.ptr, ebits.ptr, x, c,
+                                        nullptr, 0, hidden.ptr, hid, rd.thr,
+                                        rbits.ptr, rw);
+    int64_t scs = 0;
+    const float* sc = tile_shortcut(rd, hidden.ptr, tmp.ptr, means.ptr, &scs);
+    proj_tile_dispatch<false>(rd, rprm.v.ptr, rbits.ptr, sc, scs, res, y,
+                              nullptr, nullptr, 0);
+    if (nk < kTokens) tile_out(ypad.ptr, nk, c, rd.y + t0 * c);
+  }
+  return true;
+}
+#endif
+
 template <typename T>
 void proj(const ProjParams<T>& p, int64_t begin, int64_t end) {
+  if (proj_fused(p, begin, end)) return;
   const int64_t W = p.words, CP = p.cout_pad, cin = p.cin, cout = p.cout;
   Scratch<uint64_t> bits(kTokens * W);
   Scratch<int32_t> acc(kTokens * CP);
@@ -137,6 +409,7 @@ void proj(const ProjParams<T>& p, int64_t begin, int64_t end) {
 // tokens, the hidden activations never leaving the cache
 template <typename T>
 void ffn(const FfnParams<T>& p, int64_t begin, int64_t end) {
+  if (ffn_fused(p, begin, end)) return;
   const ProjParams<T>& e = p.expand;
   const ProjParams<T>& r = p.reduce;
   const int64_t c = e.cin, hid = e.cout;
