@@ -34,7 +34,11 @@ def test_compile_hook_compiles_the_backbone_in_place():
     model.backbone = torch.nn.Linear(3, 2)
     model.head = torch.nn.Linear(2, 2)
     keys = list(model.state_dict())
-    CompileModelHook().before_train(SimpleNamespace(model=model))
+    hook, runner = CompileModelHook(), SimpleNamespace(model=model)
+    hook.before_train(runner)
+    # the first iteration runs eager (data-dependent initialisations)
+    assert getattr(model.backbone, '_compiled_call_impl', None) is None
+    hook.after_train_iter(runner, 0)
     assert model.backbone._compiled_call_impl is not None
     assert getattr(model.head, '_compiled_call_impl', None) is None
     assert list(model.state_dict()) == keys  # checkpoints unchanged

@@ -5,3 +5,4 @@ from .backbones import BHViT
 __all__ = ['BHViT']
 from . import losses  # noqa: F401,E402  (BinaryWeightRegLoss)
 from . import classifiers  # noqa: F401,E402  (DistillImageClassifier)
+from . import heads  # noqa: F401,E402  (BinaryUPerHead, BinaryFPNHead)

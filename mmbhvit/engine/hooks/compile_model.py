@@ -23,6 +23,12 @@ class CompileModelHook(Hook):
     place: parameter names, checkpoints and ``load_from``/``resume`` stay
     those of the eager model. Validation in eval mode compiles once more.
 
+    The first iteration of a run (or of a resumed run) stays eager and the
+    module is compiled after it: it holds the data-dependent initialisations
+    (LSQ step sizes read a flag on the host), which would otherwise be a
+    graph break in the first compiled graph and a second compilation once
+    they are done.
+
     Args:
         target (str): dotted path of the submodule to compile; ``''`` is
             the whole model. Default: ``'backbone'``.
@@ -36,8 +42,25 @@ class CompileModelHook(Hook):
                  dynamic: Optional[bool] = None):
         self.target = target
         self.kwargs = dict(mode=mode, dynamic=dynamic)
+        self._compiled = False
 
     def before_train(self, runner) -> None:
+        self._module(runner)  # a wrong target stops before any iteration
+        self._compiled = False
+
+    def after_train_iter(self, runner, batch_idx: int, data_batch=None,
+                         outputs=None) -> None:
+        if self._compiled:
+            return
+        module = self._module(runner)
+        module.compile(**self.kwargs)
+        self._compiled = True
+        print_log(f'torch.compile: {self.target or "the model"} '
+                  f'({type(module).__name__}) compiled in place after the '
+                  'first (eager) iteration; the next one includes the '
+                  'compilation', logger='current')
+
+    def _module(self, runner):
         model = runner.model
         if is_model_wrapper(model):
             model = model.module
@@ -50,7 +73,4 @@ class CompileModelHook(Hook):
         if not hasattr(torch, 'compile'):
             raise RuntimeError('CompileModelHook needs torch.compile '
                                f'(torch >= 2.0), this is {torch.__version__}')
-        module.compile(**self.kwargs)
-        print_log(f'torch.compile: {self.target or "the model"} '
-                  f'({type(module).__name__}) compiled in place; the first '
-                  'iterations include the compilation', logger='current')
+        return module
