@@ -33,19 +33,30 @@ inline void set_bits(uint64_t* plane, int64_t j, uint64_t mask) {
   plane[j >> 6] |= mask << (j & 63);
 }
 
-// bit i = (x[i] * sc[i] + bi[i] > thr[i]) (sc == nullptr: x[i] > thr[i])
+// bit i = (x[i] * sc[i] + bi[i] > thr[i]) (sc == nullptr: x[i] > thr[i]),
+// for each j in [i, i1), at bit (j - i0) of the returned word
 template <typename T>
-inline void pack_row_scalar(const T* x, const T* thr, const T* sc,
-                            const T* bi, int64_t n, uint64_t* out) {
-  const int64_t nw = words_for(n);
-  for (int64_t w = 0; w < nw; ++w) out[w] = 0;
-  for (int64_t i = 0; i < n; ++i) {
+inline uint64_t pack_bits_scalar(const T* x, const T* thr, const T* sc,
+                                 const T* bi, int64_t i, int64_t i1,
+                                 int64_t i0) {
+  uint64_t word = 0;
+  for (; i < i1; ++i) {
     T v = x[i];
     if (sc != nullptr) {
       v = v * sc[i];
       v = v + bi[i];
     }
-    if (v > thr[i]) out[i >> 6] |= uint64_t(1) << (i & 63);
+    if (v > thr[i]) word |= uint64_t(1) << (i - i0);
+  }
+  return word;
+}
+
+template <typename T>
+inline void pack_row_scalar(const T* x, const T* thr, const T* sc,
+                            const T* bi, int64_t n, uint64_t* out) {
+  for (int64_t i0 = 0; i0 < n; i0 += 64) {
+    const int64_t i1 = n < i0 + 64 ? n : i0 + 64;
+    out[i0 >> 6] = pack_bits_scalar(x, thr, sc, bi, i0, i1, i0);
   }
 }
 
@@ -111,15 +122,7 @@ inline void pack_row(const float* x, const float* thr, const float* sc,
           _mm256_cmp_ps(v, _mm256_loadu_ps(thr + i), _CMP_GT_OQ));
       word |= uint64_t(unsigned(m)) << (i - i0);
     }
-    for (; i < i1; ++i) {
-      float v = x[i];
-      if (sc != nullptr) {
-        v = v * sc[i];
-        v = v + bi[i];
-      }
-      if (v > thr[i]) word |= uint64_t(1) << (i - i0);
-    }
-    out[i0 >> 6] = word;
+    out[i0 >> 6] = word | pack_bits_scalar(x, thr, sc, bi, i, i1, i0);
   }
 }
 inline void pack_row(const double* x, const double* thr, const double* sc,
@@ -138,15 +141,7 @@ inline void pack_row(const double* x, const double* thr, const double* sc,
           _mm256_cmp_pd(v, _mm256_loadu_pd(thr + i), _CMP_GT_OQ));
       word |= uint64_t(unsigned(m)) << (i - i0);
     }
-    for (; i < i1; ++i) {
-      double v = x[i];
-      if (sc != nullptr) {
-        v = v * sc[i];
-        v = v + bi[i];
-      }
-      if (v > thr[i]) word |= uint64_t(1) << (i - i0);
-    }
-    out[i0 >> 6] = word;
+    out[i0 >> 6] = word | pack_bits_scalar(x, thr, sc, bi, i, i1, i0);
   }
 }
 #else
