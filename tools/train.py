@@ -72,9 +72,9 @@ def parse_args(argv=None):
     parser.add_argument(
         '--compile',
         action='store_true',
-        help='torch.compile the backbone in place (CompileModelHook; the '
-        'first iteration compiles and is slow; see README "Training speed" '
-        'for what it gains)')
+        help='torch.compile the backbone in place (CompileModelHook) after '
+        'the first, eager iteration; the second one compiles and is slow; '
+        'see README "Training speed" for what it gains')
     parser.add_argument(
         '--skip-data-check',
         action='store_true',

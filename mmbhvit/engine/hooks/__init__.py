@@ -4,4 +4,7 @@ from .exact_resume import ExactResumeHook
 from .nonfinite_check import NonFiniteCheckHook
 from .reg_loss_switch import RegLossSwitchHook
 
-__all__ = ['CompileModelHook', 'ExactResumeHook', 'NonFiniteCheckHook', 'RegLossSwitchHook']
+__all__ = [
+    'CompileModelHook', 'ExactResumeHook', 'NonFiniteCheckHook',
+    'RegLossSwitchHook'
+]

@@ -1,5 +1,5 @@
 # Copyright (c) mmbhvit contributors. Licensed under the Apache License 2.0.
-"""``torch.compile`` a part of the model in place before training."""
+"""``torch.compile`` a part of the model in place during training."""
 from typing import Optional
 
 import torch
@@ -11,8 +11,8 @@ from mmengine.registry import HOOKS
 
 @HOOKS.register_module()
 class CompileModelHook(Hook):
-    """Compile ``model.<target>`` with :meth:`torch.nn.Module.compile` when
-    training starts (what ``tools/train.py --compile`` adds).
+    """Compile ``model.<target>`` with :meth:`torch.nn.Module.compile` after
+    the first training iteration (what ``tools/train.py --compile`` adds).
 
     Why not mmengine's ``compile=True``: it compiles the whole
     ``train_step``, optimizer update included, which dynamo stops on with

@@ -3,8 +3,7 @@
 binarizers, each usable and testable on its own."""
 from .attention import GSBAttentionBinarizer, LSQAttentionQuantizer
 from .layers import (BinaryConv2d, LayerScale, LearnableBias, RPReLU,
-                     RPReLUFunction,
-                     binary_conv_layers)
+                     RPReLUFunction, binary_conv_layers)
 from .quantizers import (CentredSignSTE, ClippedSignSTE, QuantizerFunction,
                          RoundSTE, ScaleGrad, ShiftedSignSTE, SignSTE,
                          amp_backward, amp_forward, binarize_weight,
