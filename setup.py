@@ -52,6 +52,7 @@ EXT_NAME = 'mmbhvit._binary_ops'
 # on its own by csrc/Makefile for its C++ test) and its torch binding.
 KERNEL_SETS = ('avx512', 'avx2', 'popcnt', 'neon', 'generic')
 EXT_SOURCES = [osp.join('csrc', 'binary_ops.cpp'),
+               osp.join('csrc', 'training_ops.cpp'),
                osp.join('csrc', 'core', 'dispatch.cpp')] + [
                    osp.join('csrc', 'kernels', f'kernels_{k}.cpp')
                    for k in KERNEL_SETS

@@ -573,6 +573,10 @@ std::vector<std::pair<std::string, std::string>> kernel_paths() {
 }
 
 }  // namespace
+
+// training_ops.cpp: fused CPU ops of the binary layers for training
+void register_training_ops(pybind11::module& m);
+
 }  // namespace mmbhvit
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -623,4 +627,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("x"), py::arg("res"), py::arg("dy"), py::arg("dx"),
         py::arg("wk"), py::arg("bias"),
         py::call_guard<py::gil_scoped_release>());
+  register_training_ops(m);
 }

@@ -13,6 +13,7 @@ from mmbhvit.models.binary import (BinaryConv2d, CentredSignSTE,
                                    ShiftedSignSTE, SignSTE, binarize_weight,
                                    clipped_ste_grad, integer_range_bits,
                                    quantizer_function, sign_ste)
+from mmbhvit.models.binary.fused import fused_kernels
 
 
 def test_sign_ste_values_and_polynomial_gradient():
@@ -92,7 +93,8 @@ def test_shifted_sign_ste_equals_sign_ste_of_the_shifted_input(dtype):
     x = torch.randn(2, 4, 5, 3, dtype=dtype)
     x[0, 0, 0, :3] = torch.tensor([1., -1., 0.], dtype=dtype)  # |u| = 1, 0
     b = torch.tensor([0., 0.3, -0.2, 1.5], dtype=dtype)
-    out, grads = _grads(ShiftedSignSTE.apply, x, b)
+    with fused_kernels(False):  # (the compiled path: test_fused_kernels.py)
+        out, grads = _grads(ShiftedSignSTE.apply, x, b)
     ref, ref_grads = _grads(
         lambda x, b: SignSTE.apply(x + b.view(1, -1, 1, 1)), x, b)
     assert torch.equal(out, ref)
@@ -109,11 +111,13 @@ def test_shifted_sign_ste_equals_sign_ste_of_the_shifted_input(dtype):
 
 
 def test_shifted_sign_ste_refuses_a_second_backward():
-    """The backward reuses the shifted input in place; a second backward
-    through the same graph is an autograd error, not a wrong gradient."""
+    """The composed backward reuses the shifted input in place; a second
+    backward through the same graph is an autograd error, not a wrong
+    gradient."""
     x = torch.randn(1, 2, 3, 3, requires_grad=True)
     b = torch.zeros(2, requires_grad=True)
-    y = ShiftedSignSTE.apply(x, b).sum()
+    with fused_kernels(False):
+        y = ShiftedSignSTE.apply(x, b).sum()
     y.backward(retain_graph=True)
     with pytest.raises(RuntimeError, match='inplace operation'):
         y.backward()
@@ -257,12 +261,14 @@ def test_rprelu_function_equals_the_composed_expression(dtype):
     x[0, :, 0, 0] = act.bias_in.detach()
     grad = torch.randn_like(x)
     results = []
-    for fused in (True, False):
+    for function in (True, False):
         xr = x.clone().requires_grad_()
         act.zero_grad(set_to_none=True)
-        if fused:
-            y = act(xr)
+        if function:
+            with fused_kernels(False):  # the PyTorch-composed backward
+                y = act(xr)
             assert y.grad_fn.name() == 'RPReLUFunctionBackward'
+            assert y.grad_fn.ops is None
         else:
             y = F.prelu(xr - act.bias_in.view(1, -1, 1, 1), act.weight) + \
                 act.bias_out.view(1, -1, 1, 1)

@@ -195,7 +195,11 @@ def test_info_command():
     assert done.returncode == 0, done.stderr[-2000:]
     out = done.stdout
     assert out.startswith('CPU: ')
+    training = re.search(r'^training kernels \(sign/STE, RPReLU\): (.*)$',
+                         out, re.M)
+    assert training, out
     if HAS_EXT:
+        assert training.group(1) == 'in use on CPU'
         for s in SETS:
             assert re.search(rf'^  {s} +(runs here|CPU lacks \S+|not built '
                              'for this target)$', out, re.M), s
@@ -205,3 +209,4 @@ def test_info_command():
             assert re.search(rf'^  {re.escape(op)}: \S', out, re.M), op
     else:
         assert 'NOT available' in out and '--no-build-isolation' in out
+        assert training.group(1).startswith('NOT available')

@@ -3,7 +3,8 @@
 
     python -m mmbhvit.deploy.info
 
-Prints the CPU, whether the C++ kernels (``mmbhvit._binary_ops``) load
+Prints the CPU, whether training uses the compiled sign/STE and RPReLU
+kernels (:mod:`mmbhvit.models.binary.fused`), whether the C++ kernels (``mmbhvit._binary_ops``) load
 (if not: why, and how to build them), every kernel set with the reason it
 cannot run here, the set in use (the best one, or the environment variable
 ``MMBHVIT_KERNELS``) and the kernel path of each op with that set.
@@ -18,7 +19,7 @@ def kernel_report() -> List[str]:
     from ..utils.sysinfo import cpu_description
     from .ops import BUILD_HINT, extension_error, load_extension
 
-    lines = [f'CPU: {cpu_description()}']
+    lines = [f'CPU: {cpu_description()}', _training_line()]
     ext = load_extension()
     if ext is None:
         lines += [
@@ -41,6 +42,18 @@ def kernel_report() -> List[str]:
     for op, path in ext.kernel_paths():
         lines.append(f'  {op}: {path}')
     return lines
+
+
+def _training_line() -> str:
+    """Whether training uses the one-pass sign/STE and RPReLU kernels."""
+    from ..models.binary import fused
+    why = fused.unavailable_reason()
+    if why is not None:
+        return f'training kernels (sign/STE, RPReLU): NOT available ({why})'
+    if not fused.enabled():
+        return ('training kernels (sign/STE, RPReLU): switched off '
+                '(MMBHVIT_FUSED_KERNELS=0)')
+    return 'training kernels (sign/STE, RPReLU): in use on CPU'
 
 
 def main(argv=None) -> int:

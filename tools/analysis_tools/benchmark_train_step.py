@@ -42,6 +42,7 @@ import torch  # noqa: E402
 import mmbhvit  # noqa: E402,F401
 from mmbhvit.models import BHViT  # noqa: E402
 from mmbhvit.models.binary import BinaryConv2d, SignSTE  # noqa: E402
+from mmbhvit.models.binary.fused import fused_kernels  # noqa: E402
 from mmbhvit.testing.parity import build_classifier  # noqa: E402
 from mmbhvit.utils.sysinfo import cpu_description  # noqa: E402
 from mmbhvit.utils.timing import summarize, time_interleaved  # noqa: E402
@@ -124,10 +125,15 @@ def train_step(module, forward, x, target) -> None:
     module.zero_grad(set_to_none=True)
 
 
+def _unfused(model, x):
+    with fused_kernels(False):
+        return model(x, mode='tensor')
+
+
 def ratio_pairs(names):
     """The comparisons worth a ratio: every 1-bit mmbhvit case against its
     32-bit counterpart and the official 1-bit code, every compiled case
-    against its eager twin."""
+    against its eager twin, every unfused case against its fused twin."""
     names = list(names)
     for a in names:
         if not a.startswith('mmbhvit'):
@@ -141,6 +147,8 @@ def ratio_pairs(names):
             others.append(a[:-len(' compiled')])
         if a.endswith(' composed'):
             others = [a[:-len(' composed')]]
+        if a.endswith(' unfused'):
+            others.append(a[:-len(' unfused')])
         for b in others:
             if b in names:
                 yield a, b
@@ -164,6 +172,10 @@ def main(argv=None):
                         help='also time the 1-bit classifier with the '
                         'quantizers as composed before their fusion (same '
                         'weights)')
+    parser.add_argument('--unfused', action='store_true',
+                        help='also time both classifiers with the one-pass '
+                        'CPU kernels of sign/STE and RPReLU switched off '
+                        '(mmbhvit.models.binary.fused; same models)')
     parser.add_argument('--official-repo', default=None)
     parser.add_argument('--extra-path', default=None,
                         help='a directory prepended to sys.path (e.g. where '
@@ -187,6 +199,9 @@ def main(argv=None):
         if not args.no_eager:
             entries[f'mmbhvit {bits}-bit'] = (
                 clf, lambda x, m=clf: m(x, mode='tensor'))
+        if args.unfused:
+            entries[f'mmbhvit {bits}-bit unfused'] = (
+                clf, lambda x, m=clf: _unfused(m, x))
         if args.compile:
             compiled = torch.compile(clf)
             name = f'mmbhvit {bits}-bit compiled'

@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from . import fused
 from .quantizers import amp_backward, amp_forward, binarize_weight, sign_ste
 
 SUPPORTED_BITS = (1, 32)
@@ -130,6 +131,12 @@ class RPReLUFunction(torch.autograd.Function):
       \partial L/\partial x`, :math:`\partial L/\partial \zeta =
       \sum_{n,h,w} g`.
 
+    On CPU float32/float64 tensors forward and backward are each one pass
+    of the compiled kernels (:mod:`~mmbhvit.models.binary.fused`): same
+    values and input gradient; the three parameter gradients are summed in
+    that pass in a fixed order, so they differ from ``torch.sum`` in the
+    last bits.
+
     Autocast: runs in the incoming dtype (``x - \gamma`` promotes as the
     composed expression did).
     """
@@ -138,6 +145,10 @@ class RPReLUFunction(torch.autograd.Function):
     @amp_forward()
     def forward(ctx, x: Tensor, bias_in: Tensor, slope: Tensor,
                 bias_out: Tensor) -> Tensor:
+        ctx.ops = fused.ops_for(x, bias_in, slope, bias_out)
+        if ctx.ops is not None:  # t is recomputed in the backward
+            ctx.save_for_backward(x, bias_in, slope)
+            return ctx.ops.rprelu_forward(x, bias_in, slope, bias_out)
         t = x - _per_channel(bias_in)
         ctx.save_for_backward(t, slope)
         return F.prelu(t, slope).add_(_per_channel(bias_out))
@@ -145,6 +156,11 @@ class RPReLUFunction(torch.autograd.Function):
     @staticmethod
     @amp_backward
     def backward(ctx, grad: Tensor):
+        if ctx.ops is not None:
+            x, bias_in, slope = ctx.saved_tensors
+            grads = ctx.ops.rprelu_backward(grad, x, bias_in, slope)
+            return tuple(g if need else None
+                         for g, need in zip(grads, ctx.needs_input_grad))
         t, slope = ctx.saved_tensors
         dims = (0, ) + tuple(range(2, t.dim()))
         threshold_backward = torch.ops.aten.threshold_backward

@@ -24,6 +24,8 @@ from typing import Callable, Dict, Optional, Type
 import torch
 from torch import Tensor
 
+from . import fused
+
 _QUANTIZER_FUNCTIONS: Dict[str, Type['QuantizerFunction']] = {}
 
 
@@ -199,6 +201,10 @@ class SignSTE(QuantizerFunction):
     :math:`|x| \le 1` and 0 outside, i.e. the derivative of the smooth
     approximation :math:`2x + x^2 \operatorname{sign}(-x)` used by Bi-Real Net.
 
+    On CPU float32/float64 tensors the forward and the backward each run
+    as one pass of the compiled kernels (:mod:`~mmbhvit.models.binary.fused`,
+    bit-identical values).
+
     Autocast: runs in the incoming dtype. ``sign`` is exact in every
     floating format (-1, 0, +1 are representable), and the window
     :math:`2 - 2|x|` only shapes a surrogate gradient, so float16/bfloat16
@@ -211,12 +217,17 @@ class SignSTE(QuantizerFunction):
     @amp_forward()
     def forward(ctx, x: Tensor) -> Tensor:
         ctx.save_for_backward(x)
+        ctx.ops = fused.ops_for(x)
+        if ctx.ops is not None:
+            return ctx.ops.sign_ste_forward(x)
         return torch.sign(x)
 
     @staticmethod
     @amp_backward
     def backward(ctx, grad: Tensor) -> Tensor:
         x, = ctx.saved_tensors
+        if ctx.ops is not None:
+            return ctx.ops.sign_ste_backward(grad, x)[0]
         return _polynomial_ste_grad(x.abs(), grad)
 
 
@@ -264,13 +275,17 @@ class ShiftedSignSTE(QuantizerFunction):
     \partial L/\partial x`: the values and gradients of
     ``SignSTE.apply(x + b)``.
 
-    Why one Function: ``u`` is then this Function's own tensor, and the
-    backward turns it into the gradient in place instead of allocating the
-    window (on a CPU a fresh activation-sized tensor costs page faults, more
-    than the arithmetic). Consequently a second backward through the same
-    graph (``retain_graph=True``) is refused by autograd's saved-tensor
-    version check ("modified by an inplace operation"), never silently
-    wrong.
+    Why one Function: on CPU float32/float64 tensors the forward and the
+    backward are each one pass of the compiled kernels
+    (:mod:`~mmbhvit.models.binary.fused`: same values; the bias gradient is
+    summed in the same pass, in a fixed order, so it differs from
+    ``torch.sum`` in the last bits). Elsewhere ``u`` is this Function's
+    own tensor, and the backward turns it into the gradient in place
+    instead of allocating the window (on a CPU a fresh activation-sized
+    tensor costs page faults, more than the arithmetic); consequently a
+    second backward through the same graph (``retain_graph=True``) is
+    refused there by autograd's saved-tensor version check ("modified by an
+    inplace operation"), never silently wrong.
 
     Autocast: runs in the incoming dtype, as :class:`SignSTE`; ``x + b``
     follows the usual type promotion (a float32 bias makes ``u`` float32,
@@ -281,6 +296,10 @@ class ShiftedSignSTE(QuantizerFunction):
     @staticmethod
     @amp_forward()
     def forward(ctx, x: Tensor, bias: Tensor) -> Tensor:
+        ctx.ops = fused.ops_for(x, bias)
+        if ctx.ops is not None:  # u is recomputed in the backward
+            ctx.save_for_backward(x, bias)
+            return ctx.ops.sign_ste_forward(x, bias)
         u = x + bias.view(1, -1, *([1] * (x.dim() - 2)))
         ctx.save_for_backward(u)
         return torch.sign(u)
@@ -288,6 +307,10 @@ class ShiftedSignSTE(QuantizerFunction):
     @staticmethod
     @amp_backward
     def backward(ctx, grad: Tensor):
+        if ctx.ops is not None:  # the bias gradient comes in the same pass
+            x, bias = ctx.saved_tensors
+            grad_x, grad_b = ctx.ops.sign_ste_backward(grad, x, bias)
+            return grad_x, grad_b if ctx.needs_input_grad[1] else None
         u, = ctx.saved_tensors
         grad_x = _polynomial_ste_grad(u.abs_(), grad)  # u is ours
         grad_b = None

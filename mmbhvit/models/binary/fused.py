@@ -1,0 +1,98 @@
+# Copyright (c) mmbhvit contributors. Licensed under the Apache License 2.0.
+"""One-pass CPU kernels for the elementwise parts of the binary layers.
+
+The activation sign with its straight-through window
+(:class:`~mmbhvit.models.binary.SignSTE`,
+:class:`~mmbhvit.models.binary.ShiftedSignSTE`) and RPReLU
+(:class:`~mmbhvit.models.binary.RPReLUFunction`) run on every binary layer
+in every training step. Composed from PyTorch ops they make several passes
+over activation-sized tensors; the compiled extension
+(``mmbhvit._binary_ops``, ``csrc/training_ops.cpp``) does each forward and
+backward in one pass, with the same element values.
+
+They are used when all of these hold, otherwise the PyTorch composition
+runs (same values; the unit tests compare both):
+
+- the extension is built and has the ops (:func:`unavailable_reason`);
+- the tensors are CPU float32 / float64, contiguous, with channels on
+  dim 1;
+- nothing is tracing or compiling the model (ONNX export, cost counting and
+  ``torch.compile`` see the plain expressions);
+- they are not switched off: environment variable
+  ``MMBHVIT_FUSED_KERNELS=0``, or :func:`fused_kernels` as a context
+  manager (e.g. ``with fused_kernels(False):`` for an A/B timing).
+"""
+import contextlib
+import os
+from types import ModuleType
+from typing import Iterator, Optional
+
+import torch
+from torch import Tensor
+
+_OPS_NAMES = ('sign_ste_forward', 'sign_ste_backward', 'rprelu_forward',
+              'rprelu_backward')
+_DTYPES = (torch.float32, torch.float64)
+
+_state = dict(loaded=False, ops=None, reason=None,
+              enabled=os.environ.get('MMBHVIT_FUSED_KERNELS', '1') != '0')
+
+
+def _load() -> Optional[ModuleType]:
+    if not _state['loaded']:
+        _state['loaded'] = True
+        try:
+            from ... import _binary_ops as ext
+        except ImportError as e:  # not built, or built for another torch
+            _state['reason'] = (f'mmbhvit._binary_ops is not importable '
+                                f'({type(e).__name__}: {e})')
+        else:
+            missing = [n for n in _OPS_NAMES if not hasattr(ext, n)]
+            if missing:
+                _state['reason'] = ('mmbhvit._binary_ops was built from an '
+                                    'older source without ' +
+                                    ', '.join(missing) + '; rebuild it')
+            else:
+                _state['ops'] = ext
+    return _state['ops']
+
+
+def unavailable_reason() -> Optional[str]:
+    """Why the fused kernels cannot run here (None when they can)."""
+    _load()
+    return _state['reason']
+
+
+def enabled() -> bool:
+    """True when the fused kernels are switched on and built."""
+    return _state['enabled'] and _load() is not None
+
+
+@contextlib.contextmanager
+def fused_kernels(enable: bool) -> Iterator[None]:
+    """Switch the fused kernels on or off inside a ``with`` block."""
+    before = _state['enabled']
+    _state['enabled'] = bool(enable)
+    try:
+        yield
+    finally:
+        _state['enabled'] = before
+
+
+def ops_for(x: Tensor, *per_channel: Optional[Tensor]
+            ) -> Optional[ModuleType]:
+    """The extension if it can take ``x`` (and the per-channel vectors
+    ``per_channel``, None entries allowed) here, else None."""
+    if not _state['enabled'] or torch.jit.is_tracing() or \
+            torch.compiler.is_compiling():
+        return None
+    if x.device.type != 'cpu' or x.dtype not in _DTYPES or x.dim() < 2 \
+            or not x.is_contiguous():
+        return None
+    channels = x.shape[1]
+    for v in per_channel:
+        if v is not None and (v.device.type != 'cpu' or v.dtype != x.dtype
+                              or v.numel() != channels
+                              or not v.is_contiguous()):
+            return None
+    return _load()

@@ -1,0 +1,182 @@
+# Copyright (c) mmbhvit contributors. Licensed under the Apache License 2.0.
+"""The one-pass CPU kernels of sign/STE and RPReLU used in training
+(``mmbhvit.models.binary.fused``, ``csrc/training_ops.cpp``) against the
+PyTorch-composed path they replace."""
+import math
+
+import pytest
+import torch
+
+from mmbhvit.models.binary import RPReLU, ShiftedSignSTE, SignSTE
+from mmbhvit.models.binary import fused
+from mmbhvit.models.binary.fused import fused_kernels
+
+pytestmark = pytest.mark.skipif(
+    not fused.enabled(),
+    reason=f'fused kernels unavailable: {fused.unavailable_reason()}')
+
+DTYPES = [torch.float32, torch.float64]
+
+
+def _special(x: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+    """Put the STE window's edges, zeros (both signs) and non-finite values
+    into channel 0 of ``x`` (after the channel's ``shift``)."""
+    vals = [1., -1., 0., -0., 0.5, 2., math.inf, -math.inf, math.nan]
+    row = torch.tensor(vals, dtype=x.dtype) - shift[0]
+    x = x.clone()
+    x[0, 0, 0, :len(vals)] = row
+    return x
+
+
+def _run(fn, inputs, grad, enable):
+    """Values and input gradients of ``fn(*inputs)`` with the fused kernels
+    switched on or off; also returns whether they ran."""
+    leaves = [t.clone().requires_grad_() for t in inputs]
+    with fused_kernels(enable):
+        out = fn(*leaves)
+    ran = out.grad_fn.ops is not None
+    out.backward(grad)
+    return out.detach(), [t.grad for t in leaves], ran
+
+
+def _assert_same(a, b):
+    """Equal, NaN where the other is NaN."""
+    assert a.dtype == b.dtype and a.shape == b.shape
+    assert torch.equal(a.isnan(), b.isnan())
+    assert torch.equal(a.nan_to_num(), b.nan_to_num())
+
+
+@pytest.mark.parametrize('dtype', DTYPES)
+@pytest.mark.parametrize('with_bias', [False, True])
+def test_sign_ste_fused_is_bit_identical(dtype, with_bias):
+    """sign and its STE window: values and the input gradient equal to the
+    composed path bit for bit, with the window's edges |u| = 1, signed
+    zeros, infinities and NaN (sign 0, as torch.sign); the shift's gradient
+    equal up to summation order."""
+    torch.manual_seed(0)
+    b = torch.randn(5, dtype=dtype) * 0.3
+    x = _special(torch.randn(2, 5, 6, 11, dtype=dtype) * 1.2,
+                 b if with_bias else torch.zeros(5, dtype=dtype))
+    grad = torch.randn_like(x)
+    if with_bias:
+        fn, inputs = ShiftedSignSTE.apply, (x, b)
+    else:
+        fn, inputs = SignSTE.apply, (x, )
+    out, grads, ran = _run(fn, inputs, grad, True)
+    ref, ref_grads, ran_ref = _run(fn, inputs, grad, False)
+    assert ran and not ran_ref
+    _assert_same(out, ref)
+    _assert_same(grads[0], ref_grads[0])
+    if with_bias:  # summed in the kernel's pass, in its own order
+        torch.testing.assert_close(grads[1], ref_grads[1], equal_nan=True)
+    assert set(out[0, 0, 0, :9].tolist()) == {1., -1., 0.}
+    assert (grads[0] == 0).any() and (grads[0] != 0).any()
+
+
+@pytest.mark.parametrize('dtype', DTYPES)
+def test_rprelu_fused_values_and_gradients(dtype):
+    """RPReLU: values and the input gradient bit-identical to the composed
+    path (kink included, a negative slope too); the three per-channel
+    parameter gradients equal up to summation order, and closer to an exact
+    (float64) sum than the composed float32 sums are."""
+    torch.manual_seed(1)
+    act = RPReLU(6).to(dtype)
+    with torch.no_grad():
+        for p in act.parameters():
+            p.uniform_(-0.5, 0.5)
+        act.weight[0] = -0.3
+    x = torch.randn(3, 6, 9, 13, dtype=dtype)
+    x[0, :, 0, 0] = act.bias_in.detach()  # t = 0 exactly
+    grad = torch.randn_like(x)
+    results = {}
+    for enable in (True, False):
+        xr = x.clone().requires_grad_()
+        act.zero_grad(set_to_none=True)
+        with fused_kernels(enable):
+            y = act(xr)
+        assert (y.grad_fn.ops is not None) == enable
+        y.backward(grad)
+        results[enable] = [y.detach(), xr.grad] + [
+            p.grad.clone() for p in act.parameters()]
+    fused_res, ref = results[True], results[False]
+    assert torch.equal(fused_res[0], ref[0])
+    assert torch.equal(fused_res[1], ref[1])
+    # exact sums in float64 from the float64 copies of the same tensors
+    t = (x - act.bias_in.detach().view(1, -1, 1, 1)).double()
+    g64 = grad.double()
+    exact = [-ref[1].double().sum((0, 2, 3)),
+             (g64 * t.clamp(max=0)).sum((0, 2, 3)), g64.sum((0, 2, 3))]
+    tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(
+        rtol=1e-12, atol=1e-12)
+    for got, want, ex in zip(fused_res[2:], ref[2:], exact):
+        torch.testing.assert_close(got, want, **tol)
+        torch.testing.assert_close(got.double(), ex, **tol)
+
+
+def test_rprelu_fused_sums_do_not_depend_on_the_thread_count():
+    x = torch.randn(4, 8, 17, 19)
+    grad = torch.randn_like(x)
+    act = RPReLU(8)
+    before = torch.get_num_threads()
+    grads = []
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            act.zero_grad(set_to_none=True)
+            act(x.clone().requires_grad_()).backward(grad)
+            grads.append([p.grad.clone() for p in act.parameters()])
+    finally:
+        torch.set_num_threads(before)
+    for a, b in zip(*grads):
+        assert torch.equal(a, b)
+
+
+def test_fused_path_is_taken_only_where_it_applies():
+    """Non-contiguous input, bfloat16, a bias of another dtype, tracing and
+    the switch all take the composed path (same values)."""
+    x = torch.randn(2, 4, 5, 6)
+    b = torch.randn(4)
+
+    def ops_used(x, b=None):
+        xr = x.detach().requires_grad_()
+        y = SignSTE.apply(xr) if b is None else ShiftedSignSTE.apply(xr, b)
+        return y.grad_fn.ops is not None
+
+    assert ops_used(x) and ops_used(x, b)
+    assert not ops_used(x.transpose(2, 3))
+    assert not ops_used(x.bfloat16())
+    assert not ops_used(x, b.double())
+    assert not ops_used(x.double(), b)
+    with fused_kernels(False):
+        assert not ops_used(x, b)
+    assert ops_used(x, b)  # switched back on after the block
+    assert fused.ops_for(x.view(-1)) is None  # no channel dim
+
+
+def test_fused_backward_can_run_twice():
+    """The fused path saves the input, not a buffer it overwrites: a second
+    backward through the same graph gives the same gradient again."""
+    x = torch.randn(1, 2, 3, 3, requires_grad=True)
+    b = torch.zeros(2, requires_grad=True)
+    y = ShiftedSignSTE.apply(x, b).sum()
+    assert y.grad_fn.next_functions[0][0].ops is not None
+    y.backward(retain_graph=True)
+    first = x.grad.clone()
+    x.grad = None
+    y.backward()
+    assert torch.equal(x.grad, first)
+
+
+def test_kernels_refuse_bad_input_by_name():
+    ops = fused.ops_for(torch.zeros(1, 2, 1, 1))
+    x = torch.randn(2, 3, 4, 4)
+    with pytest.raises(RuntimeError, match='bias must hold 3'):
+        ops.sign_ste_forward(x, torch.zeros(4))
+    with pytest.raises(RuntimeError, match='x must be float32 or float64'):
+        ops.sign_ste_forward(x.half())
+    with pytest.raises(RuntimeError, match='x must be contiguous'):
+        ops.rprelu_forward(x.transpose(2, 3), *[torch.zeros(3)] * 3)
+    with pytest.raises(RuntimeError, match='slope must be a CPU tensor'):
+        ops.rprelu_backward(x, x, torch.zeros(3), torch.zeros(3).double())
+    with pytest.raises(RuntimeError, match='grad must match the saved'):
+        ops.sign_ste_backward(x[:1], x)
