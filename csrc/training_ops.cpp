@@ -198,13 +198,19 @@ std::vector<torch::Tensor> sign_ste_backward(
 // --------------------------------------------------------------------------
 // RPReLU: y = prelu_a(x - gamma) + zeta, per channel
 // --------------------------------------------------------------------------
+Layout rprelu_layout(const torch::Tensor& x, const torch::Tensor& bias_in,
+                     const torch::Tensor& slope) {
+  const Layout l = nchw_layout(x, "x");
+  check_channel_vector(bias_in, x, l.c, "bias_in");
+  check_channel_vector(slope, x, l.c, "slope");
+  return l;
+}
+
 torch::Tensor rprelu_forward(const torch::Tensor& x,
                              const torch::Tensor& bias_in,
                              const torch::Tensor& slope,
                              const torch::Tensor& bias_out) {
-  const Layout l = nchw_layout(x, "x");
-  check_channel_vector(bias_in, x, l.c, "bias_in");
-  check_channel_vector(slope, x, l.c, "slope");
+  const Layout l = rprelu_layout(x, bias_in, slope);
   check_channel_vector(bias_out, x, l.c, "bias_out");
   torch::Tensor out = torch::empty_like(x);
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "rprelu_forward", [&] {
@@ -234,9 +240,7 @@ std::vector<torch::Tensor> rprelu_backward(const torch::Tensor& grad,
                                            const torch::Tensor& x,
                                            const torch::Tensor& bias_in,
                                            const torch::Tensor& slope) {
-  const Layout l = nchw_layout(x, "x");
-  check_channel_vector(bias_in, x, l.c, "bias_in");
-  check_channel_vector(slope, x, l.c, "slope");
+  const Layout l = rprelu_layout(x, bias_in, slope);
   check_same(grad, x, "grad");
   const torch::Tensor g = grad.contiguous();
   torch::Tensor gx = torch::empty_like(x);

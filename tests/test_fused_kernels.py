@@ -76,17 +76,18 @@ def test_sign_ste_fused_is_bit_identical(dtype, with_bias):
 @pytest.mark.parametrize('dtype', DTYPES)
 def test_rprelu_fused_values_and_gradients(dtype):
     """RPReLU: values and the input gradient bit-identical to the composed
-    path (kink included, a negative slope too); the three per-channel
+    path (kink included, negative and zero slopes too); the three per-channel
     parameter gradients equal up to summation order, and closer to an exact
     (float64) sum than the composed float32 sums are."""
     torch.manual_seed(1)
     act = RPReLU(6).to(dtype)
+    slopes = torch.tensor([-0.3, 0., 0.1, 0.25, 0.7, 1.2], dtype=dtype)
     with torch.no_grad():
-        for p in act.parameters():
-            p.uniform_(-0.5, 0.5)
-        act.weight[0] = -0.3
+        act.weight.copy_(slopes)
+        act.bias_in.normal_(std=0.4)
+        act.bias_out.normal_(std=0.4)
     x = torch.randn(3, 6, 9, 13, dtype=dtype)
-    x[0, :, 0, 0] = act.bias_in.detach()  # t = 0 exactly
+    x[1, :, 2, 3] = act.bias_in.detach()  # t = 0 exactly
     grad = torch.randn_like(x)
     results = {}
     for enable in (True, False):

@@ -25,7 +25,9 @@ backward, is timed separately and reported as the compile time).
 (IMRL/BHViT, a local clone; it needs ``transformers`` and ``timm``
 importable, e.g. via ``--extra-path``) on the same configuration.
 
-``OMP_WAIT_POLICY`` defaults to ``PASSIVE`` as in ``tools/train.py``.
+``OMP_WAIT_POLICY`` defaults to ``PASSIVE`` and glibc keeps freed memory
+(:func:`mmbhvit.utils.malloc.keep_freed_memory`, for every model timed),
+as in ``tools/train.py``; ``--default-malloc`` leaves the allocator alone.
 """
 import argparse
 import copy
@@ -45,6 +47,7 @@ from mmbhvit.models.binary import BinaryConv2d, SignSTE  # noqa: E402
 from mmbhvit.models.binary.fused import fused_kernels  # noqa: E402
 from mmbhvit.testing.parity import build_classifier  # noqa: E402
 from mmbhvit.utils.sysinfo import cpu_description  # noqa: E402
+from mmbhvit.utils.malloc import keep_freed_memory  # noqa: E402
 from mmbhvit.utils.timing import summarize, time_interleaved  # noqa: E402
 
 
@@ -176,12 +179,19 @@ def main(argv=None):
                         help='also time both classifiers with the one-pass '
                         'CPU kernels of sign/STE and RPReLU switched off '
                         '(mmbhvit.models.binary.fused; same models)')
+    parser.add_argument('--default-malloc', action='store_true',
+                        help="leave glibc's allocator settings as they are "
+                        '(tools/train.py applies mmbhvit.utils.malloc.'
+                        'keep_freed_memory, and so does this tool by '
+                        'default)')
     parser.add_argument('--official-repo', default=None)
     parser.add_argument('--extra-path', default=None,
                         help='a directory prepended to sys.path (e.g. where '
                         'transformers/timm are installed for the official '
                         'code)')
     args = parser.parse_args(argv)
+    # as tools/train.py (all models alike); --default-malloc: glibc as it is
+    malloc = {} if args.default_malloc else keep_freed_memory()
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.extra_path:
@@ -233,6 +243,9 @@ def main(argv=None):
           f'torch {torch.__version__}, {args.repeats} repeats after '
           f'{args.warmup} warm-up (interleaved)')
     print(f'CPU: {cpu_description()}')
+    print('allocator: glibc keeps freed memory (keep_freed_memory)'
+          if malloc and all(malloc.values()) else
+          'allocator: default settings')
     print(f'{"model":<28} {"median s":>9} {"q1":>7} {"q3":>7} {"min":>7} '
           f'{"max":>7}')
     stats = {name: summarize(ts) for name, ts in times.items()}
