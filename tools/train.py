@@ -26,11 +26,6 @@ sys.path.insert(0, osp.dirname(osp.dirname(osp.abspath(__file__))))
 os.environ.setdefault('OMP_WAIT_POLICY', 'PASSIVE')
 
 import mmbhvit  # noqa: E402,F401  (before mmseg: mmcv-lite shim, registries)
-from mmbhvit.utils.malloc import keep_freed_memory  # noqa: E402
-
-# CPU runs: freed activations stay in the process instead of being
-# unmapped and faulted in again every step (MMBHVIT_MALLOC=default: off)
-keep_freed_memory()
 from mmbhvit.datasets import DatasetMetaError  # noqa: E402
 from mmbhvit.models.checkpoint import check_pretrained_backbone  # noqa: E402
 from mmbhvit.models.finite import NonFiniteError  # noqa: E402

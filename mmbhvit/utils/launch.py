@@ -20,6 +20,8 @@ from typing import Any
 
 from mmengine.logging import print_log
 
+from .malloc import keep_freed_memory
+
 
 def add_runner_args(parser) -> None:
     """The options ``tools/train.py`` and ``tools/test.py`` share, as in
@@ -122,9 +124,12 @@ def init_cpu_process_group(launcher: str, dist_cfg: dict) -> None:
 
 
 def setup_cpu_runtime(cfg) -> None:
-    """Adapt ``cfg`` in place when no accelerator is available."""
+    """Adapt ``cfg`` in place when no accelerator is available (and let
+    glibc keep freed memory: :func:`~mmbhvit.utils.malloc.keep_freed_memory`,
+    activations are then not faulted in anew every step)."""
     if accelerator_available():
         return
+    keep_freed_memory()
     cfg.setdefault('env_cfg', {})
     cfg.env_cfg.setdefault('dist_cfg', {})
     cfg.env_cfg.cudnn_benchmark = False

@@ -14,8 +14,10 @@ README's "Training speed" has the figures).
 (no trimming, one arena, padding at the top of the heap), the effect of
 ``MALLOC_MMAP_THRESHOLD_`` and friends, set from inside the process
 with ``mallopt``. The cost: the process keeps its peak memory instead of
-giving it back between steps. ``tools/train.py`` and ``tools/test.py``
-call it; ``MMBHVIT_MALLOC=default`` leaves glibc as it is. It is a no-op
+giving it back between steps. ``tools/train.py``, ``tools/test.py`` and
+the demo call it on machines without an accelerator (through
+:func:`mmbhvit.utils.launch.setup_cpu_runtime`); ``MMBHVIT_MALLOC=default``
+leaves glibc as it is. It is a no-op
 on other C libraries (musl, macOS, Windows) and when another allocator
 (jemalloc, tcmalloc) is preloaded, glibc's settings then concern nobody.
 """
