@@ -41,11 +41,12 @@ _state = dict(loaded=False, ops=None, reason=None,
 def _load() -> Optional[ModuleType]:
     if not _state['loaded']:
         _state['loaded'] = True
-        try:
-            from ... import _binary_ops as ext
-        except ImportError as e:  # not built, or built for another torch
+        # the one loader of the extension (the packed engine's)
+        from ...deploy.ops import extension_error, load_extension
+        ext = load_extension()
+        if ext is None:  # not built, or built for another torch
             _state['reason'] = (f'mmbhvit._binary_ops is not importable '
-                                f'({type(e).__name__}: {e})')
+                                f'({extension_error()})')
         else:
             missing = [n for n in _OPS_NAMES if not hasattr(ext, n)]
             if missing:
