@@ -317,6 +317,60 @@ torch::Tensor merge(const torch::Tensor& x, const torch::Tensor& thr,
 }
 
 // ---------------------------------------------------------------------------
+torch::Tensor conv(const torch::Tensor& x, const torch::Tensor& thr,
+                   const torch::Tensor& wt, int64_t cout, int64_t k,
+                   const torch::Tensor& a, const torch::Tensor& b,
+                   const torch::Tensor& slope, const torch::Tensor& post_scale,
+                   const torch::Tensor& post_bias, int64_t shortcut) {
+  check_float(x, x, "x");
+  TORCH_CHECK(x.dim() == 4, "x must be (N, H, W, C), got ", x.sizes());
+  const int64_t n = x.size(0), h = x.size(1), w = x.size(2), cin = x.size(3);
+  TORCH_CHECK(k >= 1 && k % 2 == 1 && k * k <= 49,
+              "kernel size must be odd and at most 7, got ", k);
+  TORCH_CHECK(cin > 0 && cout > 0, "channel counts must be positive, got ",
+              cin, " -> ", cout);
+  const int64_t words = words_for(cin);
+  check_words(wt, "wt");
+  TORCH_CHECK(wt.dim() == 3 && wt.size(0) == k * k && wt.size(1) == words &&
+                  wt.size(2) >= cout && wt.size(2) % 8 == 0,
+              "conv weight must be (", k * k, ", ", words,
+              ", cout_pad >= ", cout, ", a multiple of 8), got ", wt.sizes());
+  check_vec(thr, x, cin, "thr");
+  for (auto* t : {&a, &b, &slope, &post_scale, &post_bias})
+    check_vec(*t, x, cout, "per-channel parameter");
+  TORCH_CHECK(shortcut >= kNone && shortcut <= kChunkMean, "bad shortcut");
+  if (shortcut == kIdentity)
+    TORCH_CHECK(cin == cout, "identity shortcut: cin != cout");
+  if (shortcut == kTile)
+    TORCH_CHECK(cout % cin == 0, "tile shortcut: cout % cin != 0");
+  if (shortcut == kGroupMean || shortcut == kChunkMean)
+    TORCH_CHECK(cin % cout == 0, "mean shortcut: cin % cout != 0");
+  torch::Tensor y = torch::empty({n, h, w, cout}, x.options());
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "mmbhvit_conv", [&] {
+    ConvParams<scalar_t> p{};
+    p.x = ptr<scalar_t>(x);
+    p.n = n;
+    p.h = h;
+    p.w = w;
+    p.cin = cin;
+    p.cout = cout;
+    p.words = words;
+    p.cout_pad = wt.size(2);
+    p.k = static_cast<int>(k);
+    p.wt = wptr(wt);
+    p.a = ptr<scalar_t>(a);
+    p.b = ptr<scalar_t>(b);
+    p.slope = ptr<scalar_t>(slope);
+    p.post_scale = ptr<scalar_t>(post_scale);
+    p.post_bias = ptr<scalar_t>(post_bias);
+    p.shortcut = static_cast<int>(shortcut);
+    p.y = y.data_ptr<scalar_t>();
+    run_conv(kset(), p, ptr<scalar_t>(thr), TorchParallel());
+  });
+  return y;
+}
+
+// ---------------------------------------------------------------------------
 torch::Tensor attn_scores(const torch::Tensor& q, const torch::Tensor& k,
                           const torch::Tensor& thr_q,
                           const torch::Tensor& thr_k, int64_t heads,
@@ -566,7 +620,8 @@ double cpu_clock_hz() {
 std::vector<std::pair<std::string, std::string>> kernel_paths() {
   static const char* const ops[kNumOps] = {
       "proj/ffn", "msgdc", "merge", "attn_scores", "attn_context",
-      "sign packing", "float ops (shift, attn_tokens, attn_untokens)"};
+      "sign packing", "float ops (shift, attn_tokens, attn_untokens)",
+      "conv (heads)"};
   std::vector<std::pair<std::string, std::string>> out;
   for (int i = 0; i < kNumOps; ++i) out.emplace_back(ops[i], kset().path[i]);
   return out;
@@ -611,6 +666,13 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("lane_wts") = std::vector<torch::Tensor>(),
         py::call_guard<py::gil_scoped_release>());
   m.def("merge", &merge, "binary 2x2 stride-2 patch merging",
+        py::call_guard<py::gil_scoped_release>());
+  m.def("conv", &conv,
+        "binary k x k convolution (stride 1, zero padding) + shortcut, "
+        "PReLU, affine",
+        py::arg("x"), py::arg("thr"), py::arg("wt"), py::arg("cout"),
+        py::arg("k"), py::arg("a"), py::arg("b"), py::arg("slope"),
+        py::arg("post_scale"), py::arg("post_bias"), py::arg("shortcut"),
         py::call_guard<py::gil_scoped_release>());
   m.def("attn_scores", &attn_scores, "scores of binary queries and keys",
         py::call_guard<py::gil_scoped_release>());

@@ -109,6 +109,18 @@ def _student_only(model_cfg: dict) -> dict:
                    if model_cfg.get(k) is not None})
 
 
+#: neck / head types with ``weight_bits`` / ``act_bits`` options
+BINARY_HEADS = ('BinaryUPerHead', 'BinaryFPNHead', 'BinaryFPN')
+
+
+def _as_list(cfg) -> list:
+    """A module config, or a list of them (mmseg's auxiliary heads), as a
+    list (empty for None)."""
+    if cfg is None:
+        return []
+    return list(cfg) if isinstance(cfg, (list, tuple)) else [cfg]
+
+
 def build_model(config: Union[str, Config, dict],
                 checkpoint: Optional[str] = None,
                 *,
@@ -131,7 +143,8 @@ def build_model(config: Union[str, Config, dict],
         device: where the model is put.
         cfg_options (dict, optional): overrides merged into the config.
         full_precision (bool): the full-precision counterpart
-            (``weight_bits=act_bits=32`` on the backbone).
+            (``weight_bits=act_bits=32`` on the backbone and on binary
+            necks / heads, :data:`BINARY_HEADS`).
         student_only (bool): a distillation classifier is built as the
             plain ImageClassifier of its student (deployment).
         init_scope (bool): also make the config's scope the global default
@@ -162,6 +175,10 @@ def build_model(config: Union[str, Config, dict],
                 'full_precision needs a BHViT backbone (weight_bits/act_bits)'
                 f'; {_config_name(cfg)} has {backbone.get("type")!r}')
         backbone.update(weight_bits=32, act_bits=32)
+        for name in ('neck', 'decode_head', 'auxiliary_head'):
+            for part in _as_list(model_cfg.get(name)):
+                if part.get('type') in BINARY_HEADS:
+                    part.update(weight_bits=32, act_bits=32)
     scope = TASK_SCOPES[task]
     if scope == 'mmseg':
         import mmseg.models  # noqa: F401

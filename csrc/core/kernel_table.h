@@ -22,6 +22,7 @@ enum Op : int {
   kOpContext,
   kOpPack,      // sign packing (rows, per head, along tokens, bit planes)
   kOpFloat,     // float-only ops: shift, attention token layout
+  kOpConv,      // dense binary k x k convolution (decode heads)
   kNumOps
 };
 
@@ -43,6 +44,7 @@ struct Kernels {
   void (*window_tokens)(const TokensParams<T>&, int64_t, int64_t);
   void (*merged_means)(const UntokensParams<T>&, int64_t, int64_t);
   void (*untokens)(const UntokensParams<T>&, int64_t, int64_t);
+  void (*conv)(const ConvParams<T>&, int64_t, int64_t);
 };
 
 struct KernelSet {

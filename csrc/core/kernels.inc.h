@@ -7,6 +7,7 @@
 // kNumOps descriptions) before including this file.
 #include "kernel_table.h"
 #include "ops/attention.h"
+#include "ops/conv.h"
 #include "ops/merge.h"
 #include "ops/msgdc.h"
 #include "ops/proj.h"
@@ -24,7 +25,7 @@ constexpr Kernels<T> kernel_table() {
                     &head_pack<T>,     &head_pack_t<T>,   &token_pack<T>,
                     &scores<T>,        &context<T>,       &shift<T>,
                     &merged_tokens<T>, &window_tokens<T>, &merged_means<T>,
-                    &untokens<T>};
+                    &untokens<T>,      &conv<T>};
 }
 
 const KernelSet kSet = {MMBHVIT_SET_NAME, MMBHVIT_PATHS, &msgdc_lanes,

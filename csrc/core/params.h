@@ -25,7 +25,16 @@
 
 namespace mmbhvit {
 
-enum Shortcut : int { kNone = 0, kIdentity = 1, kTile = 2, kGroupMean = 3 };
+// kGroupMean: output o averages inputs o r .. o r + r - 1 (BinaryResidualProj);
+// kChunkMean: output o averages inputs o, o + cout, ..., o + (r - 1) cout
+// (the mean of r concatenated maps, BinaryConvBlock).
+enum Shortcut : int {
+  kNone = 0,
+  kIdentity = 1,
+  kTile = 2,
+  kGroupMean = 3,
+  kChunkMean = 4
+};
 enum AttnMode : int { kLSQ = 0, kGSB = 1 };
 
 // y = prelu(a * D + b + shortcut(x), slope) * post_scale + post_bias
@@ -130,6 +139,26 @@ struct MergeParams {
   const T* post_bias;
   const T* pos;         // (h / 2, w / 2, cout)
   T* y;                 // (n, h / 2, w / 2, cout)
+};
+
+// Binary k x k convolution, stride 1, zero padding k / 2 (BinaryConvBlock
+// of the decode heads): y = prelu(a D + b + shortcut(x), slope)
+// * post_scale + post_bias, D over the taps inside the map (a padded tap is
+// not visited: full = n_valid * cin).
+template <typename T>
+struct ConvParams {
+  const T* x;           // (n, h, w, cin)
+  const uint64_t* bits; // (n, h, w, words)
+  int64_t n, h, w, cin, cout, words, cout_pad;
+  int k;                // odd
+  const uint64_t* wt;   // (k * k, words, cout_pad)
+  const T* a;
+  const T* b;
+  const T* slope;
+  const T* post_scale;
+  const T* post_bias;   // (cout) each
+  int shortcut;
+  T* y;                 // (n, h, w, cout)
 };
 
 // Attention scores of ±1 queries and keys: s = scale * (d - 2 popcount).

@@ -130,6 +130,28 @@ void run_merge(const KernelSet& s, MergeParams<T> p, const T* thr, PF&& pf) {
      [&](int64_t b, int64_t e) { k.merge(p, b, e); });
 }
 
+// p: everything but bits.
+template <typename T, typename PF>
+void run_conv(const KernelSet& s, ConvParams<T> p, const T* thr, PF&& pf) {
+  const Kernels<T>& k = kernels_of<T>(s);
+  const int64_t pixels = p.n * p.h * p.w;
+  std::vector<uint64_t> bits(static_cast<size_t>(pixels * p.words));
+  PackParams<T> pk{};
+  pk.x = p.x;
+  pk.pixels = pixels;
+  pk.c = p.cin;
+  pk.groups = 1;
+  pk.cg = p.cin;
+  pk.wg = p.words;
+  pk.thr = thr;
+  pk.bits = bits.data();
+  pf(pixels, grain_for(p.cin), [&](int64_t b, int64_t e) { k.pack(pk, b, e); });
+  p.bits = bits.data();
+  pf(p.n * p.h,
+     grain_for(p.w * (int64_t(p.k) * p.k * p.words * p.cout_pad + 2 * p.cout)),
+     [&](int64_t b, int64_t e) { k.conv(p, b, e); });
+}
+
 // s_out: (b, heads, t, t)
 template <typename T, typename PF>
 void run_scores(const KernelSet& s, const T* q, const T* kk, const T* thr_q,

@@ -25,7 +25,8 @@
    "registers (float)",                                                    \
    "popcount core (AND): vpshufb, both bit planes in registers, epilogue "  \
    "fused (float, LSQ 2 planes); AVX2 planes",                             \
-   "AVX2 compare + movemask", "auto-vectorised (AVX2)"}
+   "AVX2 compare + movemask", "auto-vectorised (AVX2)",                    \
+   "popcount core: vpshufb, taps accumulated, 8 pixels per weight load"}
 #include "../core/kernels.inc.h"
 #pragma GCC pop_options
 #else

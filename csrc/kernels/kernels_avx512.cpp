@@ -28,7 +28,8 @@
    "registers (float)",                                                    \
    "popcount core (AND): VPOPCNTQ, both bit planes in registers, epilogue " \
    "fused (float, LSQ 2 planes); AVX-512 planes",                          \
-   "AVX-512 compare masks", "auto-vectorised (AVX-512)"}
+   "AVX-512 compare masks", "auto-vectorised (AVX-512)",                  \
+   "popcount core: VPOPCNTQ, taps accumulated, 8 pixels per weight load"}
 #include "../core/kernels.inc.h"
 #pragma GCC diagnostic pop
 #pragma GCC pop_options

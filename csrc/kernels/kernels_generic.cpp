@@ -11,5 +11,6 @@
    "scalar popcount core, taps accumulated",                               \
    "scalar popcount core, 4 taps accumulated",                             \
    "scalar popcount core, 4 query rows", "scalar popcount core (AND)",     \
-   "scalar", "auto-vectorised (baseline)"}
+   "scalar", "auto-vectorised (baseline)",                                \
+   "scalar popcount core, taps accumulated, 8 pixels per weight row"}
 #include "../core/kernels.inc.h"

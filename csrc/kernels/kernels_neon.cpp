@@ -16,7 +16,8 @@
    "popcount core: CNT, 4 taps accumulated, 8 outputs per pass",           \
    "popcount core: CNT, 4 query rows per key load",                        \
    "popcount core (AND): CNT, one row per bit plane",                      \
-   "scalar", "auto-vectorised (NEON)"}
+   "scalar", "auto-vectorised (NEON)",                                    \
+   "popcount core: CNT, taps accumulated, 8 pixels per weight load"}
 #include "../core/kernels.inc.h"
 #else
 namespace mmbhvit {

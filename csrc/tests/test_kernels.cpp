@@ -128,6 +128,7 @@ class Runner {
       case 6: return {shift<T>()};
       case 7: return {tokens<T>()};
       case 8: return {untokens<T>()};
+      case 9: return {conv<T>()};
       default: throw std::string("unknown op");
     }
   }
@@ -354,6 +355,32 @@ class Runner {
     p.out = out.data();
     run_untokens(s_, p, Chunks());
     return out;
+  }
+
+  template <typename T>
+  std::vector<T> conv() const {
+    const Array& x = at("x");
+    ConvParams<T> p{};
+    p.x = x.as<T>();
+    p.n = x.dims[0];
+    p.h = x.dims[1];
+    p.w = x.dims[2];
+    p.cin = x.dims[3];
+    p.cout = meta(0);
+    p.k = int(meta(1));
+    p.shortcut = int(meta(2));
+    p.words = words_of(p.cin);
+    p.cout_pad = at("wt").dims[2];
+    p.wt = w("wt");
+    p.a = f<T>("a");
+    p.b = f<T>("b");
+    p.slope = f<T>("slope");
+    p.post_scale = f<T>("post_scale");
+    p.post_bias = f<T>("post_bias");
+    std::vector<T> y(static_cast<size_t>(p.n * p.h * p.w * p.cout));
+    p.y = y.data();
+    run_conv(s_, p, f<T>("thr"), Chunks());
+    return y;
   }
 
   const KernelSet& s_;

@@ -40,7 +40,7 @@ from torch import nn
 
 from .engine import PackedBHViT, PackedClassifier, Profile
 from .export import export_model, state_dict_bytes
-from .mmseg_backend import use_packed_backbone
+from .mmseg_backend import PackedConvBlock, use_packed_backbone
 from .ops import resolve_backend
 from ..testing.deploy import calibrate_random_model
 from ..utils.io import atomic_write, atomic_write_json
@@ -301,6 +301,13 @@ def benchmark_task(task: str, binary: nn.Module, fp: nn.Module,
         # the segmentor as users run it: use_packed_backbone's defaults
         seg_packed = use_packed_backbone(
             copy.deepcopy(binary), packed, backend=backend)
+        packed_convs = sum(isinstance(m, PackedConvBlock)
+                           for m in seg_packed.modules())
+        full_label = ('(c) packed backbone + heads (binary convs packed, '
+                      'rest pytorch; BN folded, channels-last)'
+                      if packed_convs else
+                      '(c) packed backbone + pytorch heads (BN folded, '
+                      'channels-last)')
         forms = {
             '(a) pytorch fp32 backbone': lambda: fp.backbone(x),
             '(b) pytorch binary backbone (simulated)':
@@ -309,9 +316,7 @@ def benchmark_task(task: str, binary: nn.Module, fp: nn.Module,
             '(a) pytorch fp32 full model': lambda: fp(x, mode='tensor'),
             '(b) pytorch binary full model':
             lambda: binary(x, mode='tensor'),
-            '(c) packed backbone + pytorch heads (BN folded, '
-            'channels-last)':
-            lambda: seg_packed(x, mode='tensor'),
+            full_label: lambda: seg_packed(x, mode='tensor'),
         }
         laps_owner = engine
     result['file_mb'] = dict(
@@ -501,12 +506,19 @@ def parse_args(argv=None):
                    help='print README table rows (one per config and thread '
                    'count, CPU line above), or write them to FILE')
     p.add_argument('--json', default=None, help='write the results here')
+    p.add_argument('--default-malloc', action='store_true',
+                   help="leave glibc's allocator settings alone (default: "
+                   'keep freed memory, as the tools do on a CPU machine, '
+                   'for every form)')
     return p.parse_args(argv)
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
     from ..apis import task_of
+    if not args.default_malloc:
+        from ..utils.malloc import keep_freed_memory
+        keep_freed_memory()
     jobs = ([(args.config, TASK_KEYS[task_of(args.config)])]
             if args.config else
             [(DEFAULT_CLS_CONFIG, 'cls'), (DEFAULT_SEG_CONFIG, 'seg')])

@@ -30,21 +30,6 @@ from .engine import PackedBHViT
 HEAD_NAMES = ('neck', 'decode_head', 'auxiliary_head')
 
 
-def optimize_heads(model: nn.Module) -> nn.Module:
-    """Fold the BatchNorms of the neck and heads into their convolutions
-    and store them channels-last, in place (inference only: the folded
-    convs use the BN running statistics). Returns ``model``."""
-    from mmcv.cnn import fuse_conv_bn
-    for name in HEAD_NAMES:
-        head = getattr(model, name, None)
-        if head is None:
-            continue
-        head.eval()
-        fuse_conv_bn(head)
-        head.to(memory_format=torch.channels_last)
-    return model
-
-
 #: side of the fixed probe image of :func:`use_packed_backbone`
 PROBE_SIZE = 64
 #: largest accepted RMS difference between the packed and the PyTorch
@@ -76,6 +61,119 @@ def _rms_rel(out: Tensor, ref: Tensor) -> float:
     out, ref = out.double(), ref.double()
     scale = ref.pow(2).mean().sqrt().clamp_min(1e-30)
     return float((out - ref).pow(2).mean().sqrt() / scale)
+
+
+#: largest accepted RMS difference between a packed head convolution and
+#: its PyTorch block on a probe, relative to the block's RMS (float
+#: rounding and the odd sign decision within rounding of its threshold:
+#: ~1e-7; a folding error: ~1)
+HEAD_PROBE_RTOL = 1e-4
+
+
+class PackedConvBlock(nn.Module):
+    """A :class:`~mmbhvit.models.heads.BinaryConvBlock` of a decode head or
+    neck running on packed bits (:class:`~mmbhvit.deploy.blocks.conv.
+    PackedConv`), folded from the block itself (its weights are the model's:
+    no file). NCHW in and out, computed in channels-last memory (a
+    channels-last input needs no copy; the output is channels-last).
+
+    The folding is checked once, at construction: the packed op and the
+    block (eval mode) run on a fixed probe and must agree within
+    :data:`HEAD_PROBE_RTOL`, else ``RuntimeError``.
+    """
+
+    def __init__(self, block: nn.Module, backend: str = 'auto',
+                 dtype: torch.dtype = torch.float32, where: str = ''):
+        super().__init__()
+        from .registry import Folder, Params, build, describe, handler_for
+        spec = describe(block, where)
+        errs = spec.errors()
+        if errs:
+            raise NotImplementedError(f'{where}: ' + '; '.join(errs))
+        folder = Folder(dtype, 'block')
+        handler_for(block, where).fold(block, spec, folder)
+        self.spec = spec
+        self.dtype = dtype
+        self.op = build(spec, Params(folder.tensors, 'block', dtype), dtype,
+                        backend)
+        self._check(block, where)
+
+    @torch.no_grad()
+    def _check(self, block: nn.Module, where: str) -> None:
+        ref_dtype = next(block.parameters()).dtype
+        was_training = block.training
+        block.eval()
+        try:
+            x = probe_input(self.spec.cin, 8, ref_dtype)
+            err = _rms_rel(self(x), block(x))
+        finally:
+            block.train(was_training)
+        if not err <= HEAD_PROBE_RTOL:
+            raise RuntimeError(
+                f'{where}: the packed convolution differs from the PyTorch '
+                f'block by {err:.3g} (RMS, relative) on a probe, more than '
+                f'{HEAD_PROBE_RTOL:g}: its folding does not fit this block; '
+                'run the head in PyTorch (pack_binary=False)')
+
+    def forward(self, x: Tensor) -> Tensor:
+        xs = x.permute(0, 2, 3, 1)
+        if xs.dtype != self.dtype or not xs.is_contiguous():
+            xs = xs.to(self.dtype).contiguous()
+        return self.op(xs).permute(0, 3, 1, 2).to(x.dtype)
+
+    def extra_repr(self) -> str:
+        s = self.spec
+        return (f'{s.cin}, {s.cout}, kernel_size={s.kernel_size}, '
+                f'shortcut={s.shortcut!r}, backend={self.op.backend!r}')
+
+
+def pack_binary_convs(module: nn.Module, backend: str = 'auto',
+                      dtype: torch.dtype = torch.float32,
+                      prefix: str = '') -> int:
+    """Replace every fully binary :class:`~mmbhvit.models.heads.
+    BinaryConvBlock` below ``module`` by a :class:`PackedConvBlock`, in
+    place; returns how many. Blocks with ``weight_bits=32`` or
+    ``act_bits=32`` (a full-precision counterpart) stay PyTorch."""
+    from ..models.heads import BinaryConvBlock
+    count = 0
+    for name, child in list(module.named_children()):
+        where = f'{prefix}.{name}' if prefix else name
+        if isinstance(child, BinaryConvBlock):
+            if child.conv.is_binary:
+                setattr(module, name,
+                        PackedConvBlock(child, backend, dtype, where))
+                count += 1
+        else:
+            count += pack_binary_convs(child, backend, dtype, where)
+    return count
+
+
+def optimize_heads(model: nn.Module, pack_binary: bool = True,
+                   backend: str = 'auto',
+                   dtype: torch.dtype = torch.float32) -> nn.Module:
+    """Prepare the neck and heads for CPU inference, in place (their
+    BatchNorms use the running statistics from then on); returns
+    ``model``:
+
+    * ``pack_binary`` (default): their binary convolution blocks
+      (``BinaryUPerHead`` / ``BinaryFPNHead`` / ``BinaryFPN``) run on
+      packed bits (:func:`pack_binary_convs`, ``backend`` and ``dtype`` as
+      the engine's);
+    * the remaining BatchNorms are folded into the convolutions before
+      them (mmcv's ``fuse_conv_bn``) and the heads are stored
+      channels-last.
+    """
+    from mmcv.cnn import fuse_conv_bn
+    for name in HEAD_NAMES:
+        head = getattr(model, name, None)
+        if head is None:
+            continue
+        head.eval()
+        if pack_binary:
+            pack_binary_convs(head, backend, dtype, name)
+        fuse_conv_bn(head)
+        head.to(memory_format=torch.channels_last)
+    return model
 
 
 def _reference_spec(old: nn.Module) -> dict:
@@ -133,7 +231,8 @@ def use_packed_backbone(model: nn.Module, packed: Union[str, dict],
     the engine's own float dtype; float64 only to check exactness). With
     ``fast_heads`` (default) the neck and heads go through
     :func:`optimize_heads` and the engine hands them channels-last maps
-    (same values up to float rounding; ~1.3x faster heads on a CPU).
+    (same values up to float rounding; ~1.3x faster heads on a CPU); the
+    binary convolution blocks of binary heads then run on packed bits too.
 
     Before replacing anything the packed file is checked against the
     backbone it replaces (the model is left unchanged on an error):
@@ -210,5 +309,5 @@ def use_packed_backbone(model: nn.Module, packed: Union[str, dict],
     model.backbone = engine
     model.train(was_training)
     if fast_heads:
-        optimize_heads(model)
+        optimize_heads(model, backend=engine.backend, dtype=dtype)
     return model

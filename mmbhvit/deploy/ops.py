@@ -29,7 +29,7 @@ from ..models.layout import pad_to_multiple, resize_pos_embed
 from .packing import bits_to_pm1, pack_bits, unpack_bits
 
 BACKENDS = ('cpp', 'torch')
-SHORTCUTS = {'none': 0, 'identity': 1, 'tile': 2, 'mean': 3}
+SHORTCUTS = {'none': 0, 'identity': 1, 'tile': 2, 'mean': 3, 'chunk_mean': 4}
 ATTN_MODES = {'lsq': 0, 'gsb': 1}
 
 _EXT = None

@@ -33,14 +33,16 @@ import torch.nn.functional as F
 ROOT = osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__))))
 sys.path.insert(0, ROOT)
 
+from mmbhvit.deploy.blocks.conv import (chunk_shortcut,  # noqa: E402
+                                        conv_shortcut)
 from mmbhvit.deploy.ops import (group_sums, kernel_words,  # noqa: E402
                                 lane_words, pm1_weight)
 from mmbhvit.deploy.packing import bits_to_pm1, pack_bits  # noqa: E402
 
 DEFAULT_OUT = osp.join(ROOT, 'csrc', 'tests', 'goldens')
 OPS = dict(proj=0, ffn=1, msgdc=2, merge=3, attn_scores=4, attn_context=5,
-           shift=6, attn_tokens=7, attn_untokens=8)
-SHORTCUTS = dict(none=0, identity=1, tile=2, mean=3)
+           shift=6, attn_tokens=7, attn_untokens=8, conv=9)
+SHORTCUTS = dict(none=0, identity=1, tile=2, mean=3, chunk_mean=4)
 DTYPES = {torch.float32: 0, torch.float64: 1, torch.int64: 2, torch.int32: 3}
 
 
@@ -229,6 +231,29 @@ def merge_case(c, n, h, w, cin, cout):
     return t
 
 
+def conv_case(c, n, h, w, cin, cout, k):
+    words = c.bits(cout, k * k * cin)
+    x = c.rand(n, h, w, cin)
+    t = dict(x=x, thr=c.rand(cin, scale=0.3))
+    for name in ('a', 'b', 'slope', 'post_scale', 'post_bias'):
+        t[name] = c.rand(cout)
+    shortcut = conv_shortcut(cin, cout)
+    wgt = pm1_weight(words, k * k, cin, c.dtype).view(cout, k, k,
+                                                      cin).permute(0, 3, 1, 2)
+    xs = bits_to_pm1(x > t['thr'], c.dtype).permute(0, 3, 1, 2)
+    dot = F.conv2d(xs, wgt, padding=k // 2).permute(0, 2, 3, 1)
+    z = dot * t['a']
+    z = z + t['b']
+    if shortcut != 'none':
+        z = z + chunk_shortcut(x, shortcut, cin, cout)
+    y = prelu(z, t['slope'])
+    y = y * t['post_scale']
+    t['wt'] = kernel_words(words, k * k, cin)
+    t['meta'] = torch.tensor([cout, k, SHORTCUTS[shortcut]])
+    t['out'] = y + t['post_bias']
+    return t
+
+
 def heads(x, nh):
     b, t, ch = x.shape
     return x.view(b, t, nh, ch // nh).transpose(1, 2)
@@ -381,11 +406,18 @@ CASES = [
     ('shift_nores', shift_case, (1, 4, 4, 10, [(1, 1), (-1, 2)], False)),
     ('tokens', tokens_case, (2, 7, 8, 12, 3)),
     ('untokens', untokens_case, (2, 7, 8, 12, 3)),
+    # binary convolution blocks of the heads: every shortcut, border and
+    # interior pixels, a 5x5 kernel, a map narrower than the kernel
+    ('conv_identity', conv_case, (2, 5, 9, 40, 40, 3)),
+    ('conv_chunk', conv_case, (1, 4, 7, 96, 32, 3)),
+    ('conv_tile', conv_case, (1, 3, 6, 24, 72, 3)),
+    ('conv_none5', conv_case, (1, 6, 8, 20, 28, 5)),
+    ('conv_narrow', conv_case, (1, 2, 1, 70, 70, 3)),
 ]
 
 #: the larger cases, in float32 only (the files stay small)
 FLOAT32_ONLY = ('msgdc_words_wide', 'msgdc_lanes32', 'scores_long',
-                'context_lsq7', 'context_gsb')
+                'context_lsq7', 'context_gsb', 'conv_chunk', 'conv_none5')
 
 
 def main(argv=None):

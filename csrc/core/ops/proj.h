@@ -48,12 +48,11 @@ inline void group_sums(const T* x, int64_t cout, int64_t r, T* tmp, T* out) {
 // (+ res). kSc, kRes are compile-time so the loop vectorizes (the PReLU as
 // a blend).
 template <typename T, bool kSc, bool kRes>
-inline void proj_pass(const int32_t* __restrict pc, int64_t cin, int64_t o0,
+inline void proj_pass(const int32_t* __restrict pc, int32_t full, int64_t o0,
                       int64_t n, const T* __restrict sc, const T* __restrict a,
                       const T* __restrict b, const T* __restrict slope,
                       const T* __restrict ps, const T* __restrict pb,
                       const T* __restrict res, T* __restrict y) {
-  const int32_t full = int32_t(cin);
   MMBHVIT_NOALIAS_LOOP
   for (int64_t i = 0; i < n; ++i) {
     const int64_t o = o0 + i;
@@ -66,11 +65,13 @@ inline void proj_pass(const int32_t* __restrict pc, int64_t cin, int64_t o0,
   }
 }
 
+// full: the number of bit pairs behind each count (cin for a 1x1
+// projection, n_valid_taps * cin for a convolution).
 template <typename T>
 inline void proj_token(const int32_t* pc, const T* x, int64_t cin,
                        int64_t cout, const T* a, const T* b, const T* slope,
                        const T* ps, const T* pb, int shortcut, const T* res,
-                       T* tmp, T* y) {
+                       T* tmp, T* y, int32_t full) {
   // the shortcut values of output block [o0, o0 + n): sc[0 .. n)
   const T* sc = nullptr;
   int64_t block = cout;
@@ -86,19 +87,30 @@ inline void proj_token(const int32_t* pc, const T* x, int64_t cin,
     const T tr = T(r);
     for (int64_t o = 0; o < cout; ++o) sums[o] = sums[o] / tr;
     sc = sums;
+  } else if (shortcut == kChunkMean) {
+    // left to right over the r chunks of cout channels, then / r
+    const int64_t r = cin / cout;
+    for (int64_t o = 0; o < cout; ++o) tmp[o] = x[o];
+    for (int64_t j = 1; j < r; ++j) {
+      const T* xj = x + j * cout;
+      for (int64_t o = 0; o < cout; ++o) tmp[o] = tmp[o] + xj[o];
+    }
+    const T tr = T(r);
+    for (int64_t o = 0; o < cout; ++o) tmp[o] = tmp[o] / tr;
+    sc = tmp;
   }
   for (int64_t o0 = 0; o0 < cout; o0 += block) {
     if (sc != nullptr && res != nullptr)
-      proj_pass<T, true, true>(pc, cin, o0, block, sc, a, b, slope, ps, pb,
+      proj_pass<T, true, true>(pc, full, o0, block, sc, a, b, slope, ps, pb,
                                res, y);
     else if (sc != nullptr)
-      proj_pass<T, true, false>(pc, cin, o0, block, sc, a, b, slope, ps, pb,
+      proj_pass<T, true, false>(pc, full, o0, block, sc, a, b, slope, ps, pb,
                                 res, y);
     else if (res != nullptr)
-      proj_pass<T, false, true>(pc, cin, o0, block, sc, a, b, slope, ps, pb,
+      proj_pass<T, false, true>(pc, full, o0, block, sc, a, b, slope, ps, pb,
                                 res, y);
     else
-      proj_pass<T, false, false>(pc, cin, o0, block, sc, a, b, slope, ps, pb,
+      proj_pass<T, false, false>(pc, full, o0, block, sc, a, b, slope, ps, pb,
                                  res, y);
   }
 }
@@ -400,7 +412,7 @@ void proj(const ProjParams<T>& p, int64_t begin, int64_t end) {
       proj_token(acc.ptr + k * CP, p.x + t * cin, cin, cout, p.a, p.b,
                  p.slope, p.post_scale, p.post_bias, p.shortcut,
                  p.residual != nullptr ? p.residual + t * cout : nullptr,
-                 tmp.ptr, p.y + t * cout);
+                 tmp.ptr, p.y + t * cout, int32_t(cin));
     }
   }
 }
@@ -428,7 +440,7 @@ void ffn(const FfnParams<T>& p, int64_t begin, int64_t end) {
       T* hk = hidden.ptr + k * hid;
       proj_token(acc.ptr + k * e.cout_pad, e.x + (t0 + k) * c, c, hid, e.a,
                  e.b, e.slope, e.post_scale, e.post_bias, e.shortcut,
-                 static_cast<const T*>(nullptr), tmp.ptr, hk);
+                 static_cast<const T*>(nullptr), tmp.ptr, hk, int32_t(c));
       pack_row(hk, r.thr, static_cast<const T*>(nullptr),
                static_cast<const T*>(nullptr), hid, bits.ptr + k * r.words);
     }
@@ -438,7 +450,7 @@ void ffn(const FfnParams<T>& p, int64_t begin, int64_t end) {
       proj_token(acc.ptr + k * r.cout_pad, hidden.ptr + k * hid, hid, c, r.a,
                  r.b, r.slope, r.post_scale, r.post_bias, r.shortcut,
                  r.residual != nullptr ? r.residual + t * c : nullptr,
-                 tmp.ptr, r.y + t * c);
+                 tmp.ptr, r.y + t * c, int32_t(hid));
     }
   }
 }
