@@ -125,7 +125,7 @@ def test_module_reports_sets_and_paths():
             ext.set_isa(s)
             paths = dict(ext.kernel_paths())
             assert set(paths) >= {'proj/ffn', 'msgdc', 'merge', 'attn_scores',
-                                  'attn_context'}
+                                  'attn_context', 'conv (heads)'}
             assert all(paths.values())
         for name, why in sets:
             if why:
@@ -167,6 +167,25 @@ def test_every_set_agrees_through_python():
     for s, o in outs.items():
         for a, b in zip(o, outs['generic']):
             assert torch.equal(a, b), s
+
+
+@pytest.mark.skipif(not HAS_EXT, reason='packed-bit C++ kernels not built')
+def test_kernel_benchmark_cases_run():
+    """Every op of ``benchmark_binary.py --kernels`` runs once and gives
+    finite outputs (the benchmark itself is not a test)."""
+    sys.path.insert(0, osp.join(ROOT, 'tools', 'deployment'))
+    try:
+        import benchmark_binary
+    finally:
+        sys.path.pop(0)
+    ext = deploy_ops.load_extension()
+    cases = benchmark_binary.kernel_cases(torch.float32)
+    names = [name for name, _, _ in cases]
+    assert any(n.startswith('head conv3x3') for n in names)
+    for name, macs, call in cases:
+        out = call(ext)
+        outs = out if isinstance(out, (list, tuple)) else [out]
+        assert macs > 0 and all(torch.isfinite(o).all() for o in outs), name
 
 
 def test_fallback_warns_once_with_the_fix(monkeypatch):

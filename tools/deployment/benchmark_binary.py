@@ -126,6 +126,19 @@ def kernel_cases(dtype):
                                                    0, 3, step, zero, [],
                                                    *ep)))
 
+    def conv(name, h, w, cin, cout, k=3):
+        from mmbhvit.deploy.blocks.conv import conv_shortcut
+        from mmbhvit.deploy.ops import SHORTCUTS
+        x = rand(1, h, w, cin)
+        wt = kernel_words(words(cout, k * k * cin), k * k, cin)
+        v = [rand(cout) for _ in range(5)]
+        thr = rand(cin, scale=0.3)
+        sc = SHORTCUTS[conv_shortcut(cin, cout)]
+        macs = (_visited_taps(h, 1) * _visited_taps(w, 1) * cin * cout
+                if k == 3 else h * w * k * k * cin * cout)
+        cases.append((name, macs, lambda ext: ext.conv(x, thr, wt, cout, k,
+                                                        *v, sc)))
+
     msgdc('msgdc stage1 56x56x64', 56, 56, 64)
     msgdc('msgdc stage2 28x28x128', 28, 28, 128)
     ffn('ffn stage1 3136x64 r8', 3136, 64, 8)
@@ -136,6 +149,10 @@ def kernel_cases(dtype):
     merge('merge 14x14 256->512', 14, 14, 256, 512)
     attention('attn stage3 4x53x256 h4', 4, 53, 256, 4)
     attention('attn stage4 1x50x512 h8', 1, 50, 512, 8)
+    # binary heads: UPerNet's fpn_bottleneck (4 x 512 -> 512; at 512x512 it
+    # runs at 128x128, here at 32x32) and a Semantic FPN 3x3 (128 -> 128)
+    conv('head conv3x3 32x32 2048->512', 32, 32, 2048, 512)
+    conv('head conv3x3 64x64 128->128', 64, 64, 128, 128)
     return cases
 
 
