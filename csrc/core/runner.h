@@ -108,22 +108,32 @@ void run_msgdc(const KernelSet& s, MsgdcParams<T> p, bool lanes,
      [&](int64_t b, int64_t e) { k.msgdc(p, b, e); });
 }
 
+// The sign bits (x > thr) of `pixels` rows of c channels, `words` words
+// per row (one channel group).
+template <typename T, typename PF>
+std::vector<uint64_t> pack_pixels(const Kernels<T>& k, const T* x,
+                                  int64_t pixels, int64_t c, int64_t words,
+                                  const T* thr, PF&& pf) {
+  std::vector<uint64_t> bits(static_cast<size_t>(pixels * words));
+  PackParams<T> pk{};
+  pk.x = x;
+  pk.pixels = pixels;
+  pk.c = c;
+  pk.groups = 1;
+  pk.cg = c;
+  pk.wg = words;
+  pk.thr = thr;
+  pk.bits = bits.data();
+  pf(pixels, grain_for(c), [&](int64_t b, int64_t e) { k.pack(pk, b, e); });
+  return bits;
+}
+
 // p: everything but bits.
 template <typename T, typename PF>
 void run_merge(const KernelSet& s, MergeParams<T> p, const T* thr, PF&& pf) {
   const Kernels<T>& k = kernels_of<T>(s);
-  const int64_t pixels = p.n * p.h * p.w;
-  std::vector<uint64_t> bits(static_cast<size_t>(pixels * p.words));
-  PackParams<T> pk{};
-  pk.x = p.x;
-  pk.pixels = pixels;
-  pk.c = p.cin;
-  pk.groups = 1;
-  pk.cg = p.cin;
-  pk.wg = p.words;
-  pk.thr = thr;
-  pk.bits = bits.data();
-  pf(pixels, grain_for(p.cin), [&](int64_t b, int64_t e) { k.pack(pk, b, e); });
+  std::vector<uint64_t> bits =
+      pack_pixels(k, p.x, p.n * p.h * p.w, p.cin, p.words, thr, pf);
   p.bits = bits.data();
   pf(p.n * (p.h / 2) * (p.w / 2),
      grain_for(4 * p.words * p.cout_pad + 2 * p.cout),
@@ -134,18 +144,8 @@ void run_merge(const KernelSet& s, MergeParams<T> p, const T* thr, PF&& pf) {
 template <typename T, typename PF>
 void run_conv(const KernelSet& s, ConvParams<T> p, const T* thr, PF&& pf) {
   const Kernels<T>& k = kernels_of<T>(s);
-  const int64_t pixels = p.n * p.h * p.w;
-  std::vector<uint64_t> bits(static_cast<size_t>(pixels * p.words));
-  PackParams<T> pk{};
-  pk.x = p.x;
-  pk.pixels = pixels;
-  pk.c = p.cin;
-  pk.groups = 1;
-  pk.cg = p.cin;
-  pk.wg = p.words;
-  pk.thr = thr;
-  pk.bits = bits.data();
-  pf(pixels, grain_for(p.cin), [&](int64_t b, int64_t e) { k.pack(pk, b, e); });
+  std::vector<uint64_t> bits =
+      pack_pixels(k, p.x, p.n * p.h * p.w, p.cin, p.words, thr, pf);
   p.bits = bits.data();
   pf(p.n * p.h,
      grain_for(p.w * (int64_t(p.k) * p.k * p.words * p.cout_pad + 2 * p.cout)),
