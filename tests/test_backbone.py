@@ -7,6 +7,7 @@ import mmbhvit  # noqa: F401
 from mmbhvit.apis import CheckpointMismatchError
 from mmbhvit.models import BHViT
 from mmbhvit.models.backbones import bhvit as bhvit_module
+from mmbhvit.models.binary import layers as layers_module
 from mmbhvit.models.binary import (BinaryConv2d, GSBAttentionBinarizer,
                                    LSQAttentionQuantizer)
 
@@ -158,14 +159,28 @@ def test_binary_honesty(monkeypatch, binarizer):
     seen = {'conv': 0, 'qkv': 0, 'attn': 0}
     orig_conv = BinaryConv2d._conv_forward
 
+    def check_binary(x, weight):
+        seen['conv'] += 1
+        assert set(x.unique().tolist()) == {-1., 1.}
+        for w in weight:
+            assert len(w.unique()) == 2
+            assert torch.allclose(w.abs(), w.abs().max().expand_as(w))
+
     def conv_spy(self, x, weight, bias):
         if self.is_binary:
-            seen['conv'] += 1
-            assert set(x.unique().tolist()) == {-1., 1.}
-            for w in weight:
-                assert len(w.unique()) == 2
-                assert torch.allclose(w.abs(), w.abs().max().expand_as(w))
+            check_binary(x, weight)
         return orig_conv(self, x, weight, bias)
+
+    integer_product = layers_module.SignProductConv1x1
+
+    class IntegerProductSpy:  # the wide 1×1 layers' integer forward
+        MIN_WORK = 1  # every wide layer of this small model takes it
+        BLOCK = integer_product.BLOCK
+
+        @staticmethod
+        def apply(x, weight, bias):
+            check_binary(x, weight)
+            return integer_product.apply(x, weight, bias)
 
     orig_sign = bhvit_module.sign_ste
 
@@ -188,6 +203,8 @@ def test_binary_honesty(monkeypatch, binarizer):
             assert torch.allclose(levels, levels.round(), atol=1e-6)
 
     monkeypatch.setattr(BinaryConv2d, '_conv_forward', conv_spy)
+    monkeypatch.setattr(layers_module, 'SignProductConv1x1',
+                        IntegerProductSpy)
     monkeypatch.setattr(bhvit_module, 'sign_ste', sign_spy)
     for m in model.modules():
         if isinstance(m, (GSBAttentionBinarizer, LSQAttentionQuantizer)):

@@ -21,6 +21,7 @@ import mmbhvit  # noqa: F401
 from mmbhvit.apis import build_model
 from mmbhvit.engine import NonFiniteCheckHook
 from mmbhvit.models import BHViT
+from mmbhvit.models.binary.fused import fused_kernels
 from mmbhvit.models.finite import NonFiniteError, all_finite
 
 SMALL_ARCH = dict(embed_dims=[16, 32, 64, 128], depths=[1, 1, 1, 1],
@@ -516,7 +517,9 @@ def test_tracing_skips_the_data_dependent_check():
     with torch.no_grad():
         traced = torch.jit.trace(model, x, check_trace=False)
     assert 'isfinite' not in str(traced.inlined_graph)
-    with torch.no_grad():
+    # the trace holds the float convolutions: compare with the eager model
+    # on the same path (its integer products agree to round-off only)
+    with torch.no_grad(), fused_kernels(False):
         assert torch.equal(traced(x)[0], model(x)[0])
 
 

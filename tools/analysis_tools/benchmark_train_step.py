@@ -21,6 +21,13 @@ gradients): the gain of the fused Functions, measured in the same run.
 (default inductor backend; the first step, which compiles forward and
 backward, is timed separately and reported as the compile time).
 
+``--pointwise`` instead times the forward of every distinct binary 1×1
+layer of the 1-bit model (its input shape at ``--batch``/``--size``) as a
+float32 convolution and as the integer product
+(:class:`~mmbhvit.models.binary.layers.SignProductConv1x1`), and says
+which one the layer takes: the evidence for the width rule of
+``BinaryConv2d``.
+
 ``--official-repo`` additionally times the official implementation
 (IMRL/BHViT, a local clone; it needs ``transformers`` and ``timm``
 importable, e.g. via ``--extra-path``) on the same configuration.
@@ -32,6 +39,7 @@ as in ``tools/train.py``; ``--default-malloc`` leaves the allocator alone.
 import argparse
 import copy
 import os
+import statistics
 import sys
 import time
 import types
@@ -45,6 +53,7 @@ import mmbhvit  # noqa: E402,F401
 from mmbhvit.models import BHViT  # noqa: E402
 from mmbhvit.models.binary import BinaryConv2d, SignSTE  # noqa: E402
 from mmbhvit.models.binary.fused import fused_kernels  # noqa: E402
+from mmbhvit.models.binary.layers import SignProductConv1x1  # noqa: E402
 from mmbhvit.testing.parity import build_classifier  # noqa: E402
 from mmbhvit.utils.sysinfo import cpu_description  # noqa: E402
 from mmbhvit.utils.malloc import keep_freed_memory  # noqa: E402
@@ -133,6 +142,60 @@ def _unfused(model, x):
         return model(x, mode='tensor')
 
 
+def pointwise_shapes(model, x):
+    """``{(in, out, input shape): (count, takes the integer product)}`` for
+    the binary 1×1 layers that a forward of ``model`` on ``x`` runs."""
+    found = {}
+
+    def record(layer, inputs, output):
+        key = (layer.in_channels, layer.out_channels,
+               tuple(inputs[0].shape))
+        count, _ = found.get(key, (0, None))
+        found[key] = (count + 1, type(output.grad_fn).__name__.startswith(
+            'SignProductConv1x1'))
+
+    hooks = [m.register_forward_hook(record) for m in model.modules()
+             if isinstance(m, BinaryConv2d) and m.is_binary
+             and m.kernel_size == (1, 1) and m.groups == 1]
+    try:
+        with torch.enable_grad():
+            model(x, mode='tensor')
+    finally:
+        for h in hooks:
+            h.remove()
+    return found
+
+
+def time_pointwise(model, x, repeats: int, warmup: int) -> None:
+    """Print the float and integer forward time of each binary 1×1 layer
+    shape of ``model`` (``--pointwise``)."""
+    shapes = pointwise_shapes(model, x)
+    print(f'binary 1x1 layers, forward only (input with gradients), '
+          f'{torch.get_num_threads()} threads, {repeats} repeats, median ms')
+    print(f'{"in->out":>11} {"input shape":>20} {"count":>5} '
+          f'{"float":>8} {"integer":>8} {"takes":>8}')
+    totals = {'float': 0., 'integer': 0., 'taken': 0.}
+    for (cin, cout, shape), (count, integer) in shapes.items():
+        signs = torch.randint(0, 2, shape).float().mul_(2).sub_(1)
+        signs.requires_grad_()
+        weight = torch.randint(0, 2, (cout, cin, 1, 1)).float()
+        weight = weight.mul_(2).sub_(1).mul_(0.02).requires_grad_()
+        times = time_interleaved(
+            {'float': lambda: torch.nn.functional.conv2d(signs, weight),
+             'integer': lambda: SignProductConv1x1.apply(signs, weight,
+                                                         None)},
+            repeats, warmup)
+        med = {k: summarize(v)['median'] * 1e3 for k, v in times.items()}
+        for k in ('float', 'integer'):
+            totals[k] += count * med[k]
+        totals['taken'] += count * med['integer' if integer else 'float']
+        print(f'{f"{cin}->{cout}":>11} {str(shape):>20} {count:5d} '
+              f'{med["float"]:8.2f} {med["integer"]:8.2f} '
+              f'{"integer" if integer else "float":>8}')
+    print(f'per forward: all float {totals["float"]:.1f} ms, all integer '
+          f'{totals["integer"]:.1f} ms, as taken {totals["taken"]:.1f} ms')
+
+
 def ratio_pairs(names):
     """The comparisons worth a ratio: every 1-bit mmbhvit case against its
     32-bit counterpart and the official 1-bit code, every compiled case
@@ -177,13 +240,18 @@ def main(argv=None):
                         'weights)')
     parser.add_argument('--unfused', action='store_true',
                         help='also time both classifiers with the one-pass '
-                        'CPU kernels of sign/STE and RPReLU switched off '
-                        '(mmbhvit.models.binary.fused; same models)')
+                        'CPU kernels of sign/STE and RPReLU and the integer '
+                        'products switched off (mmbhvit.models.binary.fused; '
+                        'same models)')
     parser.add_argument('--default-malloc', action='store_true',
                         help="leave glibc's allocator settings as they are "
                         '(tools/train.py applies mmbhvit.utils.malloc.'
                         'keep_freed_memory, and so does this tool by '
                         'default)')
+    parser.add_argument('--pointwise', action='store_true',
+                        help='time each binary 1x1 layer shape of the 1-bit '
+                        'model as a float convolution and as the integer '
+                        'product instead of whole steps')
     parser.add_argument('--official-repo', default=None)
     parser.add_argument('--extra-path', default=None,
                         help='a directory prepended to sys.path (e.g. where '
@@ -199,6 +267,11 @@ def main(argv=None):
     torch.manual_seed(0)
     x = torch.randn(args.batch, 3, args.size, args.size)
     target = torch.randint(0, 1000, (args.batch, ))
+    if args.pointwise:
+        clf = build_classifier(_backbone_cfg(args.arch, 1), 1000).train()
+        print(f'CPU: {cpu_description()}')
+        time_pointwise(clf, x, args.repeats, args.warmup)
+        return None
     entries, models = {}, {}
     compile_times = {}
     for bits in (1, 32):
@@ -255,9 +328,11 @@ def main(argv=None):
     for name, dt in compile_times.items():
         print(f'{name}: first step (compiling) {dt:.1f} s')
     med = {name: s['median'] for name, s in stats.items()}
-    print('ratios of medians:')
+    print('ratios of medians (and the median of the per-round ratios, '
+          'which drift of the machine between rounds does not move):')
     for a, b in ratio_pairs(med):
-        print(f'  {a} / {b}: {med[a] / med[b]:.2f}')
+        paired = statistics.median(x / y for x, y in zip(times[a], times[b]))
+        print(f'  {a} / {b}: {med[a] / med[b]:.2f} (paired {paired:.2f})')
     return times
 
 

@@ -3,9 +3,10 @@
 
 The activation sign with its straight-through window
 (:class:`~mmbhvit.models.binary.SignSTE`,
-:class:`~mmbhvit.models.binary.ShiftedSignSTE`) and RPReLU
-(:class:`~mmbhvit.models.binary.RPReLUFunction`) run on every binary layer
-in every training step. Composed from PyTorch ops they make several passes
+:class:`~mmbhvit.models.binary.ShiftedSignSTE`), RPReLU
+(:class:`~mmbhvit.models.binary.RPReLUFunction`) and the weight binarizer
+(:class:`~mmbhvit.models.binary.CentredSignSTE`, when its weight needs a
+gradient) run on every binary layer in every training step. Composed from PyTorch ops they make several passes
 over activation-sized tensors; the compiled extension
 (``mmbhvit._binary_ops``, ``csrc/training_ops.cpp``) does each forward and
 backward in one pass, with the same element values.
@@ -21,6 +22,11 @@ runs (same values; the unit tests compare both):
 - they are not switched off: environment variable
   ``MMBHVIT_FUSED_KERNELS=0``, or :func:`fused_kernels` as a context
   manager (e.g. ``with fused_kernels(False):`` for an A/B timing).
+
+The same switch governs the integer product of the binary 1×1
+convolutions (:func:`integer_product_ok`, used by
+:class:`~mmbhvit.models.binary.layers.SignProductConv1x1`), which needs
+PyTorch's ``torch._int_mm`` but not the extension.
 """
 import contextlib
 import os
@@ -97,3 +103,16 @@ def ops_for(x: Tensor, *per_channel: Optional[Tensor]
                               or not v.is_contiguous()):
             return None
     return _load()
+
+
+def integer_product_ok(x: Tensor) -> bool:
+    """True when the forward of a binary 1×1 convolution of ``x`` (a sign
+    map) may run as an exact int8 product: switched on, CPU float32,
+    contiguous NCHW, no tracing, compiling or autocast (which would expect
+    the convolution's own dtype rules), and ``torch._int_mm`` present."""
+    return (_state['enabled'] and x.device.type == 'cpu'
+            and x.dtype == torch.float32 and x.dim() == 4
+            and x.is_contiguous() and hasattr(torch, '_int_mm')
+            and not torch.jit.is_tracing()
+            and not torch.compiler.is_compiling()
+            and not torch.is_autocast_enabled('cpu'))

@@ -24,6 +24,78 @@ def _per_channel(p: Tensor) -> Tensor:
     return p.view(1, -1, 1, 1)
 
 
+class SignProductConv1x1(torch.autograd.Function):
+    r"""A binary 1×1 convolution whose forward is an exact integer product.
+
+    With ``x`` a sign map (entries -1, 0, +1) and ``weight`` a binarized
+    weight (:func:`binarize_weight`: each output channel ``o`` holds
+    :math:`\pm s_o` or 0), the output is
+
+    .. math:: y_{o} = s_o \sum_i \operatorname{sign}(w_{o,i})\, x_i + b_o
+
+    The sum is formed in int8 × int8 → int32 (``torch._int_mm``; the CPU's
+    integer dot-product units run it several times faster than a float32
+    convolution) and is exact, so ``y`` is the correctly rounded value
+    that the float convolution approximates (its sums of :math:`\pm s_o`
+    round at every step): the two agree to float32 round-off, not bit for
+    bit. The product runs per image and per block of output channels, so
+    that the int32 block (at most :attr:`BLOCK` values) is scaled into
+    the float output while it is still in cache.
+
+    Backward: ``aten.convolution_backward`` on the same float tensors, so
+    the gradients are those of ``F.conv2d(x, weight, bias)``.
+
+    Used by :meth:`BinaryConv2d.forward_quantized` for 1-bit 1×1 layers
+    when :func:`~mmbhvit.models.binary.fused.integer_product_ok` allows it
+    (CPU float32, no tracing, compiling or autocast, not switched off).
+
+    Autocast: runs in the incoming dtype (the layer does not call it under
+    autocast, where the float convolution follows autocast's own rules).
+    """
+
+    BLOCK = 1 << 17  # int32 values (512 KiB), about a quarter of an L2
+    MIN_WORK = 1 << 24  # multiply-accumulates per image (pixels·in·out)
+
+    @staticmethod
+    @amp_forward()
+    def forward(ctx, x: Tensor, weight: Tensor,
+                bias: Optional[Tensor]) -> Tensor:
+        n, cin, h, w = x.shape
+        cout, pixels = weight.shape[0], h * w
+        flat = weight.detach().reshape(cout, cin)
+        signs = torch.sign(flat).to(torch.int8)
+        scale = flat.abs().amax(dim=1, keepdim=True)
+        codes = x.detach().to(torch.int8).view(n, cin, pixels)
+        y = torch.empty(n, cout, pixels, dtype=x.dtype)
+        blocks = -(-cout * pixels // SignProductConv1x1.BLOCK)
+        rows = -(-cout // blocks)
+        acc = torch.empty(rows, pixels, dtype=torch.int32)
+        for i in range(n):
+            for o in range(0, cout, rows):
+                part = acc[:min(rows, cout - o)]
+                torch._int_mm(signs[o:o + rows], codes[i], out=part)
+                # int32 times float32 is one pass into the float output
+                torch.mul(part, scale[o:o + rows], out=y[i, o:o + rows])
+        y = y.view(n, cout, h, w)
+        if bias is not None:
+            y += _per_channel(bias.detach())
+        ctx.save_for_backward(x, weight)
+        ctx.has_bias = bias is not None
+        return y
+
+    @staticmethod
+    @amp_backward
+    def backward(ctx, grad: Tensor):
+        x, weight = ctx.saved_tensors
+        bias_sizes = [weight.shape[0]] if ctx.has_bias else None
+        mask = [ctx.needs_input_grad[0], ctx.needs_input_grad[1],
+                ctx.has_bias and ctx.needs_input_grad[2]]
+        grad_x, grad_w, grad_b = torch.ops.aten.convolution_backward(
+            grad, x, weight, bias_sizes, [1, 1], [0, 0], [1, 1], False,
+            [0, 0], 1, mask)
+        return grad_x, grad_w, grad_b
+
+
 class BinaryConv2d(nn.Conv2d):
     r"""Convolution whose weights and inputs are binarized.
 
@@ -85,8 +157,35 @@ class BinaryConv2d(nn.Conv2d):
         :class:`~mmbhvit.models.backbones.bhvit.MSGDC`). It is a method, not
         a module call: forward hooks of this layer do not run and cost
         counting attributes the convolution to the caller.
+
+        A 1-bit 1×1 layer on a CPU float32 input forms the product in
+        integers (:class:`SignProductConv1x1`: same gradients, values to
+        float32 round-off).
         """
-        return self._conv_forward(xq, self.quantized_weight(), self.bias)
+        weight = self.quantized_weight()
+        if self._pointwise and fused.integer_product_ok(xq) and \
+                xq.shape[2] * xq.shape[3] * self.in_channels * \
+                self.out_channels >= SignProductConv1x1.MIN_WORK:
+            return SignProductConv1x1.apply(xq, weight, self.bias)
+        return self._conv_forward(xq, weight, self.bias)
+
+    @property
+    def _pointwise(self) -> bool:
+        """A plain 1-bit 1×1 convolution wide enough for
+        :class:`SignProductConv1x1` to pay: the integer product saves
+        multiply-accumulates but passes an int32 block before the float
+        output, so layers with few inputs per output (``in < 256`` and
+        ``in < 2·out``, e.g. 64→512) stay float, and so do images with
+        less than :attr:`SignProductConv1x1.MIN_WORK` multiply-accumulates
+        (one product call per image: small ones lose to its fixed cost).
+        ``tools/analysis_tools/benchmark_train_step.py --pointwise`` times
+        both per layer shape."""
+        return (self.is_binary and self.kernel_size == (1, 1)
+                and self.stride == (1, 1) and self.groups == 1
+                and self.padding in ((0, 0), 'valid')
+                and self.dilation == (1, 1)
+                and (self.in_channels >= 256
+                     or self.in_channels >= 2 * self.out_channels))
 
     def forward(self, x: Tensor,
                 shift: Optional['LearnableBias'] = None) -> Tensor:
