@@ -3,10 +3,9 @@
 
 The activation sign with its straight-through window
 (:class:`~mmbhvit.models.binary.SignSTE`,
-:class:`~mmbhvit.models.binary.ShiftedSignSTE`), RPReLU
-(:class:`~mmbhvit.models.binary.RPReLUFunction`) and the weight binarizer
-(:class:`~mmbhvit.models.binary.CentredSignSTE`, when its weight needs a
-gradient) run on every binary layer in every training step. Composed from PyTorch ops they make several passes
+:class:`~mmbhvit.models.binary.ShiftedSignSTE`) and RPReLU
+(:class:`~mmbhvit.models.binary.RPReLUFunction`) run on every binary layer
+in every training step. Composed from PyTorch ops they make several passes
 over activation-sized tensors; the compiled extension
 (``mmbhvit._binary_ops``, ``csrc/training_ops.cpp``) does each forward and
 backward in one pass, with the same element values.

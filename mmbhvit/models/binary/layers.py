@@ -163,14 +163,11 @@ class BinaryConv2d(nn.Conv2d):
         float32 round-off).
         """
         weight = self.quantized_weight()
-        if self._pointwise and fused.integer_product_ok(xq) and \
-                xq.shape[2] * xq.shape[3] * self.in_channels * \
-                self.out_channels >= SignProductConv1x1.MIN_WORK:
+        if self._integer_product_pays(xq):
             return SignProductConv1x1.apply(xq, weight, self.bias)
         return self._conv_forward(xq, weight, self.bias)
 
-    @property
-    def _pointwise(self) -> bool:
+    def _integer_product_pays(self, xq: Tensor) -> bool:
         """A plain 1-bit 1×1 convolution wide enough for
         :class:`SignProductConv1x1` to pay: the integer product saves
         multiply-accumulates but passes an int32 block before the float
@@ -185,7 +182,10 @@ class BinaryConv2d(nn.Conv2d):
                 and self.padding in ((0, 0), 'valid')
                 and self.dilation == (1, 1)
                 and (self.in_channels >= 256
-                     or self.in_channels >= 2 * self.out_channels))
+                     or self.in_channels >= 2 * self.out_channels)
+                and fused.integer_product_ok(xq)  # also: NCHW input
+                and xq.shape[2] * xq.shape[3] * self.in_channels *
+                self.out_channels >= SignProductConv1x1.MIN_WORK)
 
     def forward(self, x: Tensor,
                 shift: Optional['LearnableBias'] = None) -> Tensor:
