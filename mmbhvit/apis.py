@@ -98,15 +98,23 @@ def task_of(config: Union[str, Config, dict]) -> str:
                      f'{model_type!r}')
 
 
+#: arguments of the distillation models that the plain model lacks
+DISTILL_ARGS = ('teacher', 'teacher_checkpoint', 'allow_random_teacher',
+                'loss_weights', 'reg_phase_loss_weights', 'distill_loss',
+                'reg_loss', 'distill_weight', 'temperature')
+#: the plain model of each distillation model
+STUDENT_TYPES = {'DistillImageClassifier': 'ImageClassifier',
+                 'DistillEncoderDecoder': 'EncoderDecoder'}
+
+
 def _student_only(model_cfg: dict) -> dict:
-    """A distillation classifier's student as a plain ImageClassifier (its
-    state dict keys are the student's: the teacher is not a sub-module)."""
-    if model_cfg.get('type') in (None, 'ImageClassifier'):
+    """A distillation model's student as the plain model (its state dict
+    keys are the student's: the teacher is not a sub-module)."""
+    plain = STUDENT_TYPES.get(model_cfg.get('type'))
+    if plain is None:
         return model_cfg
-    return dict(type='ImageClassifier',
-                **{k: model_cfg[k] for k in ('backbone', 'neck', 'head',
-                                              'data_preprocessor')
-                   if model_cfg.get(k) is not None})
+    return dict(type=plain, **{k: v for k, v in model_cfg.items()
+                               if k != 'type' and k not in DISTILL_ARGS})
 
 
 #: neck / head types with ``weight_bits`` / ``act_bits`` options
@@ -145,8 +153,9 @@ def build_model(config: Union[str, Config, dict],
         full_precision (bool): the full-precision counterpart
             (``weight_bits=act_bits=32`` on the backbone and on binary
             necks / heads, :data:`BINARY_HEADS`).
-        student_only (bool): a distillation classifier is built as the
-            plain ImageClassifier of its student (deployment).
+        student_only (bool): a distillation model is built as the plain
+            model of its student (ImageClassifier, EncoderDecoder;
+            deployment).
         init_scope (bool): also make the config's scope the global default
             scope, as ``mmseg.apis.init_model`` does (``inference_model``
             builds its test pipeline from it). Default False: the caller's
@@ -165,7 +174,7 @@ def build_model(config: Union[str, Config, dict],
     model_cfg.pop('pretrained', None)
     if task == 'segmentation':
         model_cfg['train_cfg'] = None
-    elif student_only:
+    if student_only:
         model_cfg = _student_only(model_cfg)
     replace_norm_type(model_cfg, 'SyncBN', 'BN')  # CPU runs, costs
     if full_precision:

@@ -28,6 +28,7 @@ os.environ.setdefault('OMP_WAIT_POLICY', 'PASSIVE')
 import mmbhvit  # noqa: E402,F401  (before mmseg: mmcv-lite shim, registries)
 from mmbhvit.datasets import DatasetMetaError  # noqa: E402
 from mmbhvit.models.checkpoint import check_pretrained_backbone  # noqa: E402
+from mmbhvit.utils.cls_data_check import check_teacher_checkpoint  # noqa: E402
 from mmbhvit.models.finite import NonFiniteError  # noqa: E402
 from mmbhvit.utils.data_check import (DataCheckError,  # noqa: E402
                                       check_data_config)
@@ -131,6 +132,7 @@ def main(argv=None):
         else:
             check_data_config(cfg, phases,
                               check_files=not args.skip_data_check)
+            check_teacher_checkpoint(cfg)  # DistillEncoderDecoder
         # a Pretrained backbone without its file would train from random
         # weights (init_cfg=None asks for that on purpose)
         check_pretrained_backbone(cfg.model)

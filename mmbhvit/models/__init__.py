@@ -6,3 +6,4 @@ __all__ = ['BHViT']
 from . import losses  # noqa: F401,E402  (BinaryWeightRegLoss)
 from . import classifiers  # noqa: F401,E402  (DistillImageClassifier)
 from . import heads  # noqa: F401,E402  (BinaryUPerHead, BinaryFPNHead)
+from . import segmentors  # noqa: F401,E402  (DistillEncoderDecoder)

@@ -103,9 +103,11 @@ def check_teacher_checkpoint(cfg) -> None:
     raise DataCheckError(
         f'The distillation teacher checkpoint (model.teacher_checkpoint) '
         f'{where}. Set it with --cfg-options model.teacher_checkpoint=PATH '
-        '(for the BHViT configs the DeiT-small weights of mmpretrain; see '
-        'configs/bhvit/README_classification.md), or distil from a random '
-        'teacher with model.allow_random_teacher=True (tests/demos only).')
+        '(for the BHViT classification configs the DeiT-small weights of '
+        'mmpretrain, see configs/bhvit/README_classification.md; for a '
+        'segmentation distillation config the trained teacher segmentor, '
+        'see configs/bhvit/README.md), or distil from a random teacher with '
+        'model.allow_random_teacher=True (tests only).')
 
 
 # --------------------------------------------------------------------------

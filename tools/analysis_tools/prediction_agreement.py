@@ -33,30 +33,34 @@ import mmbhvit  # noqa: E402,F401  (before mmseg: mmcv-lite shim)
 import mmbhvit.datasets  # noqa: E402,F401  (transforms of the configs)
 
 
-def confusion(pred: np.ndarray, label: np.ndarray, num_classes: int,
-              ignore_index: int = 255) -> np.ndarray:
-    """``num_classes × num_classes`` counts (rows: label, columns:
-    prediction) over the pixels whose label is not ``ignore_index``."""
+def areas(pred: np.ndarray, label: np.ndarray, num_classes: int,
+          ignore_index: int = 255) -> list:
+    """mmseg's per-class areas of one image (``IoUMetric.
+    intersect_and_union``: intersection, union, prediction, label) over
+    the pixels whose label is not ``ignore_index``; labels it cannot count
+    are refused by name instead of being dropped."""
+    import torch
+    from mmseg.evaluation.metrics import IoUMetric
     if pred.shape != label.shape:
         raise ValueError(f'prediction {pred.shape} and label {label.shape} '
                          f'differ in shape')
-    keep = label != ignore_index
-    label, pred = label[keep].astype(np.int64), pred[keep].astype(np.int64)
-    if label.size and (label.max() >= num_classes or label.min() < 0):
+    counted = label[label != ignore_index]
+    if counted.size and (counted.max() >= num_classes or counted.min() < 0):
         raise ValueError(f'label values outside 0..{num_classes - 1} (and '
                          f'not the ignore index {ignore_index})')
-    return np.bincount(label * num_classes + pred,
-                       minlength=num_classes**2).reshape(num_classes,
-                                                         num_classes)
+    return list(IoUMetric.intersect_and_union(
+        torch.from_numpy(pred.astype(np.int64)),
+        torch.from_numpy(label.astype(np.int64)), num_classes, ignore_index))
 
 
-def miou(counts: np.ndarray) -> float:
-    """Mean IoU (in %) of a confusion matrix, over the classes present in
-    the labels or the predictions."""
-    inter = np.diag(counts).astype(np.float64)
-    union = counts.sum(0) + counts.sum(1) - inter
-    present = union > 0
-    return float(100 * (inter[present] / union[present]).mean())
+def scores(total: list) -> dict:
+    """``mIoU`` and ``aAcc`` (in %) of summed :func:`areas`, by mmseg's
+    ``IoUMetric.total_area_to_metrics`` (classes absent from both labels
+    and predictions are left out of the mean)."""
+    from mmseg.evaluation.metrics import IoUMetric
+    metrics = IoUMetric.total_area_to_metrics(*total, metrics=['mIoU'])
+    return dict(mIoU=float(100 * np.nanmean(np.asarray(metrics['IoU']))),
+                aAcc=float(100 * metrics['aAcc']))
 
 
 def main(argv=None) -> dict:
@@ -96,7 +100,7 @@ def main(argv=None) -> dict:
                          f'{num_classes[1]} classes: not comparable')
     n = num_classes[0]
     same = total = 0
-    counts = [np.zeros((n, n), np.int64), np.zeros((n, n), np.int64)]
+    totals = [None, None]  # summed areas of each model
     bar = progress_bar(len(images))
     for path in images:
         bar.update()
@@ -111,16 +115,18 @@ def main(argv=None) -> dict:
             if label is None:
                 raise SystemExit(f'no readable label {name} in '
                                  f'{args.ann_dir}')
-            for c, p in zip(counts, preds):
-                c += confusion(p, label, n)
+            for i, p in enumerate(preds):
+                a = areas(p, label, n)
+                totals[i] = a if totals[i] is None else [
+                    t + x for t, x in zip(totals[i], a)]
     result = dict(images=len(images), pixel_agreement=100 * same / total)
     print(f'{len(images)} images, {total} pixels: the two models label '
           f'{result["pixel_agreement"]:.2f} % of the pixels alike')
     if args.ann_dir:
-        for key, c, cfg in zip('ab', counts,
-                               (args.config_a, args.config_b)):
-            result[f'mIoU_{key}'] = miou(c)
-            result[f'aAcc_{key}'] = float(100 * np.trace(c) / c.sum())
+        for key, total, cfg in zip('ab', totals,
+                                   (args.config_a, args.config_b)):
+            for name, value in scores(total).items():
+                result[f'{name}_{key}'] = value
             print(f'  {key}: mIoU {result[f"mIoU_{key}"]:.2f}, pixel '
                   f'accuracy {result[f"aAcc_{key}"]:.2f}  ({cfg})')
     if classes[0] and classes[1] and list(classes[0]) != list(classes[1]):

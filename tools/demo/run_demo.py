@@ -29,9 +29,11 @@ os.environ.setdefault('OMP_WAIT_POLICY', 'PASSIVE')
 
 import cv2  # noqa: E402
 import numpy as np  # noqa: E402
+from mmengine.config import DictAction  # noqa: E402
 
 import mmbhvit  # noqa: E402,F401  (before mmseg: mmcv-lite shim, registries)
 import mmbhvit.datasets  # noqa: E402,F401
+from mmbhvit.utils.cls_data_check import check_teacher_checkpoint  # noqa: E402
 from mmbhvit.utils.data_check import check_data_config  # noqa: E402
 from mmbhvit.utils.io import atomic_write_json, write_image  # noqa: E402
 from mmbhvit.utils.launch import setup_cpu_runtime  # noqa: E402
@@ -70,6 +72,10 @@ def parse_args(argv=None):
     parser.add_argument('--log-interval', type=int, default=None)
     parser.add_argument('--threads', type=int, default=None,
                         help='torch threads (default: torch default)')
+    parser.add_argument('--cfg-options', nargs='+', action=DictAction,
+                        help='override config settings (key=value, as in '
+                        'tools/train.py), e.g. model.teacher_checkpoint=PATH '
+                        'for the distillation config')
     return parser.parse_args(argv)
 
 
@@ -181,6 +187,8 @@ def build_cfg(args):
     if args.log_interval is not None:
         cfg.default_hooks.logger.interval = args.log_interval
     cfg.randomness = dict(seed=args.seed)
+    if args.cfg_options:
+        cfg.merge_from_dict(args.cfg_options)
     setup_cpu_runtime(cfg)
     return cfg
 
@@ -200,6 +208,7 @@ def main(argv=None) -> dict:
 
     cfg = build_cfg(args)
     check_data_config(cfg, phases=('train', 'val'))
+    check_teacher_checkpoint(cfg)  # the distillation config
     runner = Runner.from_cfg(cfg)
     train_start = time.time()
     runner.train()

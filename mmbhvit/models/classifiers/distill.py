@@ -17,27 +17,20 @@ recipe) as an mmpretrain classifier.
 The paper writes :math:`(1-\lambda-\beta) L_{cls} + \lambda L_{dis} + \beta
 L_{re}` with :math:`\lambda = 0.8, \beta = 0.1`, the defaults here.
 """
-import copy
-import logging
-import os.path as osp
-import warnings
 from typing import Dict, List, Optional
 
 import torch
 import torch.nn.functional as F
-from mmengine.logging import print_log
 from mmpretrain.models.classifiers import ImageClassifier
 from mmpretrain.registry import MODELS
 from mmpretrain.structures import DataSample
-from torch import Tensor, nn
+from torch import Tensor
 
-from ..checkpoint import read_state_dict
+from ..teacher import FrozenTeacherMixin, TeacherCheckpointError
+
+__all__ = ['DistillImageClassifier', 'TeacherCheckpointError']
 
 LOSS_TERMS = ('cls', 'distill')
-
-
-class TeacherCheckpointError(FileNotFoundError):
-    """Distillation was asked for without usable teacher weights."""
 
 
 def _check_weights(weights: Optional[dict], what: str) -> Optional[dict]:
@@ -51,28 +44,24 @@ def _check_weights(weights: Optional[dict], what: str) -> Optional[dict]:
 
 
 @MODELS.register_module()
-class DistillImageClassifier(ImageClassifier):
+class DistillImageClassifier(FrozenTeacherMixin, ImageClassifier):
     """An :class:`ImageClassifier` trained with a frozen teacher and the
     binary weight regularization.
 
-    Only the student is a sub-module: the teacher is held outside
-    ``_modules``, so it is absent from ``state_dict()`` (checkpoints hold the
-    plain ``ImageClassifier`` keys and hand over to segmentation or to the
-    plain config unchanged), from ``parameters()`` (the optimizer never sees
-    it) and from ``train()`` (it stays in eval mode). It follows the student
-    through ``.to()`` / ``.cuda()`` / ``.double()``.
-
-    The teacher is built and its weights loaded by :meth:`init_weights`
-    (called by the Runner before training) or, at the latest, by the first
-    :meth:`loss`. Prediction and ``mode='tensor'`` never build it, so the
-    config works for inference and testing without the teacher checkpoint.
+    The teacher is frozen and kept outside the module tree
+    (:class:`~mmbhvit.models.teacher.FrozenTeacherMixin`): checkpoints hold
+    the plain ``ImageClassifier`` keys and hand over to segmentation or to
+    the plain config unchanged; prediction and ``mode='tensor'`` never build
+    it, so the config works for inference and testing without the teacher
+    checkpoint.
 
     Args:
         backbone, neck, head, pretrained, train_cfg, data_preprocessor,
             init_cfg: as in :class:`ImageClassifier`; the head's loss is
             :math:`L_{cls}` (keep its ``loss_weight`` at 1 and set
             ``loss_weights['cls']`` instead).
-        teacher (dict): config of the teacher model, a classifier whose
+        teacher (dict | str): config of the teacher model (or a config file
+            whose ``model`` it is), a classifier whose
             ``forward(inputs, mode='tensor')`` returns logits over the same
             classes (e.g. ``ImageClassifier`` with ``VisionTransformer``
             ``arch='deit-small'`` + ``VisionTransformerClsHead``). It sees the
@@ -98,6 +87,10 @@ class DistillImageClassifier(ImageClassifier):
             :math:`\\beta`).
     """
 
+    teacher_registry = MODELS
+    teacher_hint = ('for the BHViT configs: the DeiT-small weights of '
+                    'mmpretrain, see configs/bhvit/README_classification.md')
+
     def __init__(self,
                  backbone: dict,
                  neck: Optional[dict] = None,
@@ -121,12 +114,7 @@ class DistillImageClassifier(ImageClassifier):
                          init_cfg=init_cfg)
         if head is None:
             raise ValueError('DistillImageClassifier needs a head')
-        if not isinstance(teacher, dict):
-            raise TypeError('DistillImageClassifier needs a teacher config '
-                            f'(dict), got {type(teacher).__name__}')
-        self.teacher_cfg = copy.deepcopy(teacher)
-        self.teacher_checkpoint = teacher_checkpoint
-        self.allow_random_teacher = allow_random_teacher
+        self._init_teacher(teacher, teacher_checkpoint, allow_random_teacher)
         weights = _check_weights(loss_weights, 'loss_weights')
         missing = set(LOSS_TERMS) - set(weights)
         if missing:
@@ -136,97 +124,6 @@ class DistillImageClassifier(ImageClassifier):
                                                      'reg_phase_loss_weights')
         self.distill_loss = MODELS.build(distill_loss)
         self.reg_loss = MODELS.build(reg_loss)
-        # Not a sub-module (see the class docstring).
-        object.__setattr__(self, '_teacher', None)
-
-    # ------------------------------------------------------------------
-    # Teacher
-    # ------------------------------------------------------------------
-    @property
-    def teacher(self) -> Optional[nn.Module]:
-        """The frozen teacher, or None before it is built."""
-        return self._teacher
-
-    def _resolve_teacher_checkpoint(self) -> Optional[str]:
-        path = self.teacher_checkpoint
-        hint = ('Set it with --cfg-options model.teacher_checkpoint=PATH '
-                '(for the BHViT configs: the DeiT-small weights of '
-                'mmpretrain, see configs/bhvit/README_classification.md), or '
-                'set model.allow_random_teacher=True to distil from a random '
-                'teacher (tests and demos only).')
-        if path is None:
-            if self.allow_random_teacher:
-                return None
-            raise TeacherCheckpointError(
-                'DistillImageClassifier: teacher_checkpoint is not set, and '
-                'a randomly initialised teacher is not allowed. ' + hint)
-        if '://' not in path and not osp.isfile(path):
-            if self.allow_random_teacher:
-                warnings.warn(f'teacher_checkpoint {path!r} not found; '
-                              'allow_random_teacher=True, so the teacher '
-                              'stays random')
-                return None
-            raise TeacherCheckpointError(
-                f'DistillImageClassifier: teacher checkpoint not found: '
-                f'{path!r} (resolved from {osp.abspath(path)}). ' + hint)
-        return path
-
-    def build_teacher(self) -> nn.Module:
-        """Build the teacher, load its weights and freeze it (once)."""
-        if self._teacher is not None:
-            return self._teacher
-        path = self._resolve_teacher_checkpoint()
-        teacher = MODELS.build(copy.deepcopy(self.teacher_cfg))
-        if path is None:
-            teacher.init_weights()
-            print_log('DistillImageClassifier: the teacher is RANDOMLY '
-                      'initialised (allow_random_teacher=True)',
-                      logger='current', level=logging.WARNING)
-        else:
-            state = read_state_dict(path)  # weights-only, allow-listed
-            result = teacher.load_state_dict(state, strict=False)
-            if result.missing_keys or result.unexpected_keys:
-                raise KeyError(
-                    f'Teacher checkpoint {path!r} does not match the teacher '
-                    f'{self.teacher_cfg.get("type")}:\n  missing keys: '
-                    f'{result.missing_keys[:10]}\n  unexpected keys: '
-                    f'{result.unexpected_keys[:10]}')
-            print_log(f'DistillImageClassifier: teacher loaded from {path}',
-                      logger='current')
-        teacher.eval()
-        for p in teacher.parameters():
-            p.requires_grad_(False)
-        ref = next(self.parameters())
-        teacher.to(device=ref.device, dtype=ref.dtype)
-        object.__setattr__(self, '_teacher', teacher)
-        return teacher
-
-    def init_weights(self):
-        super().init_weights()
-        self.build_teacher()
-
-    def _apply(self, fn, *args, **kwargs):
-        super()._apply(fn, *args, **kwargs)
-        if self._teacher is not None:
-            self._teacher._apply(fn, *args, **kwargs)
-        return self
-
-    def train(self, mode: bool = True):
-        super().train(mode)
-        if self._teacher is not None:
-            self._teacher.eval()
-        return self
-
-    @torch.no_grad()
-    def teacher_logits(self, inputs: Tensor) -> Tensor:
-        """Logits of the (frozen, eval-mode) teacher."""
-        teacher = self.build_teacher()
-        teacher.eval()
-        logits = teacher(inputs, mode='tensor')
-        if not isinstance(logits, Tensor):
-            raise TypeError('the teacher must return a logits tensor in '
-                            f"mode='tensor', got {type(logits).__name__}")
-        return logits.detach()
 
     # ------------------------------------------------------------------
     # Loss
