@@ -35,6 +35,12 @@ class TeacherCheckpointError(FileNotFoundError):
     """Distillation was asked for without usable teacher weights."""
 
 
+def teacher_checkpoint_found(path: Optional[str]) -> bool:
+    """Whether ``path`` can be the teacher's checkpoint: set, and an
+    existing file or a URL (the model and the config check both ask)."""
+    return path is not None and ('://' in path or osp.isfile(path))
+
+
 def teacher_model_cfg(teacher: Union[dict, str]) -> dict:
     """The teacher's model config: ``teacher`` itself (a dict), or the
     ``model`` of the config file it names."""
@@ -88,7 +94,7 @@ class FrozenTeacherMixin:
             raise TeacherCheckpointError(
                 f'{name}: teacher_checkpoint is not set, and a randomly '
                 'initialised teacher is not allowed. ' + hint)
-        if '://' not in path and not osp.isfile(path):
+        if not teacher_checkpoint_found(path):
             if self.allow_random_teacher:
                 warnings.warn(f'teacher_checkpoint {path!r} not found; '
                               'allow_random_teacher=True, so the teacher '

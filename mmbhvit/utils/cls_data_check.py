@@ -17,6 +17,7 @@ from typing import List, Optional, Tuple
 
 from mmengine.logging import print_log
 
+from ..models.teacher import teacher_checkpoint_found
 from .data_check import (MAX_LISTED, DataCheckError, EmptySplitError,
                          _join, _other_files, build_lazy_dataset,
                          format_problems, merge_problems, missing_data_error,
@@ -96,7 +97,7 @@ def check_teacher_checkpoint(cfg) -> None:
     if _get(model, 'teacher') is None or _get(model, 'allow_random_teacher'):
         return
     path = _get(model, 'teacher_checkpoint')
-    if path is not None and ('://' in path or osp.isfile(path)):
+    if teacher_checkpoint_found(path):
         return
     where = ('is not set' if path is None else
              f'not found: {path} (resolved from {os.getcwd()})')
