@@ -21,6 +21,7 @@ Example::
     model = build_model('configs/bhvit/fpn_bhvit_ade20k.py', 'iter_80000.pth')
 """
 import copy
+import inspect
 import os.path as osp
 import warnings
 from typing import Optional, Union
@@ -98,13 +99,32 @@ def task_of(config: Union[str, Config, dict]) -> str:
                      f'{model_type!r}')
 
 
-#: arguments of the distillation models that the plain model lacks
-DISTILL_ARGS = ('teacher', 'teacher_checkpoint', 'allow_random_teacher',
-                'loss_weights', 'reg_phase_loss_weights', 'distill_loss',
-                'reg_loss', 'distill_weight', 'temperature')
 #: the plain model of each distillation model
 STUDENT_TYPES = {'DistillImageClassifier': 'ImageClassifier',
                  'DistillEncoderDecoder': 'EncoderDecoder'}
+
+
+def distill_args(distill_type: str) -> frozenset:
+    """The arguments of a distillation model that its plain model
+    (:data:`STUDENT_TYPES`) lacks: the teacher and the losses, read from the
+    two classes' signatures."""
+    from mmpretrain.models import ImageClassifier
+    from mmseg.models import EncoderDecoder
+
+    from .models.classifiers import DistillImageClassifier
+    from .models.segmentors import DistillEncoderDecoder
+    classes = {c.__name__: c for c in (ImageClassifier, EncoderDecoder,
+                                       DistillImageClassifier,
+                                       DistillEncoderDecoder)}
+
+    def named(cls) -> frozenset:  # not self, *args, **kwargs
+        return frozenset(
+            name for name, p in inspect.signature(cls.__init__).parameters.
+            items() if name != 'self' and p.kind in (p.POSITIONAL_OR_KEYWORD,
+                                                     p.KEYWORD_ONLY))
+
+    return named(classes[distill_type]) - named(
+        classes[STUDENT_TYPES[distill_type]])
 
 
 def _student_only(model_cfg: dict) -> dict:
@@ -113,8 +133,9 @@ def _student_only(model_cfg: dict) -> dict:
     plain = STUDENT_TYPES.get(model_cfg.get('type'))
     if plain is None:
         return model_cfg
+    drop = distill_args(model_cfg['type'])
     return dict(type=plain, **{k: v for k, v in model_cfg.items()
-                               if k != 'type' and k not in DISTILL_ARGS})
+                               if k != 'type' and k not in drop})
 
 
 #: neck / head types with ``weight_bits`` / ``act_bits`` options

@@ -26,9 +26,9 @@ from mmbhvit.models.binary import BinaryConv2d, binary_conv_layers
 from mmbhvit.models.classifiers import (DistillImageClassifier,
                                         TeacherCheckpointError)
 from mmbhvit.models.losses import BinaryWeightRegLoss
+from mmbhvit.models.teacher import check_teacher_checkpoint
 from mmbhvit.utils.cls_data_check import (check_cls_config,
-                                          check_cls_data_exists,
-                                          check_teacher_checkpoint)
+                                          check_cls_data_exists)
 from mmbhvit.utils.data_check import DataCheckError
 from _helpers import load_tool
 

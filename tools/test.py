@@ -29,7 +29,8 @@ from mmbhvit.apis import (CheckpointMismatchError,  # noqa: E402
                           CheckpointReadError, task_of,
                           use_verified_loading)
 from mmbhvit.utils.launch import (add_runner_args,  # noqa: E402
-                                  parse_runner_args, setup_cpu_runtime)
+                                  config_from_args, parse_runner_args,
+                                  setup_cpu_runtime)
 from mmengine.config import Config  # noqa: E402
 from mmengine.runner import Runner  # noqa: E402
 
@@ -138,15 +139,7 @@ def drop_training_settings(cfg: Config) -> None:
 
 
 def build_cfg(args) -> Config:
-    cfg = Config.fromfile(args.config)
-    cfg.launcher = args.launcher
-    if args.cfg_options is not None:
-        cfg.merge_from_dict(args.cfg_options)
-    if args.work_dir is not None:
-        cfg.work_dir = args.work_dir
-    elif cfg.get('work_dir', None) is None:
-        cfg.work_dir = osp.join('./work_dirs',
-                                osp.splitext(osp.basename(args.config))[0])
+    cfg = config_from_args(args)
     cfg.load_from = args.checkpoint
     drop_training_settings(cfg)
     setup_cpu_runtime(cfg)

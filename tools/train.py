@@ -28,7 +28,7 @@ os.environ.setdefault('OMP_WAIT_POLICY', 'PASSIVE')
 import mmbhvit  # noqa: E402,F401  (before mmseg: mmcv-lite shim, registries)
 from mmbhvit.datasets import DatasetMetaError  # noqa: E402
 from mmbhvit.models.checkpoint import check_pretrained_backbone  # noqa: E402
-from mmbhvit.utils.cls_data_check import check_teacher_checkpoint  # noqa: E402
+from mmbhvit.models.teacher import check_teacher_checkpoint  # noqa: E402
 from mmbhvit.models.finite import NonFiniteError  # noqa: E402
 from mmbhvit.utils.data_check import (DataCheckError,  # noqa: E402
                                       check_data_config)
@@ -36,8 +36,8 @@ from mmbhvit.apis import (CheckpointMismatchError,  # noqa: E402
                           CheckpointReadError, task_of,
                           use_verified_loading)
 from mmbhvit.utils.launch import (add_runner_args,  # noqa: E402
-                                  parse_runner_args, setup_amp,
-                                  setup_cpu_runtime)
+                                  config_from_args, parse_runner_args,
+                                  setup_amp, setup_cpu_runtime)
 from mmengine.config import Config  # noqa: E402
 from mmengine.runner import Runner  # noqa: E402
 
@@ -88,16 +88,7 @@ def parse_args(argv=None):
 
 def build_cfg(args) -> Config:
     """The config of ``args``, with the CLI overrides applied."""
-    cfg = Config.fromfile(args.config)
-    cfg.launcher = args.launcher
-    if args.cfg_options is not None:
-        cfg.merge_from_dict(args.cfg_options)
-    # work_dir priority: CLI > config file > ./work_dirs/<config name>
-    if args.work_dir is not None:
-        cfg.work_dir = args.work_dir
-    elif cfg.get('work_dir', None) is None:
-        cfg.work_dir = osp.join('./work_dirs',
-                                osp.splitext(osp.basename(args.config))[0])
+    cfg = config_from_args(args)
     if args.auto_scale_lr:
         if not isinstance(cfg.get('auto_scale_lr'), dict) or \
                 'base_batch_size' not in cfg.auto_scale_lr:

@@ -18,6 +18,7 @@ the teacher's checkpoint.
 """
 import copy
 import logging
+import os
 import os.path as osp
 import warnings
 from typing import Optional, Union
@@ -28,6 +29,7 @@ from mmengine.logging import print_log
 from mmengine.registry import DefaultScope
 from torch import Tensor, nn
 
+from ..utils.data_check import DataCheckError, _cfg_get
 from .checkpoint import read_state_dict
 
 
@@ -39,6 +41,30 @@ def teacher_checkpoint_found(path: Optional[str]) -> bool:
     """Whether ``path`` can be the teacher's checkpoint: set, and an
     existing file or a URL (the model and the config check both ask)."""
     return path is not None and ('://' in path or osp.isfile(path))
+
+
+def check_teacher_checkpoint(cfg) -> None:
+    """Raise :class:`~mmbhvit.utils.data_check.DataCheckError` if
+    ``cfg.model`` (a classifier or a segmentor) distils from a teacher whose
+    checkpoint is not set or missing, unless ``allow_random_teacher``: the
+    check ``tools/train.py`` and the demo run before building a Runner."""
+    model = _cfg_get(cfg, 'model') or {}
+    if (_cfg_get(model, 'teacher') is None
+            or _cfg_get(model, 'allow_random_teacher')):
+        return
+    path = _cfg_get(model, 'teacher_checkpoint')
+    if teacher_checkpoint_found(path):
+        return
+    where = ('is not set' if path is None else
+             f'not found: {path} (resolved from {os.getcwd()})')
+    raise DataCheckError(
+        f'The distillation teacher checkpoint (model.teacher_checkpoint) '
+        f'{where}. Set it with --cfg-options model.teacher_checkpoint=PATH '
+        '(for the BHViT classification configs the DeiT-small weights of '
+        'mmpretrain, see configs/bhvit/README_classification.md; for a '
+        'segmentation distillation config the trained teacher segmentor, '
+        'see configs/bhvit/README.md), or distil from a random teacher with '
+        'model.allow_random_teacher=True (tests only).')
 
 
 def teacher_model_cfg(teacher: Union[dict, str]) -> dict:

@@ -11,13 +11,12 @@ labels), and every image of each split is checked (exists, readable
 header; ``ann_file`` labels in range) unless ``--skip-data-check``.
 """
 import logging
-import os
 import os.path as osp
 from typing import List, Optional, Tuple
 
 from mmengine.logging import print_log
 
-from ..models.teacher import teacher_checkpoint_found
+from ..models.teacher import check_teacher_checkpoint
 from .data_check import (MAX_LISTED, DataCheckError, EmptySplitError,
                          _join, _other_files, build_lazy_dataset,
                          format_problems, merge_problems, missing_data_error,
@@ -87,28 +86,6 @@ def check_cls_data_exists(cfg, phases=('train', 'val', 'test')) -> None:
     raise missing_data_error(types, missing,
                              [CLS_PREPARE_HINTS.get(t, CLS_GENERIC_HINT)
                               for t in types])
-
-
-def check_teacher_checkpoint(cfg) -> None:
-    """Raise :class:`DataCheckError` if ``cfg.model`` distils from a teacher
-    whose checkpoint is not set or missing (unless
-    ``allow_random_teacher``)."""
-    model = _get(cfg, 'model') or {}
-    if _get(model, 'teacher') is None or _get(model, 'allow_random_teacher'):
-        return
-    path = _get(model, 'teacher_checkpoint')
-    if teacher_checkpoint_found(path):
-        return
-    where = ('is not set' if path is None else
-             f'not found: {path} (resolved from {os.getcwd()})')
-    raise DataCheckError(
-        f'The distillation teacher checkpoint (model.teacher_checkpoint) '
-        f'{where}. Set it with --cfg-options model.teacher_checkpoint=PATH '
-        '(for the BHViT classification configs the DeiT-small weights of '
-        'mmpretrain, see configs/bhvit/README_classification.md; for a '
-        'segmentation distillation config the trained teacher segmentor, '
-        'see configs/bhvit/README.md), or distil from a random teacher with '
-        'model.allow_random_teacher=True (tests only).')
 
 
 # --------------------------------------------------------------------------

@@ -16,6 +16,7 @@ on machines without CUDA as well:
 """
 import logging
 import os
+import os.path as osp
 from typing import Any
 
 from mmengine.logging import print_log
@@ -54,6 +55,24 @@ def parse_runner_args(parser, argv=None):
     if 'LOCAL_RANK' not in os.environ:
         os.environ['LOCAL_RANK'] = str(args.local_rank)
     return args
+
+
+def config_from_args(args):
+    """The config ``tools/train.py`` and ``tools/test.py`` start from, as in
+    mmseg: ``args.config`` with ``--launcher`` and ``--cfg-options``
+    applied, and the work directory from ``--work-dir``, else the config's,
+    else ``./work_dirs/<config name>``."""
+    from mmengine.config import Config
+    cfg = Config.fromfile(args.config)
+    cfg.launcher = args.launcher
+    if args.cfg_options is not None:
+        cfg.merge_from_dict(args.cfg_options)
+    if args.work_dir is not None:
+        cfg.work_dir = args.work_dir
+    elif cfg.get('work_dir', None) is None:
+        cfg.work_dir = osp.join('./work_dirs',
+                                osp.splitext(osp.basename(args.config))[0])
+    return cfg
 
 
 def accelerator_available() -> bool:

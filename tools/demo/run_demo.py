@@ -33,7 +33,7 @@ from mmengine.config import DictAction  # noqa: E402
 
 import mmbhvit  # noqa: E402,F401  (before mmseg: mmcv-lite shim, registries)
 import mmbhvit.datasets  # noqa: E402,F401
-from mmbhvit.utils.cls_data_check import check_teacher_checkpoint  # noqa: E402
+from mmbhvit.models.teacher import check_teacher_checkpoint  # noqa: E402
 from mmbhvit.utils.data_check import check_data_config  # noqa: E402
 from mmbhvit.utils.io import atomic_write_json, write_image  # noqa: E402
 from mmbhvit.utils.launch import setup_cpu_runtime  # noqa: E402
