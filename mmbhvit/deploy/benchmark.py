@@ -473,7 +473,10 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(
         description='Batch-1 CPU latency: PyTorch fp32 counterpart vs '
         'PyTorch binary (simulated) vs the packed engine, and the fp32 '
-        'counterpart in ONNX Runtime / OpenVINO (those installed)')
+        'counterpart in ONNX Runtime / OpenVINO (those installed)',
+        epilog='Per-op timings of the packed-bit kernels instead (every '
+        'kernel set, binary MACs per second, share of the AVX2 popcount '
+        'peak): tools/deployment/benchmark_binary.py --kernels --help')
     p.add_argument('config', nargs='?', default=None,
                    help='one config (mmpretrain classifier or mmseg '
                    f'segmentor); default: {DEFAULT_CLS_CONFIG} at 224 and '

@@ -2,7 +2,7 @@
 """Helpers to check the packed engine against the PyTorch model: realistic
 random models and comparison statistics (used by tests/test_deploy.py,
 tests/test_packed_format.py and the deployment benchmarks)."""
-from typing import Dict, Sequence
+from typing import Dict, List, Sequence, Tuple
 
 import torch
 from torch import Tensor, nn
@@ -92,3 +92,66 @@ def decision_flips(rec_a, rec_b) -> Dict[str, float]:
         worst = max(worst, f / max(n, 1))
     return dict(decisions=total, flips=flips,
                 fraction=flips / max(total, 1), worst_layer_fraction=worst)
+
+
+def _tensors(value) -> List[Tensor]:
+    if torch.is_tensor(value):
+        return [value]
+    if isinstance(value, (list, tuple)):
+        return [t for v in value for t in _tensors(v)]
+    return []
+
+
+def _as_float32(value):
+    if torch.is_tensor(value):
+        return value.float() if value.is_floating_point() else value
+    if isinstance(value, (list, tuple)):
+        return type(value)(_as_float32(v) for v in value)
+    return value
+
+
+@torch.no_grad()
+def op_roundoff(engine32, engine64, x: Tensor) -> List[Tuple[str, str,
+                                                              float]]:
+    """The float32 round-off of every op of a packed engine, one op at a
+    time.
+
+    ``engine64`` (float64) runs on ``x``; each time one of its ops runs, the
+    same op of ``engine32`` (the same model exported in float32) runs on that
+    op's inputs rounded to float32, and its output is compared with the
+    float64 op's. Errors therefore do not accumulate from op to op: each
+    row is what that op's own float32 arithmetic adds.
+
+    Returns:
+        list of ``(path, op type, rms_rel)`` in call order (an op called
+        twice gives two rows), ``rms_rel`` as in :func:`diff_stats`, the
+        largest over the op's floating outputs.
+    """
+    from mmbhvit.deploy.ops import named_ops
+    ops32 = dict(named_ops(engine32))
+    rows, removers = [], []
+
+    def check(path):
+
+        def hook(op, args, out):
+            out32 = ops32[path].forward(*_as_float32(args))
+            errs = [
+                diff_stats(b, a)['rms_rel']
+                for a, b in zip(_tensors(out), _tensors(out32))
+                if a.is_floating_point()
+            ]
+            rows.append((path, type(op).__name__, max(errs, default=0.0)))
+
+        return hook
+
+    for path, op in named_ops(engine64):
+        if path not in ops32:
+            raise ValueError(f'the two engines differ: {path} is missing '
+                             'from the float32 one')
+        removers.append(op.add_hooks(post=check(path)))
+    try:
+        engine64(x.double())
+    finally:
+        for remove in removers:
+            remove()
+    return rows

@@ -2,7 +2,6 @@
 """``torch.compile`` a part of the model in place during training."""
 from typing import Optional
 
-import torch
 from mmengine.hooks import Hook
 from mmengine.logging import print_log
 from mmengine.model import is_model_wrapper
@@ -70,7 +69,4 @@ class CompileModelHook(Hook):
             raise ValueError(
                 f'CompileModelHook: the model ({type(model).__name__}) has '
                 f'no submodule {self.target!r} to compile') from err
-        if not hasattr(torch, 'compile'):
-            raise RuntimeError('CompileModelHook needs torch.compile '
-                               f'(torch >= 2.0), this is {torch.__version__}')
         return module
