@@ -1,10 +1,11 @@
 # Copyright (c) mmbhvit contributors. Licensed under the Apache License 2.0.
 """Write the golden files of the kernel core's C++ test
 (``csrc/tests/test_kernels.cpp``): for every op a few small cases, each the
-op's inputs in the kernels' layout and the output of the PyTorch fallback
-arithmetic (the ``'torch'`` backend of :mod:`mmbhvit.deploy`: ±1 products as
-float matmul / convolution, then the epilogue in the kernels' order), in
-float32 and float64.
+op's inputs in the kernels' layout and the output of the op's PyTorch
+fallback (the packed op of :mod:`mmbhvit.deploy.blocks` on the ``'torch'``
+backend: ±1 products as float matmul / convolution, then the epilogue in the
+kernels' order; the engine runs the same code when the extension is
+missing), in float32 and float64.
 
 The files are committed (``csrc/tests/goldens``, about 1.1 MB) so the C++
 test runs with no Python, also cross-compiled under qemu; they are
@@ -26,18 +27,26 @@ import os
 import os.path as osp
 import struct
 import sys
+from types import SimpleNamespace
 
 import torch
-import torch.nn.functional as F
 
 ROOT = osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__))))
 sys.path.insert(0, ROOT)
 
-from mmbhvit.deploy.blocks.conv import (chunk_shortcut,  # noqa: E402
+from mmbhvit.deploy.blocks.conv import (ConvSpec, PackedConv,  # noqa: E402
                                         conv_shortcut)
-from mmbhvit.deploy.ops import (group_sums, kernel_words,  # noqa: E402
-                                lane_words, pm1_weight)
-from mmbhvit.deploy.packing import bits_to_pm1, pack_bits  # noqa: E402
+from mmbhvit.deploy.blocks.merge import MergeSpec, PackedMerge  # noqa: E402
+from mmbhvit.deploy.blocks.msgdc import MSGDCSpec, PackedMSGDC  # noqa: E402
+from mmbhvit.deploy.blocks.msmha import (  # noqa: E402
+    AttentionContext, AttentionScores, window_tokens, window_untokens)
+from mmbhvit.deploy.blocks.proj import (PackedFFN, PackedProj,  # noqa: E402
+                                        ProjSpec)
+from mmbhvit.deploy.blocks.shift import shift_sum  # noqa: E402
+from mmbhvit.deploy.ops import (kernel_words, lane_path_shape,  # noqa: E402
+                                lane_words)
+from mmbhvit.deploy.packing import pack_bits  # noqa: E402
+from mmbhvit.deploy.registry import Params  # noqa: E402
 
 DEFAULT_OUT = osp.join(ROOT, 'csrc', 'tests', 'goldens')
 OPS = dict(proj=0, ffn=1, msgdc=2, merge=3, attn_scores=4, attn_context=5,
@@ -56,10 +65,6 @@ def write_file(path, arrays):
             f.write(struct.pack('<BB', DTYPES[t.dtype], t.dim()))
             f.write(struct.pack(f'<{t.dim()}q', *t.shape))
             f.write(t.numpy().tobytes())
-
-
-def prelu(z, slope):
-    return torch.where(z > 0, z, z * slope)
 
 
 class Case:
@@ -98,71 +103,64 @@ class Case:
 
 
 # --------------------------------------------------------------------------
-# the fallback arithmetic of each op, on the extension's arguments
+# each op's cases: the extension's arguments and the fallback's output
 # --------------------------------------------------------------------------
+PROJ_PARAMS = ('thr', 'a', 'b', 'slope', 'post_scale', 'post_bias')
+
+
+def proj_params(words, t, prefix=''):
+    """A projection's parameters as stored, from a case's arrays."""
+    params = {prefix + n: t[n] for n in PROJ_PARAMS}
+    params[prefix + 'wbits'] = words
+    return params
+
+
 def proj_case(c, cin, cout, shortcut, residual):
+    return proj_case_words(c, cin, cout, shortcut, residual)[0]
+
+
+def proj_case_words(c, cin, cout, shortcut, residual):
+    """:func:`proj_case` and the sign bits of its weights."""
     words = c.bits(cout, cin)
     x = c.rand(3, 7, cin)
     t = dict(x=x, thr=c.rand(cin, scale=0.3))
-    for n in ('a', 'b', 'slope', 'post_scale', 'post_bias'):
+    for n in PROJ_PARAMS[1:]:
         t[n] = c.rand(cout)
     res = c.rand(3, 7, cout) if residual else None
-    d = bits_to_pm1(x > t['thr'], c.dtype) @ pm1_weight(
-        words, 1, cin, c.dtype)[:, 0].t()
-    z = d * t['a']
-    z = z + t['b']
-    if shortcut == 'identity':
-        z = z + x
-    elif shortcut == 'tile':
-        r = cout // cin
-        z = (z.view(3, 7, r, cin) + x.unsqueeze(-2)).view(3, 7, cout)
-    elif shortcut == 'mean':
-        r = cin // cout
-        z = z + group_sums(x.view(3, 7, cout, r)) / r
-    y = prelu(z, t['slope'])
-    y = y * t['post_scale']
-    y = y + t['post_bias']
+    op = fallback_op(PackedProj, ProjSpec(cin, cout, shortcut),
+                     proj_params(words, t), c.dtype)
+    y = op(x, res)
     if res is not None:
-        y = res + y
         t['residual'] = res
     t['wt'] = kernel_words(words, 1, cin)[0]
     t['meta'] = torch.tensor([cin, cout, SHORTCUTS[shortcut],
                               int(residual)])
     t['out'] = y
-    return t
+    return t, words
 
 
 def ffn_case(c, cin, ratio):
     hid = cin * ratio
-    e = proj_case(c, cin, hid, 'tile' if ratio > 1 else 'identity', False)
-    x = e['out']
-    r = proj_case(c, hid, cin, 'mean' if ratio > 1 else 'identity', True)
-    # reduce on expand's output (r's random x is replaced)
+    shortcuts = ('tile', 'mean') if ratio > 1 else ('identity', 'identity')
+    e, words_e = proj_case_words(c, cin, hid, shortcuts[0], False)
+    # the reduction's parameters and residual (its x, out and weights are
+    # not used: it runs on the expansion's output, with words_r)
+    r = proj_case(c, hid, cin, shortcuts[1], True)
     words_r = c.bits(cin, hid)
-    rt = {k: r[k] for k in ('thr', 'a', 'b', 'slope', 'post_scale',
-                            'post_bias', 'residual')}
-    d = bits_to_pm1(x > rt['thr'], c.dtype) @ pm1_weight(
-        words_r, 1, hid, c.dtype)[:, 0].t()
-    z = d * rt['a']
-    z = z + rt['b']
-    if ratio > 1:
-        z = z + group_sums(x.view(3, 7, cin, ratio)) / ratio
-    else:
-        z = z + x
-    y = prelu(z, rt['slope'])
-    y = y * rt['post_scale']
-    y = y + rt['post_bias']
-    y = rt['residual'] + y
-    t = {'x': e['x'], 'residual': rt['residual']}
+    spec = SimpleNamespace(expand=ProjSpec(cin, hid, shortcuts[0]),
+                           reduce=ProjSpec(hid, cin, shortcuts[1]))
+    op = fallback_op(PackedFFN, spec, {
+        **proj_params(words_e, e, 'expand.'),
+        **proj_params(words_r, r, 'reduce.')}, c.dtype)
+    t = {'x': e['x'], 'residual': r['residual']}
     for k in ('thr', 'wt', 'a', 'b', 'slope', 'post_scale', 'post_bias'):
         t['e_' + k] = e[k]
-    for k in ('thr', 'a', 'b', 'slope', 'post_scale', 'post_bias'):
-        t['r_' + k] = rt[k]
+    for k in PROJ_PARAMS:
+        t['r_' + k] = r[k]
     t['r_wt'] = kernel_words(words_r, 1, hid)[0]
-    t['meta'] = torch.tensor([cin, hid, SHORTCUTS['tile' if ratio > 1 else
-                                                  'identity'],
-                              SHORTCUTS['mean' if ratio > 1 else 'identity']])
-    t['out'] = y
+    t['meta'] = torch.tensor([cin, hid, SHORTCUTS[shortcuts[0]],
+                              SHORTCUTS[shortcuts[1]]])
+    t['out'] = op(e['x'], r['residual'])
     return t
 
 
@@ -174,31 +172,20 @@ def msgdc_case(c, n, h, w, ch, groups, dilations):
               'n2_bias'):
         t[k] = c.rand(ch)
     t['thr'] = c.rand(ch, scale=0.3)
-    v = x * t['in_scale']
-    v = v + t['in_bias']
-    xs = bits_to_pm1(v > t['thr'], c.dtype).permute(0, 3, 1, 2)
-    total = None
-    lanes = groups == 4 and cg in (16, 32) and 512 % ch == 0
-    for i, d in enumerate(dilations):
+    params = {k: t[k] for k in ('thr', 'out_scale', 'out_bias')}
+    lanes = lane_path_shape(ch, groups)
+    for i in range(len(dilations)):
         words = c.bits(ch, 9 * cg)
-        a, b, sl = c.rand(ch), c.rand(ch), c.rand(ch)
-        wgt = pm1_weight(words, 9, cg, c.dtype).view(ch, 3, 3, cg).permute(
-            0, 3, 1, 2)
-        dot = F.conv2d(xs, wgt, padding=d, dilation=d,
-                       groups=groups).permute(0, 2, 3, 1)
-        z = dot * a
-        z = z + b
-        z = prelu(z, sl)
-        total = z if total is None else total + z
+        params[f'conv{i}.wbits'] = words
         t[f'wt{i}'] = kernel_words(words, 9, cg)
         if lanes:
             t[f'lane_wt{i}'] = lane_words(words, cg)
-        t[f'a{i}'], t[f'b{i}'], t[f'slope{i}'] = a, b, sl
-    tt = total * t['out_scale']
-    tt = tt + t['out_bias']
-    hh = x + tt
-    hn = hh * t['n2_scale']
-    hn = hn + t['n2_bias']
+        for k in ('a', 'b', 'slope'):
+            t[f'{k}{i}'] = params[f'conv{i}.{k}'] = c.rand(ch)
+    spec = MSGDCSpec(ch, groups, [3, 3], list(dilations))
+    op = fallback_op(PackedMSGDC, spec, params, c.dtype)
+    hh, hn = op(x, (t['in_scale'], t['in_bias']),
+                (t['n2_scale'], t['n2_bias']))
     t['meta'] = torch.tensor([groups, len(dilations), int(lanes)] +
                              list(dilations))
     t['out'], t['out_hn'] = hh, hn
@@ -212,22 +199,16 @@ def merge_case(c, n, h, w, cin, cout):
     for k in ('a', 'b', 'slope', 'post_bias'):
         t[k] = c.rand(cout)
     t['pos'] = c.rand(h // 2, w // 2, cout)
-    wgt = pm1_weight(words, 4, cin, c.dtype).view(cout, 2, 2, cin).permute(
-        0, 3, 1, 2)
-    xs = bits_to_pm1(x0 > t['thr'], c.dtype).permute(0, 3, 1, 2)
-    dot = F.conv2d(xs, wgt, stride=2).permute(0, 2, 3, 1)
-    s = x0[:, 0::2, 0::2] + x0[:, 0::2, 1::2]
-    s = s + x0[:, 1::2, 0::2]
-    s = s + x0[:, 1::2, 1::2]
-    avg = s / 4
-    z = dot * t['a']
-    z = z + t['b']
-    z = z + avg.repeat(1, 1, 1, cout // cin)
-    z = prelu(z, t['slope'])
-    z = z + t['post_bias']
+    # the kernel takes the normalised map: an identity input norm here
+    params = {k: t[k] for k in ('thr', 'a', 'b', 'slope', 'post_bias')}
+    params.update({'wbits': words, 'norm_in.scale': torch.ones(cin),
+                   'norm_in.bias': torch.zeros(cin),
+                   'pos_embed': t['pos'].permute(2, 0, 1)[None]})
+    spec = MergeSpec(cin, cout, True, [h // 2, w // 2])
+    op = fallback_op(PackedMerge, spec, params, c.dtype)
     t['wt'] = kernel_words(words, 4, cin)
     t['meta'] = torch.tensor([cout])
-    t['out'] = z + t['pos']
+    t['out'] = op(x0)
     return t
 
 
@@ -238,37 +219,40 @@ def conv_case(c, n, h, w, cin, cout, k):
     for name in ('a', 'b', 'slope', 'post_scale', 'post_bias'):
         t[name] = c.rand(cout)
     shortcut = conv_shortcut(cin, cout)
-    wgt = pm1_weight(words, k * k, cin, c.dtype).view(cout, k, k,
-                                                      cin).permute(0, 3, 1, 2)
-    xs = bits_to_pm1(x > t['thr'], c.dtype).permute(0, 3, 1, 2)
-    dot = F.conv2d(xs, wgt, padding=k // 2).permute(0, 2, 3, 1)
-    z = dot * t['a']
-    z = z + t['b']
-    if shortcut != 'none':
-        z = z + chunk_shortcut(x, shortcut, cin, cout)
-    y = prelu(z, t['slope'])
-    y = y * t['post_scale']
+    params = {n: t[n] for n in ('thr', 'a', 'b', 'slope', 'post_bias')}
+    params['wbits'] = words
+    op = fallback_op(PackedConv, ConvSpec(cin, cout, k, shortcut), params,
+                     c.dtype)
+    # the kernel's post_scale (the engine passes ones) gets random values
+    op.post_scale = t['post_scale']
     t['wt'] = kernel_words(words, k * k, cin)
     t['meta'] = torch.tensor([cout, k, SHORTCUTS[shortcut]])
-    t['out'] = y + t['post_bias']
+    t['out'] = op(x)
     return t
 
 
-def heads(x, nh):
-    b, t, ch = x.shape
-    return x.view(b, t, nh, ch // nh).transpose(1, 2)
+def fallback_op(cls, spec, tensors, dtype):
+    """The packed op ``cls`` on the ``'torch'`` backend (its fallback),
+    reading its parameters from ``tensors`` (names as in the packed
+    file)."""
+    params = Params({f'op.{k}': v for k, v in tensors.items()}, 'op', dtype)
+    return cls(spec, params, dtype, 'torch')
+
+
+def attention_spec(ch, nh, attention=None):
+    """What the attention ops read from an MSMHASpec."""
+    return SimpleNamespace(channels=ch, num_heads=nh, attention=attention)
 
 
 def scores_case(c, b, tk, ch, nh):
     q, k = c.rand(b, tk, ch), c.rand(b, tk, ch)
     t = dict(q=q, k=k, thr_q=c.rand(ch, scale=0.3),
              thr_k=c.rand(ch, scale=0.3))
-    scale = (ch // nh)**-0.5
-    qs = heads(bits_to_pm1(q > t['thr_q'], c.dtype), nh)
-    ks = heads(bits_to_pm1(k > t['thr_k'], c.dtype), nh)
-    t['scale'] = torch.tensor([scale], dtype=torch.float64)
+    op = fallback_op(AttentionScores, attention_spec(ch, nh),
+                     dict(q_thr=t['thr_q'], k_thr=t['thr_k']), c.dtype)
+    t['scale'] = torch.tensor([op.scale], dtype=torch.float64)
     t['meta'] = torch.tensor([nh])
-    t['out'] = (qs @ ks.transpose(-2, -1)) * scale
+    t['out'] = op(q, k)
     return t
 
 
@@ -278,41 +262,24 @@ def context_case(c, b, tk, ch, nh, mode, levels=3):
     t = dict(p=p, q=q, k=k, v=v, thr_v=c.rand(ch, scale=0.3))
     for n in ('ctx_a', 'ctx_b', 'slope', 'post_bias'):
         t[n] = c.rand(ch)
-    vs = heads(bits_to_pm1(v > t['thr_v'], c.dtype), nh).transpose(-2, -1)
+    params = {'v_thr': t['thr_v'], 'ctx.a': t['ctx_a'],
+              'ctx.b': t['ctx_b'], 'ctx.slope': t['slope'],
+              'ctx.post_bias': t['post_bias'],
+              'q_thr': torch.zeros(ch), 'k_thr': torch.zeros(ch)}
     if mode == 'lsq':
-        step = c.uniform(nh, lo=0.05, hi=0.3)
-        zero = c.uniform(nh, lo=-0.5, hi=0.5)
-        u = p * levels
-        u = u / step.view(1, -1, 1, 1)
-        u = u + zero.view(1, -1, 1, 1)
-        lv = torch.round(u).clamp(0, levels)
-        ctx = (vs @ lv.transpose(-2, -1)) * step.view(1, -1, 1, 1)
-        t['step'], t['zero'] = step, zero
+        t['step'] = params['lsq.step'] = c.uniform(nh, lo=0.05, hi=0.3)
+        t['zero'] = params['lsq.zero'] = c.uniform(nh, lo=-0.5, hi=0.5)
+        attention = dict(binarizer='lsq', levels=levels)
         gsb = [0.0] * 6
     else:
         gsb = [0.05, 0.7, 0.5, 0.25, 0.3, 0.6]  # alpha, a, b1, b2, low, high
-        alpha, a, b1, b2, low, high = gsb
-        qq = p / alpha
-        m = qq.amax(dim=-1, keepdim=True)
-        above_high = qq > high * m
-        above_low = qq > low * m
-        base = torch.round(qq).clamp(0, 1) - above_low.to(p.dtype)
-        mid = (above_low & ~above_high).to(p.dtype)
-        s0, s1, s2 = (vs @ plane.transpose(-2, -1)
-                      for plane in (base, mid, above_high.to(p.dtype)))
-        ctx = s0 + b1 * s1
-        ctx = ctx + b2 * s2
-        ctx = ctx * a
-    ctx = ctx.permute(0, 3, 1, 2).reshape(q.shape)
-    z = ctx * t['ctx_a']
-    z = z + t['ctx_b']
-    z = z + q
-    z = z + k
-    z = z + v
-    z = prelu(z, t['slope'])
+        params['gsb'] = torch.tensor(gsb[:4], dtype=torch.float64)
+        attention = dict(binarizer='gsb', low=gsb[4], high=gsb[5])
+    op = fallback_op(AttentionContext, attention_spec(ch, nh, attention),
+                     params, c.dtype)
     t['gsb'] = torch.tensor(gsb, dtype=torch.float64)
     t['meta'] = torch.tensor([nh, int(mode == 'gsb'), levels])
-    t['out'] = z + t['post_bias']
+    t['out'] = op(p, q, k, v)
     return t
 
 
@@ -321,23 +288,14 @@ def shift_case(c, n, h, w, ch, taps, residual):
     dy = [dy for dy, _ in taps]
     dx = [dx for _, dx in taps]
     t = dict(x=x, wk=c.rand(len(taps), ch), bias=c.rand(ch))
-    acc = None
-    for i, (a, b) in enumerate(taps):
-        v = t['wk'][i] * torch.roll(x, shifts=(-a, -b), dims=(1, 2))
-        acc = (t['bias'] + v) if acc is None else acc + v
     if residual:
         t['res'] = c.rand(n, h, w, ch)
-        acc = t['res'] + acc
+    out = shift_sum(x, dy, dx, t['wk'], t['bias'], t.get('res'))
     t['dy'] = torch.tensor(dy, dtype=torch.int32)
     t['dx'] = torch.tensor(dx, dtype=torch.int32)
     t['meta'] = torch.tensor([int(residual)])
-    t['out'] = acc
+    t['out'] = out
     return t
-
-
-def pad_nhwc(x, s):
-    h, w = x.shape[1:3]
-    return F.pad(x, (0, 0, 0, -w % s, 0, -h % s))
 
 
 def tokens_case(c, n, h, w, ch, s):
@@ -345,21 +303,9 @@ def tokens_case(c, n, h, w, ch, s):
     t = dict(x=x, scale=c.rand(ch), bias=c.rand(ch))
     mix = c.uniform(ch)
     t['mix'], t['rest'] = mix, 1 - mix
-    xn = x * t['scale']
-    xn = pad_nhwc(xn + t['bias'], s)
-    hp, wp = xn.shape[1:3]
-    nh, nw = hp // s, wp // s
-    wins = xn.reshape(n, nh, s, nw, s, ch).permute(0, 1, 3, 2, 4, 5).reshape(
-        n * nh * nw, s * s, ch)
-    xc = xn.permute(0, 3, 1, 2)
-    mx = F.max_pool2d(xc, s, s, padding=s // 2)
-    av = F.avg_pool2d(xc, s, s, padding=s // 2, count_include_pad=True)
-    merged = t['mix'].view(-1, 1, 1) * mx + t['rest'].view(-1, 1, 1) * av
-    merged = merged.permute(0, 2, 3, 1).reshape(n, 1, nh * nw, ch)
-    merged = merged.expand(n, nh * nw, nh * nw, ch).reshape(
-        n * nh * nw, nh * nw, ch)
     t['meta'] = torch.tensor([s])
-    t['out'] = torch.cat([wins, merged], dim=1)
+    t['out'] = window_tokens(x, t['scale'], t['bias'], t['mix'], t['rest'],
+                             s)
     return t
 
 
@@ -368,15 +314,8 @@ def untokens_case(c, n, h, w, ch, s):
     a = c.rand(n * nh * nw, s * s + nh * nw, ch)
     mix = c.uniform(ch)
     t = dict(a=a, mix=mix, rest=1 - mix)
-    win = a[:, :s * s].reshape(n, nh, nw, s, s, ch).permute(0, 1, 3, 2, 4, 5)
-    per_window = a[:, s * s:].reshape(n, nh * nw, nh, nw, ch)
-    merged = per_window[:, 0]
-    for i in range(1, nh * nw):
-        merged = merged + per_window[:, i]
-    merged = merged / (nh * nw)
-    out = win * t['mix'] + merged.view(n, nh, 1, nw, 1, ch) * t['rest']
     t['meta'] = torch.tensor([n, h, w, s])
-    t['out'] = out.reshape(n, nh * s, nw * s, ch)[:, :h, :w]
+    t['out'] = window_untokens(a, t['mix'], t['rest'], n, h, w, s)
     return t
 
 

@@ -209,6 +209,48 @@ class AttentionContext(PackedOp, _Heads):
         return z + self.ctx_post
 
 
+def window_tokens(x: Tensor, scale: Tensor, bias: Tensor, mix: Tensor,
+                  rest: Tensor, s: int) -> Tensor:
+    """The fallback of the ``attn_tokens`` kernel: the channels-last map
+    ``x`` normalised (``x * scale + bias``), zero-padded to whole ``s × s``
+    windows; per window its ``s²`` tokens, then the ``nh·nw`` merged tokens
+    (``mix`` · max-pool + ``rest`` · average-pool over each window, the
+    same for every window): ``(n·nh·nw, s² + nh·nw, c)``."""
+    n, _, _, c = x.shape
+    xn = x * scale
+    xn = pad_nhwc(xn + bias, s)
+    hp, wp = xn.shape[1:3]
+    nh, nw = hp // s, wp // s
+    wins = xn.reshape(n, nh, s, nw, s, c).permute(0, 1, 3, 2, 4, 5).reshape(
+        n * nh * nw, s * s, c)
+    xc = xn.permute(0, 3, 1, 2)
+    mx = F.max_pool2d(xc, s, s, padding=s // 2)
+    av = F.avg_pool2d(xc, s, s, padding=s // 2, count_include_pad=True)
+    merged = mix.view(-1, 1, 1) * mx + rest.view(-1, 1, 1) * av
+    merged = merged.permute(0, 2, 3, 1).reshape(n, 1, nh * nw, c)
+    merged = merged.expand(n, nh * nw, nh * nw, c).reshape(
+        n * nh * nw, nh * nw, c)
+    return torch.cat([wins, merged], dim=1)
+
+
+def window_untokens(a: Tensor, mix: Tensor, rest: Tensor, n: int, h: int,
+                    w: int, s: int) -> Tensor:
+    """The fallback of the ``attn_untokens`` kernel, inverse of
+    :func:`window_tokens`: window tokens back in place, the merged tokens
+    averaged over the windows (summed left to right) and upsampled, mixed
+    per channel (``mix`` · window + ``rest`` · merged), cropped to
+    ``h × w``."""
+    nh, nw, c = -(-h // s), -(-w // s), a.shape[-1]
+    win = a[:, :s * s].reshape(n, nh, nw, s, s, c).permute(0, 1, 3, 2, 4, 5)
+    per_window = a[:, s * s:].reshape(n, nh * nw, nh, nw, c)
+    merged = per_window[:, 0]
+    for i in range(1, nh * nw):
+        merged = merged + per_window[:, i]
+    merged = merged / (nh * nw)
+    out = win * mix + merged.view(n, nh, 1, nw, 1, c) * rest
+    return out.reshape(n, nh * s, nw * s, c)[:, :h, :w]
+
+
 class PackedMSMHA(PackedOp):
     """``forward(x, norm1, norm2)`` → ``(h, norm2(h))`` with ``h = x +
     MSMHA(norm1(x))``; the norms are the block's ``(scale, bias)``."""
@@ -219,8 +261,6 @@ class PackedMSMHA(PackedOp):
         f = params.f
         self.mix = f('merge_mix')
         self.rest = (1 - self.mix).contiguous()
-        self.merge_mix = self.mix.view(1, -1, 1, 1)
-        self.merge_rest = self.rest.view(1, -1, 1, 1)
         self.ln_weight = f('token_norm.weight')
         self.ln_bias = f('token_norm.bias')
         self.ln_eps = float(spec.token_norm_eps)
@@ -239,31 +279,12 @@ class PackedMSMHA(PackedOp):
         """Norm1, window partition and merged tokens, LayerNorm."""
         n, h, w, c = x.shape
         s = self.s
-        if self.ext is not None:
-            tok = self.ext.attn_tokens(x, norm1[0], norm1[1], self.mix,
-                                       self.rest, s)
-            tok = F.layer_norm(tok, (c, ), self.ln_weight, self.ln_bias,
-                               self.ln_eps)
-            return tok, (n, h, w, c, -(-h // s), -(-w // s))
-        xn = x * norm1[0]
-        xn = pad_nhwc(xn + norm1[1], s)
-        hp, wp = xn.shape[1:3]
-        nh, nw = hp // s, wp // s
-        wins = xn.reshape(n, nh, s, nw, s, c).permute(0, 1, 3, 2, 4,
-                                                      5).reshape(
-                                                          n * nh * nw, s * s,
-                                                          c)
-        xc = xn.permute(0, 3, 1, 2)
-        mx = F.max_pool2d(xc, s, s, padding=s // 2)
-        av = F.avg_pool2d(xc, s, s, padding=s // 2, count_include_pad=True)
-        merged = self.merge_mix * mx + self.merge_rest * av  # (n, c, nh, nw)
-        merged = merged.permute(0, 2, 3, 1).reshape(n, 1, nh * nw, c)
-        merged = merged.expand(n, nh * nw, nh * nw, c).reshape(
-            n * nh * nw, nh * nw, c)
-        tok = torch.cat([wins, merged], dim=1)
+        tokens = (self.ext.attn_tokens
+                  if self.ext is not None else window_tokens)
+        tok = tokens(x, norm1[0], norm1[1], self.mix, self.rest, s)
         tok = F.layer_norm(tok, (c, ), self.ln_weight, self.ln_bias,
                            self.ln_eps)
-        return tok, (n, h, w, c, nh, nw)
+        return tok, (n, h, w, c, -(-h // s), -(-w // s))
 
     def untokens(self, a: Tensor, shape: tuple) -> Tensor:
         """Window tokens back in place, merged tokens averaged over windows
@@ -273,16 +294,8 @@ class PackedMSMHA(PackedOp):
         if self.ext is not None:
             return self.ext.attn_untokens(a, self.out_mix, self.out_rest, n,
                                           h, w, s)
-        win = a[:, :s * s].reshape(n, nh, nw, s, s, c)
-        win = win.permute(0, 1, 3, 2, 4, 5)
-        per_window = a[:, s * s:].reshape(n, nh * nw, nh, nw, c)
-        merged = per_window[:, 0]
-        for i in range(1, nh * nw):  # left to right, as the kernel
-            merged = merged + per_window[:, i]
-        merged = merged / (nh * nw)
-        out = win * self.out_mix + merged.view(n, nh, 1, nw, 1,
-                                               c) * self.out_rest
-        return out.reshape(n, nh * s, nw * s, c)[:, :h, :w].contiguous()
+        return window_untokens(a, self.out_mix, self.out_rest, n, h, w,
+                               s).contiguous()
 
     def forward(self, x: Tensor, norm1: Affine, norm2: Affine):
         tok, shape = self.tokens(x, norm1)

@@ -60,13 +60,22 @@ class PackedShift(PackedOp):
         if self.ext is not None:
             return self.ext.shift(x, res, self.dy_t, self.dx_t, self.weight,
                                   self.bias)
-        acc = None
-        for k, (dy, dx) in enumerate(zip(self.dy, self.dx)):
-            v = self.weight[k] * torch.roll(x, shifts=(-dy, -dx), dims=(1, 2))
-            acc = (self.bias + v) if acc is None else acc + v
-        if acc is None:
-            acc = self.bias.expand_as(x)
-        return acc if res is None else res + acc
+        return shift_sum(x, self.dy, self.dx, self.weight, self.bias, res)
+
+
+def shift_sum(x: Tensor, dy: Sequence[int], dx: Sequence[int],
+              weight: Tensor, bias: Tensor,
+              res: Optional[Tensor] = None) -> Tensor:
+    """The fallback of :class:`PackedShift` (and the kernel's definition):
+    ``bias + sum_k weight[k] * x[y + dy_k, x + dx_k]`` (circular), taps in
+    order, ``+ res`` first when given; ``x`` channels-last."""
+    acc = None
+    for k, (sy, sx) in enumerate(zip(dy, dx)):
+        v = weight[k] * torch.roll(x, shifts=(-sy, -sx), dims=(1, 2))
+        acc = (bias + v) if acc is None else acc + v
+    if acc is None:
+        acc = bias.expand_as(x)
+    return acc if res is None else res + acc
 
 
 @register(ShiftBranches)
