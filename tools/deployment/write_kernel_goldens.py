@@ -40,8 +40,8 @@ from mmbhvit.deploy.blocks.merge import MergeSpec, PackedMerge  # noqa: E402
 from mmbhvit.deploy.blocks.msgdc import MSGDCSpec, PackedMSGDC  # noqa: E402
 from mmbhvit.deploy.blocks.msmha import (  # noqa: E402
     AttentionContext, AttentionScores, window_tokens, window_untokens)
-from mmbhvit.deploy.blocks.proj import (PackedFFN, PackedProj,  # noqa: E402
-                                        ProjSpec)
+from mmbhvit.deploy.blocks.proj import (FFNSpec, PackedFFN,  # noqa: E402
+                                        PackedProj, ProjSpec)
 from mmbhvit.deploy.blocks.shift import shift_sum  # noqa: E402
 from mmbhvit.deploy.ops import (kernel_words, lane_path_shape,  # noqa: E402
                                 lane_words)
@@ -105,6 +105,19 @@ class Case:
 # --------------------------------------------------------------------------
 # each op's cases: the extension's arguments and the fallback's output
 # --------------------------------------------------------------------------
+def fallback_op(cls, spec, tensors, dtype):
+    """The packed op ``cls`` on the ``'torch'`` backend (its fallback),
+    reading its parameters from ``tensors`` (names as in the packed
+    file)."""
+    params = Params({f'op.{k}': v for k, v in tensors.items()}, 'op', dtype)
+    return cls(spec, params, dtype, 'torch')
+
+
+def attention_spec(ch, nh, attention=None):
+    """What the attention ops read from an MSMHASpec."""
+    return SimpleNamespace(channels=ch, num_heads=nh, attention=attention)
+
+
 PROJ_PARAMS = ('thr', 'a', 'b', 'slope', 'post_scale', 'post_bias')
 
 
@@ -147,8 +160,8 @@ def ffn_case(c, cin, ratio):
     # not used: it runs on the expansion's output, with words_r)
     r = proj_case(c, hid, cin, shortcuts[1], True)
     words_r = c.bits(cin, hid)
-    spec = SimpleNamespace(expand=ProjSpec(cin, hid, shortcuts[0]),
-                           reduce=ProjSpec(hid, cin, shortcuts[1]))
+    spec = FFNSpec(ProjSpec(cin, hid, shortcuts[0]),
+                   ProjSpec(hid, cin, shortcuts[1]), layer_scale=False)
     op = fallback_op(PackedFFN, spec, {
         **proj_params(words_e, e, 'expand.'),
         **proj_params(words_r, r, 'reduce.')}, c.dtype)
@@ -229,19 +242,6 @@ def conv_case(c, n, h, w, cin, cout, k):
     t['meta'] = torch.tensor([cout, k, SHORTCUTS[shortcut]])
     t['out'] = op(x)
     return t
-
-
-def fallback_op(cls, spec, tensors, dtype):
-    """The packed op ``cls`` on the ``'torch'`` backend (its fallback),
-    reading its parameters from ``tensors`` (names as in the packed
-    file)."""
-    params = Params({f'op.{k}': v for k, v in tensors.items()}, 'op', dtype)
-    return cls(spec, params, dtype, 'torch')
-
-
-def attention_spec(ch, nh, attention=None):
-    """What the attention ops read from an MSMHASpec."""
-    return SimpleNamespace(channels=ch, num_heads=nh, attention=attention)
 
 
 def scores_case(c, b, tk, ch, nh):
