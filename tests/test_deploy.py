@@ -305,8 +305,8 @@ def test_engine_matches_official_fixture(name):
 # float epilogues) stay within about one float32 ulp (measured <= 8e-8); the
 # float convolutions and linear layers (stem, full-precision patch merging,
 # head) sum 48-1024 products each in oneDNN's / MKL's order (measured
-# <= 5.7e-7: the merges' channels-last convolution has 2-3.5x the round-off
-# of the NCHW one PyTorch's model runs; docs/deployment.md, "Accuracy")
+# <= 5.7e-7: the merges' channels-last convolution has 1.8-3.5x the round-off
+# of the NCHW one PyTorch's model runs; docs/deployment.md, "Exactness")
 OP_ROUNDOFF, FLOAT_OP_ROUNDOFF = 2.5e-7, 1.5e-6
 
 

@@ -15,8 +15,8 @@ import mmbhvit  # noqa: F401
 from mmbhvit.apis import build_model
 from mmbhvit.models.segmentors import (DistillEncoderDecoder,
                                        pixel_distill_loss)
-from mmbhvit.models.teacher import TeacherCheckpointError
-from mmbhvit.models.teacher import check_teacher_checkpoint
+from mmbhvit.models.teacher import (TeacherCheckpointError,
+                                    check_teacher_checkpoint)
 from mmbhvit.utils.data_check import DataCheckError
 from _helpers import load_tool, make_shapes
 

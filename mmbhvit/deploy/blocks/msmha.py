@@ -284,12 +284,12 @@ class PackedMSMHA(PackedOp):
         tok = tokens(x, norm1[0], norm1[1], self.mix, self.rest, s)
         tok = F.layer_norm(tok, (c, ), self.ln_weight, self.ln_bias,
                            self.ln_eps)
-        return tok, (n, h, w, c, -(-h // s), -(-w // s))
+        return tok, (n, h, w)
 
     def untokens(self, a: Tensor, shape: tuple) -> Tensor:
         """Window tokens back in place, merged tokens averaged over windows
         and upsampled, mixed per channel, cropped."""
-        n, h, w, c, nh, nw = shape
+        n, h, w = shape
         s = self.s
         if self.ext is not None:
             return self.ext.attn_untokens(a, self.out_mix, self.out_rest, n,
