@@ -7,6 +7,7 @@ import mmbhvit  # noqa: F401
 from mmbhvit.apis import CheckpointMismatchError
 from mmbhvit.models import BHViT
 from mmbhvit.models.backbones import bhvit as bhvit_module
+from mmbhvit.models.binary import fused
 from mmbhvit.models.binary import layers as layers_module
 from mmbhvit.models.binary import (BinaryConv2d, GSBAttentionBinarizer,
                                    LSQAttentionQuantizer)
@@ -256,24 +257,31 @@ def test_pretrained_loads_exactly(tmp_path):
 
 
 @pytest.mark.parametrize('shape', [(2, 16, 7, 9), (1, 16, 2, 3), (1, 16, 1, 1)])
-def test_shift_branches_conv_equals_rolls(shape):
+@pytest.mark.parametrize('radii', [(1, 2), (1,)])
+@pytest.mark.parametrize('cpu_path', [True, False])
+def test_shift_branches_conv_equals_rolls(shape, radii, cpu_path):
     """The fused depthwise form equals the sum of rolled, gated branches,
-    values and gradients."""
+    values and gradients, with the CPU training path (WrapDepthwiseConv's
+    own backward) and with the plain convolution's."""
     torch.manual_seed(0)
-    m = bhvit_module.ShiftBranches(16, (1, 2)).double()
+    m = bhvit_module.ShiftBranches(16, radii).double()
     with torch.no_grad():
         for p in m.parameters():
             p.copy_(torch.randn_like(p))
     x = torch.randn(*shape, dtype=torch.float64, requires_grad=True)
     g = torch.randn(*shape, dtype=torch.float64)
     grads = []
-    for fn in (m.forward, m.forward_rolls):
-        m.zero_grad()
-        x.grad = None
-        out = fn(x)
-        (out * g).sum().backward()
-        grads.append((out.detach(), x.grad.clone(),
-                      [p.grad.clone() for p in m.parameters()]))
+    with fused.fused_kernels(cpu_path):
+        for fn in (m.forward, m.forward_rolls):
+            m.zero_grad()
+            x.grad = None
+            out = fn(x)
+            (out * g).sum().backward()
+            grads.append((out.detach(), x.grad.clone(),
+                          [p.grad.clone() for p in m.parameters()]))
+        own = type(m(x).grad_fn).__name__ == 'WrapDepthwiseConvBackward'
+    # the map must be at least as large as the pad for the convolution
+    assert own == (cpu_path and min(shape[2:]) >= max(radii))
     (o1, x1, p1), (o2, x2, p2) = grads
     assert torch.allclose(o1, o2, atol=1e-13)
     assert torch.allclose(x1, x2, atol=1e-13)

@@ -48,10 +48,8 @@ def wrap_pad(x: Tensor, pad: int) -> Tensor:
     ``pad``: a gather of the indices ``(i - pad) mod size``, the same values
     for a map of any size (it wraps as often as needed), exported to ONNX as
     ``Gather`` instead of a ``Pad`` of mode ``wrap``, which OpenVINO
-    rejects. (Slices + concatenation would also export, and trained no
-    slower in ``tools/analysis_tools/benchmark_shift_padding.py``, but add
-    the gradients of the wrapped copies in another order: the gradients
-    would change by float rounding.)
+    rejects. (``tools/analysis_tools/benchmark_shift_branches.py`` times
+    the paddings in training.)
     """
     if pad == 0:
         return x
@@ -61,6 +59,77 @@ def wrap_pad(x: Tensor, pad: int) -> Tensor:
     rows = (torch.arange(h + 2 * pad, device=x.device) - pad) % h
     cols = (torch.arange(w + 2 * pad, device=x.device) - pad) % w
     return x.index_select(-2, rows).index_select(-1, cols)
+
+
+class WrapDepthwiseConv(torch.autograd.Function):
+    r"""Depthwise convolution with circular padding whose kernel is zero
+    outside a few taps, for training on a CPU.
+
+    Forward: ``F.conv2d(wrap_pad(x, pad), kernel[:, None], bias,
+    groups=C)`` with ``kernel`` of shape ``(C, K, K)``, ``K = 2·pad + 1``:
+    the same values as the plain expression.
+
+    Backward, in forward-sized passes instead of PyTorch's depthwise weight
+    gradient (about 20 ms for a 2 ms forward at 8×64×56×56 on a CPU):
+
+    - :math:`\partial L/\partial x` is the circular correlation of the
+      gradient with the flipped kernel (one depthwise forward);
+    - :math:`\partial L/\partial k_{c,i,j} = \sum_{n,h,w}
+      g_{n,c,h,w}\, x^{pad}_{n,c,h+i,w+j}` only for the ``taps`` ``(i, j)``
+      (one product and sum per tap); the other entries are returned as 0,
+      which is right when the kernel is built from filters that are zero
+      there (:class:`~mmbhvit.models.backbones.bhvit.ShiftBranches`).
+
+    Gradients equal the plain expression's to float round-off (other
+    summation order). :func:`wrap_depthwise_conv` decides when to use it.
+    """
+
+    @staticmethod
+    def forward(ctx, x: Tensor, kernel: Tensor, bias: Tensor, pad: int,
+                taps: Tuple[Tuple[int, int], ...]) -> Tensor:
+        xp = F.pad(x, (pad, ) * 4, mode='circular')
+        ctx.save_for_backward(xp, kernel)
+        ctx.pad, ctx.taps = pad, taps
+        return F.conv2d(xp, kernel.unsqueeze(1), bias, groups=x.shape[1])
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        xp, kernel = ctx.saved_tensors
+        need_x, need_k, need_b = ctx.needs_input_grad[:3]
+        grad_x = grad_k = grad_b = None
+        if need_x:
+            flipped = kernel.flip(-2, -1).unsqueeze(1)
+            grad_x = F.conv2d(F.pad(grad, (ctx.pad, ) * 4, mode='circular'),
+                              flipped, groups=grad.shape[1])
+        if need_k:
+            h, w = grad.shape[-2:]
+            grad_k = torch.zeros_like(kernel)
+            for i, j in ctx.taps:
+                tap = xp[:, :, i:i + h, j:j + w] * grad
+                grad_k[:, i, j] = tap.sum(dim=(0, 2, 3))
+        if need_b:
+            grad_b = grad.sum(dim=(0, 2, 3))
+        return grad_x, grad_k, grad_b, None, None
+
+
+def wrap_depthwise_conv(x: Tensor, kernel: Tensor, bias: Tensor,
+                        taps: Tuple[Tuple[int, int], ...]) -> Tensor:
+    """``F.conv2d(wrap_pad(x, pad), kernel[:, None], bias, groups=C)`` for a
+    ``(C, K, K)`` kernel (``K = 2·pad + 1``) that is zero outside ``taps``.
+
+    Eager CPU training in float32/float64 (gradients needed, no autocast,
+    the one-pass kernels' switch on: :func:`mmbhvit.models.binary.fused.
+    fused_kernels`) runs :class:`WrapDepthwiseConv`; everything else (no
+    gradients, tracing, ``torch.compile``, autocast, other devices, maps
+    smaller than the pad) runs the plain expression.
+    """
+    from .binary import fused
+    pad = kernel.shape[-1] // 2
+    if (torch.is_grad_enabled() and fused.plain_cpu_training(x)
+            and min(x.shape[-2:]) >= pad):
+        return WrapDepthwiseConv.apply(x, kernel, bias, pad, taps)
+    return F.conv2d(wrap_pad(x, pad), kernel.unsqueeze(1), bias,
+                    groups=x.shape[1])
 
 
 def window_partition(x: Tensor, size: int) -> Tensor:

@@ -35,7 +35,7 @@ from ..binary import (BinaryConv2d, GSBAttentionBinarizer, LayerScale,
 from ..finite import check_finite_input, is_tracing
 from ..layout import (ChannelLayerNorm, pad_to_multiple, resize_pos_embed,
                       tracing_shapes, window_partition, window_reverse,
-                      wrap_pad)
+                      wrap_depthwise_conv)
 
 
 def _norm(norm_cfg: dict, channels: int) -> nn.Module:
@@ -176,6 +176,9 @@ class ShiftBranches(nn.Module):
                 self.taps.append(1 if kind == 'ch' else 2 * r + 1)
         # 0/1 taps (exact in any dtype); the means divide the scales instead
         self.register_buffer('filters', torch.stack(filters), persistent=False)
+        # the kernel positions any branch uses (a cross of 4·pad + 1 taps)
+        self.support = tuple((int(i), int(j)) for i, j in
+                             self.filters.sum(dim=(0, 1)).nonzero().tolist())
 
     def _filter(self, kind: str, r: int, channels: int) -> Tensor:
         """``(C, K, K)`` 0/1 cross-correlation taps of the branch."""
@@ -213,8 +216,7 @@ class ShiftBranches(nn.Module):
                                                           self.taps)])
         kernel = (scale[:, :, None, None] * self.filters).sum(0)
         bias = torch.stack([b.bias for b in branches]).sum(0)
-        x = wrap_pad(x, self.pad)
-        return F.conv2d(x, kernel.unsqueeze(1), bias, groups=x.shape[1])
+        return wrap_depthwise_conv(x, kernel, bias, self.support)
 
     def forward_rolls(self, x: Tensor) -> Tensor:
         out = None

@@ -22,10 +22,12 @@ runs (same values; the unit tests compare both):
   ``MMBHVIT_FUSED_KERNELS=0``, or :func:`fused_kernels` as a context
   manager (e.g. ``with fused_kernels(False):`` for an A/B timing).
 
-The same switch governs the integer product of the binary 1×1
-convolutions (:func:`integer_product_ok`, used by
-:class:`~mmbhvit.models.binary.layers.SignProductConv1x1`), which needs
-PyTorch's ``torch._int_mm`` but not the extension.
+The same switch governs two CPU training paths written in PyTorch ops
+(:func:`plain_cpu_training`; they need no extension): the integer product
+of the binary 1×1 convolutions (:func:`integer_product_ok`, used by
+:class:`~mmbhvit.models.binary.layers.SignProductConv1x1`, needs
+``torch._int_mm``) and the backward of the shift branches' circular
+depthwise convolution (:class:`~mmbhvit.models.layout.WrapDepthwiseConv`).
 """
 import contextlib
 import os
@@ -104,14 +106,21 @@ def ops_for(x: Tensor, *per_channel: Optional[Tensor]
     return _load()
 
 
-def integer_product_ok(x: Tensor) -> bool:
-    """True when the forward of a binary 1×1 convolution of ``x`` (a sign
-    map) may run as an exact int8 product: switched on, CPU float32,
-    contiguous NCHW, no tracing, compiling or autocast (which would expect
-    the convolution's own dtype rules), and ``torch._int_mm`` present."""
+def plain_cpu_training(x: Tensor) -> bool:
+    """True when a CPU-specific training path written in PyTorch ops may
+    take ``x``: switched on, CPU float32/float64, contiguous NCHW, no
+    tracing, compiling or autocast (which would expect the plain ops'
+    own dtype rules)."""
     return (_state['enabled'] and x.device.type == 'cpu'
-            and x.dtype == torch.float32 and x.dim() == 4
-            and x.is_contiguous() and hasattr(torch, '_int_mm')
+            and x.dtype in _DTYPES and x.dim() == 4 and x.is_contiguous()
             and not torch.jit.is_tracing()
             and not torch.compiler.is_compiling()
             and not torch.is_autocast_enabled('cpu'))
+
+
+def integer_product_ok(x: Tensor) -> bool:
+    """True when the forward of a binary 1×1 convolution of ``x`` (a sign
+    map) may run as an exact int8 product: :func:`plain_cpu_training`,
+    float32, and ``torch._int_mm`` present."""
+    return (x.dtype == torch.float32 and hasattr(torch, '_int_mm')
+            and plain_cpu_training(x))
