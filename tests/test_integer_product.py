@@ -113,8 +113,10 @@ def test_binary_layer_takes_the_integer_product_only_where_it_applies(
 
 def test_binary_layer_values_and_gradients_match_the_float_path():
     """A whole :class:`BinaryConv2d` with its activation sign (and shift)
-    and weight binarizer: output within float32 round-off, every gradient
-    identical, with the integer product on and off."""
+    and weight binarizer: output and gradients within float32 round-off,
+    with the integer product on and off (on: its backward is a matrix
+    product on this 23×23 map, :func:`pointwise_grads`; off: the
+    convolution's own)."""
     torch.manual_seed(3)
     layer = BinaryConv2d(512, 64, 1, bias=True)
     shift = torch.nn.Parameter(torch.randn(512) * 0.1)
@@ -134,7 +136,8 @@ def test_binary_layer_values_and_gradients_match_the_float_path():
     (y1, *g1), (y2, *g2) = results
     torch.testing.assert_close(y1, y2, rtol=1e-5, atol=1e-5)
     for a, b in zip(g1[:3], g2[:3]):
-        assert torch.equal(a, b)
+        torch.testing.assert_close(a, b, rtol=1e-5,
+                                   atol=1e-6 * b.abs().max().item())
     # the shift's gradient is summed by the fused sign kernel when on
     torch.testing.assert_close(g1[3], g2[3])
 

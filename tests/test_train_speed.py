@@ -72,18 +72,20 @@ def test_benchmark_pointwise_lists_each_layer_shape_and_its_path(capsys):
     """``--pointwise`` finds every binary 1×1 layer shape of the 1-bit
     model, with how many layers have it and which forward each takes (the
     wide ones on large enough maps the integer product, the 64->512
-    expansion and the attention projections on 4x4 maps the float one)."""
+    expansion on its 32x32 map matrix products, the attention projections
+    on 4x4 maps the convolution)."""
     bench = load_tool('analysis_tools/benchmark_train_step.py')
     bench.main(['--pointwise', '--arch', 'tiny', '--batch', '1', '--size',
                 '128', '--repeats', '1', '--warmup', '0'])
     out = capsys.readouterr().out
     rows = {line.split()[0]: line.split()
             for line in out.splitlines() if '->' in line}
-    assert rows['64->512'][-1] == 'float' and rows['64->512'][-4] == '2'
+    assert rows['64->512'][-1] == 'matmul' and rows['64->512'][-5] == '2'
     assert rows['512->64'][-1] == 'integer'
     assert rows['2048->512'][-1] == 'integer'  # 4·4·2048·512 = MIN_WORK
-    assert rows['256->256'][-1] == 'float'
-    assert 'per forward: all float' in out
+    assert rows['256->256'][-1] == 'conv'
+    assert all(len(v.split('/')) == 2 for v in rows['512->64'][-4:-1])
+    assert 'per step: all conv' in out and 'as taken' in out
 
 
 def test_composed_quantizers_give_the_fused_values_and_gradients():

@@ -21,11 +21,13 @@ gradients): the gain of the fused Functions, measured in the same run.
 (default inductor backend; the first step, which compiles forward and
 backward, is timed separately and reported as the compile time).
 
-``--pointwise`` instead times the forward of every distinct binary 1×1
-layer of the 1-bit model (its input shape at ``--batch``/``--size``) as a
-float32 convolution and as the integer product
+``--pointwise`` instead times the forward and forward + backward of every
+distinct binary 1×1 layer of the 1-bit model (its input shape at
+``--batch``/``--size``) as a float32 convolution, as float32 matrix
+products (:class:`~mmbhvit.models.binary.layers.PointwiseConv`) and as
+the integer product
 (:class:`~mmbhvit.models.binary.layers.SignProductConv1x1`), and says
-which one the layer takes: the evidence for the width rule of
+which one the layer takes: the evidence for the rules of
 ``BinaryConv2d``.
 
 ``--official-repo`` additionally times the official implementation
@@ -53,7 +55,8 @@ import mmbhvit  # noqa: E402,F401
 from mmbhvit.models import BHViT  # noqa: E402
 from mmbhvit.models.binary import BinaryConv2d, SignSTE  # noqa: E402
 from mmbhvit.models.binary.fused import fused_kernels  # noqa: E402
-from mmbhvit.models.binary.layers import SignProductConv1x1  # noqa: E402
+from mmbhvit.models.binary.layers import (  # noqa: E402
+    PointwiseConv, SignProductConv1x1)
 from mmbhvit.testing.parity import build_classifier  # noqa: E402
 from mmbhvit.utils.sysinfo import cpu_description  # noqa: E402
 from mmbhvit.utils.malloc import keep_freed_memory  # noqa: E402
@@ -142,17 +145,25 @@ def _unfused(model, x):
         return model(x, mode='tensor')
 
 
+def _pointwise_path(output) -> str:
+    name = type(output.grad_fn).__name__
+    if name.startswith('SignProductConv1x1'):
+        return 'integer'
+    return 'matmul' if name.startswith('PointwiseConv') else 'conv'
+
+
 def pointwise_shapes(model, x):
-    """``{(in, out, input shape): (count, takes the integer product)}`` for
-    the binary 1×1 layers that a forward of ``model`` on ``x`` runs."""
+    """``{(in, out, input shape): (count, path taken)}`` for the binary 1×1
+    layers that a forward of ``model`` on ``x`` runs; the path is
+    ``'integer'`` (:class:`SignProductConv1x1`), ``'matmul'``
+    (:class:`PointwiseConv`) or ``'conv'`` (``F.conv2d``)."""
     found = {}
 
     def record(layer, inputs, output):
         key = (layer.in_channels, layer.out_channels,
                tuple(inputs[0].shape))
         count, _ = found.get(key, (0, None))
-        found[key] = (count + 1, type(output.grad_fn).__name__.startswith(
-            'SignProductConv1x1'))
+        found[key] = (count + 1, _pointwise_path(output))
 
     hooks = [m.register_forward_hook(record) for m in model.modules()
              if isinstance(m, BinaryConv2d) and m.is_binary
@@ -166,34 +177,45 @@ def pointwise_shapes(model, x):
     return found
 
 
+POINTWISE_PATHS = ('conv', 'matmul', 'integer')
+
+
 def time_pointwise(model, x, repeats: int, warmup: int) -> None:
-    """Print the float and integer forward time of each binary 1×1 layer
-    shape of ``model`` (``--pointwise``)."""
+    """Print the forward and forward + backward time of each binary 1×1
+    layer shape of ``model`` as a float convolution (oneDNN), as float
+    matrix products (:class:`PointwiseConv`) and as the integer product
+    (``--pointwise``)."""
     shapes = pointwise_shapes(model, x)
-    print(f'binary 1x1 layers, forward only (input with gradients), '
-          f'{torch.get_num_threads()} threads, {repeats} repeats, median ms')
-    print(f'{"in->out":>11} {"input shape":>20} {"count":>5} '
-          f'{"float":>8} {"integer":>8} {"takes":>8}')
-    totals = {'float': 0., 'integer': 0., 'taken': 0.}
-    for (cin, cout, shape), (count, integer) in shapes.items():
+    print(f'binary 1x1 layers, {torch.get_num_threads()} threads, '
+          f'{repeats} repeats, median ms, forward / forward + backward')
+    print(f'{"in->out":>11} {"input shape":>20} {"count":>5} ' +
+          ' '.join(f'{k:>15}' for k in POINTWISE_PATHS) + f' {"takes":>8}')
+    totals = {k: [0., 0.] for k in POINTWISE_PATHS + ('taken', )}
+    for (cin, cout, shape), (count, taken) in shapes.items():
         signs = torch.randint(0, 2, shape).float().mul_(2).sub_(1)
         signs.requires_grad_()
         weight = torch.randint(0, 2, (cout, cin, 1, 1)).float()
         weight = weight.mul_(2).sub_(1).mul_(0.02).requires_grad_()
-        times = time_interleaved(
-            {'float': lambda: torch.nn.functional.conv2d(signs, weight),
-             'integer': lambda: SignProductConv1x1.apply(signs, weight,
-                                                         None)},
-            repeats, warmup)
+        grad = torch.randn(shape[0], cout, *shape[2:])
+        ops = {'conv': torch.nn.functional.conv2d,
+               'matmul': lambda a, b: PointwiseConv.apply(a, b, None),
+               'integer': lambda a, b: SignProductConv1x1.apply(a, b, None)}
+        cases = {}
+        for k, op in ops.items():
+            cases[k] = lambda op=op: op(signs, weight)
+            cases[k + '+b'] = lambda op=op: op(signs, weight).backward(grad)
+        times = time_interleaved(cases, repeats, warmup)
         med = {k: summarize(v)['median'] * 1e3 for k, v in times.items()}
-        for k in ('float', 'integer'):
-            totals[k] += count * med[k]
-        totals['taken'] += count * med['integer' if integer else 'float']
-        print(f'{f"{cin}->{cout}":>11} {str(shape):>20} {count:5d} '
-              f'{med["float"]:8.2f} {med["integer"]:8.2f} '
-              f'{"integer" if integer else "float":>8}')
-    print(f'per forward: all float {totals["float"]:.1f} ms, all integer '
-          f'{totals["integer"]:.1f} ms, as taken {totals["taken"]:.1f} ms')
+        for k in POINTWISE_PATHS + ('taken', ):
+            src = taken if k == 'taken' else k
+            totals[k][0] += count * med[src]
+            totals[k][1] += count * med[src + '+b']
+        print(f'{f"{cin}->{cout}":>11} {str(shape):>20} {count:5d} ' +
+              ' '.join(f'{med[k]:.2f}/{med[k + "+b"]:.2f}'.rjust(15)
+                       for k in POINTWISE_PATHS) + f' {taken:>8}')
+    print('per step: ' + ', '.join(
+        f'{"as taken" if k == "taken" else "all " + k} '
+        f'{v[0]:.0f} / {v[1]:.0f} ms' for k, v in totals.items()))
 
 
 def ratio_pairs(names):
@@ -250,8 +272,9 @@ def main(argv=None):
                         'default)')
     parser.add_argument('--pointwise', action='store_true',
                         help='time each binary 1x1 layer shape of the 1-bit '
-                        'model as a float convolution and as the integer '
-                        'product instead of whole steps')
+                        'model as a float convolution, as float matrix '
+                        'products and as the integer product instead of '
+                        'whole steps')
     parser.add_argument('--official-repo', default=None)
     parser.add_argument('--extra-path', default=None,
                         help='a directory prepended to sys.path (e.g. where '

@@ -24,6 +24,81 @@ def _per_channel(p: Tensor) -> Tensor:
     return p.view(1, -1, 1, 1)
 
 
+def pointwise_grads(grad: Tensor, x: Tensor, weight: Tensor,
+                    needs: tuple, has_bias: bool) -> tuple:
+    """``(grad_x, grad_weight, grad_bias)`` of ``F.conv2d(x, weight, bias)``
+    for a ``1×1`` weight and a contiguous NCHW ``x`` (None where ``needs``
+    says no).
+
+    On maps of at least :attr:`PointwiseConv.MIN_PIXELS` pixels they are
+    matrix products, per image: ``grad_x = Wᵀ g`` and ``grad_W = Σ_n g_n
+    x_nᵀ`` (summed in image order); on a CPU these run 1.2–2.9× faster
+    than ``aten.convolution_backward`` for BHViT's 28×28 and 56×56 layers
+    and a little slower at 7×7, where the convolution's backward runs.
+    Equal to the convolution's gradients to float round-off.
+    """
+    n, cin, h, w = x.shape
+    cout = weight.shape[0]
+    want_b = has_bias and needs[2]
+    if h * w < PointwiseConv.MIN_PIXELS:
+        return torch.ops.aten.convolution_backward(
+            grad, x, weight, [cout] if has_bias else None, [1, 1], [0, 0],
+            [1, 1], False, [0, 0], 1, [needs[0], needs[1], want_b])
+    g = grad.reshape(n, cout, h * w)
+    grad_x = grad_w = grad_b = None
+    if needs[0]:
+        wt = weight.reshape(cout, cin).t().expand(n, cin, cout)
+        grad_x = torch.bmm(wt, g).view(n, cin, h, w)
+    if needs[1]:
+        xs = x.reshape(n, cin, h * w)
+        grad_w = torch.mm(g[0], xs[0].t())
+        for i in range(1, n):
+            grad_w.addmm_(g[i], xs[i].t())
+        grad_w = grad_w.view_as(weight)
+    if want_b:
+        grad_b = grad.sum(dim=(0, 2, 3))
+    return grad_x, grad_w, grad_b
+
+
+class PointwiseConv(torch.autograd.Function):
+    """``F.conv2d(x, weight, bias)`` for a ``1×1`` weight as matrix
+    products: forward ``y_n = W x_n + b`` (one batched product), backward
+    :func:`pointwise_grads`.
+
+    On a CPU, oneDNN's 1×1 convolution of an NCHW map is slower than the
+    same product through the BLAS (forward 2–3.7× at BHViT-small's 28×28
+    and 56×56 layers, batch 8; ``tools/analysis_tools/
+    benchmark_train_step.py --pointwise``), and it is not faster from about
+    7×7 maps down: :class:`BinaryConv2d` takes this path for maps of at
+    least :attr:`MIN_PIXELS` pixels in eager CPU float training
+    (:func:`~mmbhvit.models.binary.fused.plain_cpu_training`). Values equal
+    the convolution's to float round-off.
+    """
+
+    MIN_PIXELS = 128
+
+    @staticmethod
+    @amp_forward()
+    def forward(ctx, x: Tensor, weight: Tensor,
+                bias: Optional[Tensor]) -> Tensor:
+        n, cin, h, w = x.shape
+        cout = weight.shape[0]
+        y = torch.bmm(weight.reshape(1, cout, cin).expand(n, cout, cin),
+                      x.view(n, cin, h * w))
+        if bias is not None:
+            y += bias.view(1, cout, 1)
+        ctx.save_for_backward(x, weight)
+        ctx.has_bias = bias is not None
+        return y.view(n, cout, h, w)
+
+    @staticmethod
+    @amp_backward
+    def backward(ctx, grad: Tensor):
+        x, weight = ctx.saved_tensors
+        return pointwise_grads(grad, x, weight, ctx.needs_input_grad,
+                               ctx.has_bias)
+
+
 class SignProductConv1x1(torch.autograd.Function):
     r"""A binary 1×1 convolution whose forward is an exact integer product.
 
@@ -42,8 +117,9 @@ class SignProductConv1x1(torch.autograd.Function):
     that the int32 block (at most :attr:`BLOCK` values) is scaled into
     the float output while it is still in cache.
 
-    Backward: ``aten.convolution_backward`` on the same float tensors, so
-    the gradients are those of ``F.conv2d(x, weight, bias)``.
+    Backward: :func:`pointwise_grads` on the same float tensors, the
+    gradients of ``F.conv2d(x, weight, bias)`` (to float round-off on
+    maps where they are matrix products).
 
     Used by :meth:`BinaryConv2d.forward_quantized` for 1-bit 1×1 layers
     when :func:`~mmbhvit.models.binary.fused.integer_product_ok` allows it
@@ -87,13 +163,8 @@ class SignProductConv1x1(torch.autograd.Function):
     @amp_backward
     def backward(ctx, grad: Tensor):
         x, weight = ctx.saved_tensors
-        bias_sizes = [weight.shape[0]] if ctx.has_bias else None
-        mask = [ctx.needs_input_grad[0], ctx.needs_input_grad[1],
-                ctx.has_bias and ctx.needs_input_grad[2]]
-        grad_x, grad_w, grad_b = torch.ops.aten.convolution_backward(
-            grad, x, weight, bias_sizes, [1, 1], [0, 0], [1, 1], False,
-            [0, 0], 1, mask)
-        return grad_x, grad_w, grad_b
+        return pointwise_grads(grad, x, weight, ctx.needs_input_grad,
+                               ctx.has_bias)
 
 
 class BinaryConv2d(nn.Conv2d):
@@ -177,15 +248,28 @@ class BinaryConv2d(nn.Conv2d):
         (one product call per image: small ones lose to its fixed cost).
         ``tools/analysis_tools/benchmark_train_step.py --pointwise`` times
         both per layer shape."""
-        return (self.is_binary and self.kernel_size == (1, 1)
-                and self.stride == (1, 1) and self.groups == 1
-                and self.padding in ((0, 0), 'valid')
-                and self.dilation == (1, 1)
+        return (self.is_binary and self.is_pointwise
                 and (self.in_channels >= 256
                      or self.in_channels >= 2 * self.out_channels)
                 and fused.integer_product_ok(xq)  # also: NCHW input
                 and xq.shape[2] * xq.shape[3] * self.in_channels *
                 self.out_channels >= SignProductConv1x1.MIN_WORK)
+
+    @property
+    def is_pointwise(self) -> bool:
+        """A plain 1×1 convolution (stride 1, no groups, no padding)."""
+        return (self.kernel_size == (1, 1) and self.stride == (1, 1)
+                and self.groups == 1 and self.padding in ((0, 0), 'valid')
+                and self.dilation == (1, 1))
+
+    def _conv_forward(self, x: Tensor, weight: Tensor,
+                      bias: Optional[Tensor]) -> Tensor:
+        """The float convolution; a 1×1 layer on a large enough map in eager
+        CPU training runs it as matrix products (:class:`PointwiseConv`)."""
+        if (self.is_pointwise and fused.plain_cpu_training(x)
+                and x.shape[2] * x.shape[3] >= PointwiseConv.MIN_PIXELS):
+            return PointwiseConv.apply(x, weight, bias)
+        return super()._conv_forward(x, weight, bias)
 
     def forward(self, x: Tensor,
                 shift: Optional['LearnableBias'] = None) -> Tensor:
