@@ -88,6 +88,22 @@ def test_benchmark_pointwise_lists_each_layer_shape_and_its_path(capsys):
     assert 'per step: all conv' in out and 'as taken' in out
 
 
+def test_benchmark_profile_lists_the_binary_only_ops(capsys):
+    """``--profile`` prints per-op self times of both steps: ops only the
+    1-bit model runs have a 32-bit time of 0."""
+    bench = load_tool('analysis_tools/benchmark_train_step.py')
+    bench.main(['--profile', '--arch', 'tiny', '--batch', '1', '--size',
+                '64', '--repeats', '1', '--warmup', '0'])
+    out = capsys.readouterr().out
+    rows = {line.split()[0]: line.split()[1:]
+            for line in out.splitlines()[3:] if line.strip()}
+    assert float(rows['ShiftedSignSTE'][0]) > 0
+    assert float(rows['ShiftedSignSTE'][1]) == 0
+    total = [float(v) for v in rows['total']]
+    assert total[0] > 0 and total[1] > 0
+    assert abs(total[0] - total[1] - total[2]) < 0.2
+
+
 def test_composed_quantizers_give_the_fused_values_and_gradients():
     """The benchmark's ``--composed`` baseline (the quantizers as composed
     before their fusion) computes the same model: equal logits and

@@ -30,6 +30,10 @@ the integer product
 which one the layer takes: the evidence for the rules of
 ``BinaryConv2d``.
 
+``--profile`` instead profiles one 1-bit and one 32-bit step op by op
+(``torch.profiler`` self CPU time), the ops whose time differs most
+between the two first.
+
 ``--official-repo`` additionally times the official implementation
 (IMRL/BHViT, a local clone; it needs ``transformers`` and ``timm``
 importable, e.g. via ``--extra-path``) on the same configuration.
@@ -218,6 +222,38 @@ def time_pointwise(model, x, repeats: int, warmup: int) -> None:
         f'{v[0]:.0f} / {v[1]:.0f} ms' for k, v in totals.items()))
 
 
+def profile_ops(models, x, target, repeats: int, warmup: int,
+                top: int = 25) -> None:
+    """Print ``torch.profiler`` self CPU time per op and step of the 1-bit
+    and 32-bit classifiers (``--profile``), the ops with the largest
+    difference first: where the 1-bit step spends more or less."""
+    from torch.profiler import ProfilerActivity, profile
+    per_op = {bits: {} for bits in models}
+    forwards = {bits: (lambda x, m=clf: m(x, mode='tensor'))
+                for bits, clf in models.items()}
+    for _ in range(warmup):
+        for bits, clf in models.items():
+            train_step(clf, forwards[bits], x, target)
+    for _ in range(repeats):  # interleaved, as the timings: the VM drifts
+        for bits, clf in models.items():
+            with profile(activities=[ProfilerActivity.CPU]) as prof:
+                train_step(clf, forwards[bits], x, target)
+            for e in prof.key_averages():
+                ms = e.self_cpu_time_total / 1e3 / repeats
+                per_op[bits][e.key] = per_op[bits].get(e.key, 0.) + ms
+    one, full = per_op[1], per_op[32]
+    keys = sorted(set(one) | set(full),
+                  key=lambda k: -abs(one.get(k, 0.) - full.get(k, 0.)))
+    print(f'torch.profiler self CPU time per step (ms), {repeats} steps '
+          f'after {warmup} warm-up, {torch.get_num_threads()} threads')
+    print(f'{"op":<56} {"1-bit":>9} {"32-bit":>9} {"diff":>9}')
+    for k in keys[:top]:
+        a, b = one.get(k, 0.), full.get(k, 0.)
+        print(f'{k[:56]:<56} {a:9.1f} {b:9.1f} {a - b:+9.1f}')
+    a, b = sum(one.values()), sum(full.values())
+    print(f'{"total":<56} {a:9.1f} {b:9.1f} {a - b:+9.1f}')
+
+
 def ratio_pairs(names):
     """The comparisons worth a ratio: every 1-bit mmbhvit case against its
     32-bit counterpart and the official 1-bit code, every compiled case
@@ -262,9 +298,10 @@ def main(argv=None):
                         'weights)')
     parser.add_argument('--unfused', action='store_true',
                         help='also time both classifiers with the one-pass '
-                        'CPU kernels of sign/STE and RPReLU and the integer '
-                        'products switched off (mmbhvit.models.binary.fused; '
-                        'same models)')
+                        'CPU kernels of sign/STE and RPReLU, the integer and '
+                        'matrix products of the 1x1 layers and the shift '
+                        "branches' backward switched off "
+                        '(mmbhvit.models.binary.fused; same models)')
     parser.add_argument('--default-malloc', action='store_true',
                         help="leave glibc's allocator settings as they are "
                         '(tools/train.py applies mmbhvit.utils.malloc.'
@@ -275,6 +312,10 @@ def main(argv=None):
                         'model as a float convolution, as float matrix '
                         'products and as the integer product instead of '
                         'whole steps')
+    parser.add_argument('--profile', action='store_true',
+                        help='instead of timing, profile the 1-bit and '
+                        '32-bit steps op by op (torch.profiler self CPU '
+                        'time; --repeats steps after --warmup)')
     parser.add_argument('--official-repo', default=None)
     parser.add_argument('--extra-path', default=None,
                         help='a directory prepended to sys.path (e.g. where '
@@ -294,6 +335,13 @@ def main(argv=None):
         clf = build_classifier(_backbone_cfg(args.arch, 1), 1000).train()
         print(f'CPU: {cpu_description()}')
         time_pointwise(clf, x, args.repeats, args.warmup)
+        return None
+    if args.profile:
+        print(f'CPU: {cpu_description()}')
+        profile_ops({bits: build_classifier(_backbone_cfg(args.arch, bits),
+                                            1000).train()
+                     for bits in (1, 32)}, x, target, args.repeats,
+                    max(args.warmup, 1))
         return None
     entries, models = {}, {}
     compile_times = {}
