@@ -64,7 +64,7 @@ def _uses_matmul(layer, x) -> bool:
 def test_layer_takes_the_matrix_product_only_where_it_applies(monkeypatch):
     """1×1 layers (binary or not) on large enough CPU float maps in eager
     training; not 3×3, strided or grouped layers, small maps, the off
-    switch, autocast or tracing."""
+    switch, inference, autocast or tracing."""
     torch.manual_seed(1)
     x = torch.randn(2, 32, 16, 16, requires_grad=True)  # 256 pixels
     full = BinaryConv2d(32, 16, 1, weight_bits=32, act_bits=32)
@@ -83,8 +83,13 @@ def test_layer_takes_the_matrix_product_only_where_it_applies(monkeypatch):
     assert not _uses_matmul(full, x.to(memory_format=torch.channels_last))
     with fused_kernels(False):
         assert not _uses_matmul(full, x)
+
     with torch.autocast('cpu', dtype=torch.bfloat16):
         assert not _uses_matmul(full, x)
     traced = torch.jit.trace(full, x.detach(), check_trace=False)
     assert 'PointwiseConv' not in str(traced.graph)
     assert 'conv' in str(traced.graph).lower()
+    monkeypatch.setattr(PointwiseConv, 'apply', None)  # fails if called
+    with torch.no_grad():  # inference keeps the convolution
+        torch.testing.assert_close(full(x),
+                                   F.conv2d(x, full.weight, full.bias))

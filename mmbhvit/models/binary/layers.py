@@ -265,8 +265,11 @@ class BinaryConv2d(nn.Conv2d):
     def _conv_forward(self, x: Tensor, weight: Tensor,
                       bias: Optional[Tensor]) -> Tensor:
         """The float convolution; a 1×1 layer on a large enough map in eager
-        CPU training runs it as matrix products (:class:`PointwiseConv`)."""
-        if (self.is_pointwise and fused.plain_cpu_training(x)
+        CPU training (gradients on) runs it as matrix products
+        (:class:`PointwiseConv`). Inference keeps the convolution (the
+        PyTorch baselines of the deployment benchmarks are unchanged)."""
+        if (self.is_pointwise and torch.is_grad_enabled()
+                and fused.plain_cpu_training(x)
                 and x.shape[2] * x.shape[3] >= PointwiseConv.MIN_PIXELS):
             return PointwiseConv.apply(x, weight, bias)
         return super()._conv_forward(x, weight, bias)
