@@ -87,9 +87,14 @@ class PointwiseConv(torch.autograd.Function):
                       x.view(n, cin, h * w))
         if bias is not None:
             y += bias.view(1, cout, 1)
+        PointwiseConv.save(ctx, x, weight, bias)
+        return y.view(n, cout, h, w)
+
+    @staticmethod
+    def save(ctx, x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> None:
+        """What :meth:`backward` needs (also for subclasses' forwards)."""
         ctx.save_for_backward(x, weight)
         ctx.has_bias = bias is not None
-        return y.view(n, cout, h, w)
 
     @staticmethod
     @amp_backward
@@ -99,7 +104,7 @@ class PointwiseConv(torch.autograd.Function):
                                ctx.has_bias)
 
 
-class SignProductConv1x1(torch.autograd.Function):
+class SignProductConv1x1(PointwiseConv):
     r"""A binary 1×1 convolution whose forward is an exact integer product.
 
     With ``x`` a sign map (entries -1, 0, +1) and ``weight`` a binarized
@@ -117,9 +122,9 @@ class SignProductConv1x1(torch.autograd.Function):
     that the int32 block (at most :attr:`BLOCK` values) is scaled into
     the float output while it is still in cache.
 
-    Backward: :func:`pointwise_grads` on the same float tensors, the
-    gradients of ``F.conv2d(x, weight, bias)`` (to float round-off on
-    maps where they are matrix products).
+    Backward: :class:`PointwiseConv`'s (:func:`pointwise_grads` on the
+    same float tensors), the gradients of ``F.conv2d(x, weight, bias)`` (to
+    float round-off on maps where they are matrix products).
 
     Used by :meth:`BinaryConv2d.forward_quantized` for 1-bit 1×1 layers
     when :func:`~mmbhvit.models.binary.fused.integer_product_ok` allows it
@@ -155,16 +160,8 @@ class SignProductConv1x1(torch.autograd.Function):
         y = y.view(n, cout, h, w)
         if bias is not None:
             y += _per_channel(bias.detach())
-        ctx.save_for_backward(x, weight)
-        ctx.has_bias = bias is not None
+        PointwiseConv.save(ctx, x, weight, bias)
         return y
-
-    @staticmethod
-    @amp_backward
-    def backward(ctx, grad: Tensor):
-        x, weight = ctx.saved_tensors
-        return pointwise_grads(grad, x, weight, ctx.needs_input_grad,
-                               ctx.has_bias)
 
 
 class BinaryConv2d(nn.Conv2d):
