@@ -32,10 +32,12 @@ def pointwise_grads(grad: Tensor, x: Tensor, weight: Tensor,
 
     On maps of at least :attr:`PointwiseConv.MIN_PIXELS` pixels they are
     matrix products, per image: ``grad_x = Wᵀ g`` and ``grad_W = Σ_n g_n
-    x_nᵀ`` (summed in image order); on a CPU these run 1.2–2.9× faster
-    than ``aten.convolution_backward`` for BHViT's 28×28 and 56×56 layers
-    and a little slower at 7×7, where the convolution's backward runs.
-    Equal to the convolution's gradients to float round-off.
+    x_nᵀ`` (summed in image order); on a CPU they run 1.1–1.45× faster
+    than ``aten.convolution_backward`` for BHViT-small's 28×28 and 56×56
+    layers at batch 8 (``tools/analysis_tools/benchmark_train_step.py
+    --pointwise``, docs/training_speed.md); smaller maps keep the
+    convolution's backward. Equal to the convolution's gradients to float
+    round-off.
     """
     n, cin, h, w = x.shape
     cout = weight.shape[0]
@@ -66,11 +68,11 @@ class PointwiseConv(torch.autograd.Function):
     :func:`pointwise_grads`.
 
     On a CPU, oneDNN's 1×1 convolution of an NCHW map is slower than the
-    same product through the BLAS (forward 2–3.7× at BHViT-small's 28×28
-    and 56×56 layers, batch 8; ``tools/analysis_tools/
-    benchmark_train_step.py --pointwise``), and it is not faster from about
-    7×7 maps down: :class:`BinaryConv2d` takes this path for maps of at
-    least :attr:`MIN_PIXELS` pixels in eager CPU float training
+    same product through the BLAS (forward + backward 1.2–1.4× at
+    BHViT-small's 28×28 and 56×56 layers, batch 8; ``tools/analysis_tools/
+    benchmark_train_step.py --pointwise``), but not on 7×7 maps and token
+    windows: :class:`BinaryConv2d` takes this path for maps of at least
+    :attr:`MIN_PIXELS` pixels in eager CPU float training
     (:func:`~mmbhvit.models.binary.fused.plain_cpu_training`). Values equal
     the convolution's to float round-off.
     """
