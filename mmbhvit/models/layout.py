@@ -70,7 +70,8 @@ class WrapDepthwiseConv(torch.autograd.Function):
     the same values as the plain expression.
 
     Backward, in forward-sized passes instead of PyTorch's depthwise weight
-    gradient (about 20 ms for a 2 ms forward at 8×64×56×56 on a CPU):
+    gradient (``tools/analysis_tools/benchmark_shift_branches.py`` times
+    both):
 
     - :math:`\partial L/\partial x` is the circular correlation of the
       gradient with the flipped kernel (one depthwise forward);
@@ -87,7 +88,7 @@ class WrapDepthwiseConv(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor, kernel: Tensor, bias: Tensor, pad: int,
                 taps: Tuple[Tuple[int, int], ...]) -> Tensor:
-        xp = F.pad(x, (pad, ) * 4, mode='circular')
+        xp = wrap_pad(x, pad)
         ctx.save_for_backward(xp, kernel)
         ctx.pad, ctx.taps = pad, taps
         return F.conv2d(xp, kernel.unsqueeze(1), bias, groups=x.shape[1])
@@ -99,8 +100,8 @@ class WrapDepthwiseConv(torch.autograd.Function):
         grad_x = grad_k = grad_b = None
         if need_x:
             flipped = kernel.flip(-2, -1).unsqueeze(1)
-            grad_x = F.conv2d(F.pad(grad, (ctx.pad, ) * 4, mode='circular'),
-                              flipped, groups=grad.shape[1])
+            grad_x = F.conv2d(wrap_pad(grad, ctx.pad), flipped,
+                              groups=grad.shape[1])
         if need_k:
             h, w = grad.shape[-2:]
             grad_k = torch.zeros_like(kernel)
