@@ -2,17 +2,20 @@
 //
 // Training-time CPU ops of the binary layers (module mmbhvit._binary_ops,
 // used by mmbhvit/models/binary/fused.py): the activation sign with its
-// straight-through window and RPReLU, forward and backward, each one pass
-// over memory. Composed from PyTorch ops they take 2 (sign) and ~10
-// (RPReLU backward) passes and as many fresh activation-sized tensors;
-// every binary layer runs them on every step.
+// straight-through window, RPReLU and the weight binarizer, forward and
+// backward. Each activation op is one pass over memory and each binarizer
+// op one pass per weight row (the row's sums, then its values, from
+// cache). Composed from PyTorch ops they take 2 (sign), ~10 (RPReLU
+// backward) and ~9 (binarizer) passes and as many fresh tensors; they run
+// on every binary layer in every step.
 //
 // Element values equal the composed PyTorch expressions bit for bit: same
 // float operations in the same order, one rounding each (the extension is
-// built with -ffp-contract=off). Per-channel sums (RPReLU parameter
-// gradients, the shift's gradient) run in a fixed order (ChannelSums), so
-// they do not depend on the thread count; they differ from torch.sum in
-// the last bits.
+// built with -ffp-contract=off). Per-channel sums and means (RPReLU
+// parameter gradients, the shift's gradient, the binarizer's scale and
+// centre) run in a fixed order (ChannelSums, lane_sum), so they do not
+// depend on the thread count; they differ from torch.sum / torch.mean in
+// the last bits, and so may every value computed from them.
 #include <torch/extension.h>
 
 #include <ATen/Parallel.h>
@@ -282,6 +285,96 @@ std::vector<torch::Tensor> rprelu_backward(const torch::Tensor& grad,
   return {gx, g_in, g_slope, g_out};
 }
 
+// --------------------------------------------------------------------------
+// The weight binarizer: per output channel o (dim 0, the other dims are its
+// row of k values), w_hat = mean|w_o| * sign(w - mean(w_o))
+// --------------------------------------------------------------------------
+struct Rows {
+  int64_t o, k;  // output channels, values per channel
+};
+
+Rows weight_rows(const torch::Tensor& w, const char* name) {
+  const Layout l = nchw_layout(w, name);  // dtype, device, contiguity
+  TORCH_CHECK(l.n > 0 && w.numel() > 0, name, " must not be empty");
+  return {l.n, w.numel() / l.n};
+}
+
+// Calls fn(row) for every output channel, split over the intra-op threads.
+template <typename F>
+void for_rows(const Rows& r, F&& fn) {
+  const int64_t grain = std::max<int64_t>(1, 16384 / r.k);
+  at::parallel_for(0, r.o, grain, [&](int64_t b, int64_t e) {
+    for (int64_t row = b; row < e; ++row) fn(row);
+  });
+}
+
+// Sum of f(i) over i in [0, k), in kLanes lanes of T, then in double.
+template <typename T, typename F>
+inline double lane_sum(int64_t k, F&& f) {
+  T lanes[kLanes] = {};
+  for_lanes(k, [&](int64_t i, int j) { lanes[j] += f(i); });
+  double t = 0;
+  for (int j = 0; j < kLanes; ++j) t += lanes[j];
+  return t;
+}
+
+// Returns [w_hat, row_mean] (row_mean: mean(w_o), what the backward needs).
+std::vector<torch::Tensor> centred_sign_forward(const torch::Tensor& w) {
+  const Rows r = weight_rows(w, "weight");
+  torch::Tensor out = torch::empty_like(w);
+  torch::Tensor mean = torch::empty({r.o}, w.options());
+  AT_DISPATCH_FLOATING_TYPES(w.scalar_type(), "centred_sign_forward", [&] {
+    const scalar_t* pw = w.data_ptr<scalar_t>();
+    scalar_t* po = out.data_ptr<scalar_t>();
+    scalar_t* pm = mean.data_ptr<scalar_t>();
+    for_rows(r, [&](int64_t row) {
+      const scalar_t* wi = pw + row * r.k;
+      scalar_t* oi = po + row * r.k;
+      const auto scale = static_cast<scalar_t>(
+          lane_sum<scalar_t>(r.k, [&](int64_t i) { return std::abs(wi[i]); }) /
+          r.k);
+      const auto m = static_cast<scalar_t>(
+          lane_sum<scalar_t>(r.k, [&](int64_t i) { return wi[i]; }) / r.k);
+      for (int64_t i = 0; i < r.k; ++i) oi[i] = sign_of(wi[i] - m) * scale;
+      pm[row] = m;
+    });
+  });
+  return {out, mean};
+}
+
+// grad_c = grad where |w - mean(w_o)| <= 1 (0 outside; NaN passes, as
+// aten::hardtanh_backward), returned minus its own mean per output channel.
+torch::Tensor centred_sign_backward(const torch::Tensor& grad,
+                                    const torch::Tensor& w,
+                                    const torch::Tensor& mean) {
+  const Rows r = weight_rows(w, "weight");
+  check_same(grad, w, "grad");
+  TORCH_CHECK(mean.scalar_type() == w.scalar_type() && mean.is_contiguous() &&
+                  mean.numel() == r.o,
+              "mean must hold ", r.o, " contiguous values of dtype ",
+              w.scalar_type());
+  const torch::Tensor g = grad.contiguous();
+  torch::Tensor out = torch::empty_like(w);
+  AT_DISPATCH_FLOATING_TYPES(w.scalar_type(), "centred_sign_backward", [&] {
+    const scalar_t* pw = w.data_ptr<scalar_t>();
+    const scalar_t* pg = g.data_ptr<scalar_t>();
+    const scalar_t* pm = mean.data_ptr<scalar_t>();
+    scalar_t* po = out.data_ptr<scalar_t>();
+    for_rows(r, [&](int64_t row) {
+      const int64_t o = row * r.k;
+      const scalar_t m = pm[row];
+      auto inside = [&](int64_t i) {  // both loads unconditional: SIMD
+        const scalar_t gv = pg[o + i], c = pw[o + i] - m;
+        return std::abs(c) > scalar_t(1) ? scalar_t(0) : gv;
+      };
+      const auto mg = static_cast<scalar_t>(
+          lane_sum<scalar_t>(r.k, inside) / r.k);
+      for (int64_t i = 0; i < r.k; ++i) po[o + i] = inside(i) - mg;
+    });
+  });
+  return out;
+}
+
 }  // namespace
 
 void register_training_ops(pybind11::module& m) {
@@ -301,6 +394,15 @@ void register_training_ops(pybind11::module& m) {
   m.def("rprelu_backward", &rprelu_backward,
         "[grad_x, grad_bias_in, grad_slope, grad_bias_out] of rprelu_forward",
         py::arg("grad"), py::arg("x"), py::arg("bias_in"), py::arg("slope"),
+        py::call_guard<py::gil_scoped_release>());
+  m.def("centred_sign_forward", &centred_sign_forward,
+        "[mean|w_o| * sign(w - mean(w_o)), mean(w_o)] per output channel "
+        "(dim 0)",
+        py::arg("weight"), py::call_guard<py::gil_scoped_release>());
+  m.def("centred_sign_backward", &centred_sign_backward,
+        "grad_c - mean(grad_c) per output channel, grad_c = grad where "
+        "|w - mean(w_o)| <= 1",
+        py::arg("grad"), py::arg("weight"), py::arg("mean"),
         py::call_guard<py::gil_scoped_release>());
 }
 

@@ -1,5 +1,6 @@
 # Copyright (c) mmbhvit contributors. Licensed under the Apache License 2.0.
-"""The one-pass CPU kernels of sign/STE and RPReLU used in training
+"""The one-pass CPU kernels of sign/STE, RPReLU and the weight binarizer
+used in training
 (``mmbhvit.models.binary.fused``, ``csrc/training_ops.cpp``) against the
 PyTorch-composed path they replace."""
 import math
@@ -7,7 +8,8 @@ import math
 import pytest
 import torch
 
-from mmbhvit.models.binary import RPReLU, ShiftedSignSTE, SignSTE
+from mmbhvit.models.binary import (CentredSignSTE, RPReLU, ShiftedSignSTE,
+                                   SignSTE, binarize_weight)
 from mmbhvit.models.binary import fused
 from mmbhvit.models.binary.fused import fused_kernels
 
@@ -168,6 +170,77 @@ def test_fused_backward_can_run_twice():
     assert torch.equal(x.grad, first)
 
 
+def _binarize(w, grad, one_pass):
+    leaf = w.clone().requires_grad_()
+    out = CentredSignSTE.apply(leaf, one_pass)
+    out.backward(grad)
+    return out.grad_fn.ops is not None, out.detach(), leaf.grad
+
+
+@pytest.mark.parametrize('dtype', DTYPES)
+def test_weight_binarizer_one_pass_bit_identical_when_means_are_exact(dtype):
+    """Weights on a coarse dyadic grid make every row sum exact in any
+    order: then the one-pass binarizer equals the composed one bit for
+    bit, values and gradient, with centred weights at exactly +-1 (inside
+    the window), 0 (sign 0) and beyond 1 (gradient 0)."""
+    torch.manual_seed(2)
+    w = torch.randint(-12, 13, (8, 6, 3, 3)).to(dtype) / 8
+    w[0] = 0  # mean 0: centred values +-1 (window edge) and +-1.5
+    w[0, 0, 0, :] = torch.tensor([1., -1., 1.5], dtype=dtype)
+    w[0, 0, 1, 0] = -1.5
+    w[1] = 0.25  # every centred value 0: sign 0, scale 0.25
+    grad = torch.randint(-8, 9, w.shape).to(dtype) / 4
+    ran, out, g = _binarize(w, grad, True)
+    ran_ref, ref, g_ref = _binarize(w, grad, False)
+    assert ran and not ran_ref
+    assert torch.equal(out, ref) and torch.equal(g, g_ref)
+    assert (out[1] == 0).all()
+    # what passes in row 0: all but the two |c| = 1.5 entries
+    inside = grad[0].sum() - grad[0, 0, 0, 2] - grad[0, 0, 1, 0]
+    mean_term = inside / w[0].numel()
+    assert torch.equal(g[0, 0, 0, :2], grad[0, 0, 0, :2] - mean_term)
+    assert torch.equal(g[0, 0, 0, 2], -mean_term)  # |c| = 1.5: outside
+
+
+@pytest.mark.parametrize('dtype', DTYPES)
+def test_weight_binarizer_one_pass_matches_composed(dtype):
+    """Random weights (row sums rounded in another order than torch.mean):
+    same signs, values and gradients equal to the last bits, and the sums
+    do not depend on the thread count."""
+    torch.manual_seed(3)
+    w = torch.randn(64, 40, 3, 3, dtype=dtype) * 0.7
+    grad = torch.randn_like(w)
+    ran, out, g = _binarize(w, grad, True)
+    _, ref, g_ref = _binarize(w, grad, False)
+    assert ran
+    assert torch.equal(out.sign(), ref.sign())
+    torch.testing.assert_close(out, ref)
+    torch.testing.assert_close(g, g_ref)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        _, out1, g1 = _binarize(w, grad, True)
+    finally:
+        torch.set_num_threads(before)
+    assert torch.equal(out1, out) and torch.equal(g1, g)
+
+
+def test_weight_binarizer_one_pass_only_while_training():
+    """binarize_weight takes the one-pass kernels for a weight being
+    trained, and the composed expressions without gradients (so an
+    evaluated model and its packed export take the same means) or with the
+    kernels switched off."""
+    torch.manual_seed(4)
+    w = torch.nn.Parameter(torch.randn(16, 33) * 0.5)
+    assert binarize_weight(w).grad_fn.ops is not None
+    with fused_kernels(False):
+        assert binarize_weight(w).grad_fn.ops is None
+    assert binarize_weight(w.detach().requires_grad_(False)).grad_fn is None
+    with torch.no_grad():
+        evaluated = binarize_weight(w)
+    assert torch.equal(evaluated, CentredSignSTE.apply(w.detach(), False))
+
+
 def test_kernels_refuse_bad_input_by_name():
     ops = fused.ops_for(torch.zeros(1, 2, 1, 1))
     x = torch.randn(2, 3, 4, 4)
@@ -181,3 +254,7 @@ def test_kernels_refuse_bad_input_by_name():
         ops.rprelu_backward(x, x, torch.zeros(3), torch.zeros(3).double())
     with pytest.raises(RuntimeError, match='grad must match the saved'):
         ops.sign_ste_backward(x[:1], x)
+    with pytest.raises(RuntimeError, match='mean must hold 2 contiguous'):
+        ops.centred_sign_backward(x, x, torch.zeros(3))
+    with pytest.raises(RuntimeError, match='weight must not be empty'):
+        ops.centred_sign_forward(torch.zeros(0, 4))
