@@ -3,19 +3,18 @@
 // Training-time CPU ops of the binary layers (module mmbhvit._binary_ops,
 // used by mmbhvit/models/binary/fused.py): the activation sign with its
 // straight-through window, RPReLU and the weight binarizer, forward and
-// backward. Each activation op is one pass over memory and each binarizer
-// op one pass per weight row (the row's sums, then its values, from
-// cache). Composed from PyTorch ops they take 2 (sign), ~10 (RPReLU
-// backward) and ~9 (binarizer) passes and as many fresh tensors; they run
-// on every binary layer in every step.
+// backward. Each op is one pass over memory (the binarizer's backward: per
+// weight row, its sum, then its values from cache). Composed from PyTorch
+// ops they take 2 (sign), ~10 (RPReLU backward) and 3-4 (binarizer) passes
+// and as many fresh tensors; they run on every binary layer in every step.
 //
 // Element values equal the composed PyTorch expressions bit for bit: same
 // float operations in the same order, one rounding each (the extension is
-// built with -ffp-contract=off). Per-channel sums and means (RPReLU
-// parameter gradients, the shift's gradient, the binarizer's scale and
-// centre) run in a fixed order (ChannelSums, lane_sum), so they do not
+// built with -ffp-contract=off). Per-channel sums (RPReLU parameter
+// gradients, the shift's gradient, the mean the binarizer's backward
+// subtracts) run in a fixed order (ChannelSums, lane_sum), so they do not
 // depend on the thread count; they differ from torch.sum / torch.mean in
-// the last bits, and so may every value computed from them.
+// the last bits.
 #include <torch/extension.h>
 
 #include <ATen/Parallel.h>
@@ -318,28 +317,36 @@ inline double lane_sum(int64_t k, F&& f) {
   return t;
 }
 
-// Returns [w_hat, row_mean] (row_mean: mean(w_o), what the backward needs).
-std::vector<torch::Tensor> centred_sign_forward(const torch::Tensor& w) {
+void check_row_vector(const torch::Tensor& v, const torch::Tensor& w,
+                      const Rows& r, const char* name) {
+  TORCH_CHECK(v.scalar_type() == w.scalar_type() && v.is_contiguous() &&
+                  v.numel() == r.o,
+              name, " must hold ", r.o, " contiguous values of dtype ",
+              w.scalar_type());
+}
+
+// scale * sign(w - mean), both per output channel (the caller's means: the
+// values are then those of the composed expression, bit for bit).
+torch::Tensor centred_sign_forward(const torch::Tensor& w,
+                                   const torch::Tensor& scale,
+                                   const torch::Tensor& mean) {
   const Rows r = weight_rows(w, "weight");
+  check_row_vector(scale, w, r, "scale");
+  check_row_vector(mean, w, r, "mean");
   torch::Tensor out = torch::empty_like(w);
-  torch::Tensor mean = torch::empty({r.o}, w.options());
   AT_DISPATCH_FLOATING_TYPES(w.scalar_type(), "centred_sign_forward", [&] {
     const scalar_t* pw = w.data_ptr<scalar_t>();
+    const scalar_t* ps = scale.data_ptr<scalar_t>();
+    const scalar_t* pm = mean.data_ptr<scalar_t>();
     scalar_t* po = out.data_ptr<scalar_t>();
-    scalar_t* pm = mean.data_ptr<scalar_t>();
     for_rows(r, [&](int64_t row) {
-      const scalar_t* wi = pw + row * r.k;
-      scalar_t* oi = po + row * r.k;
-      const auto scale = static_cast<scalar_t>(
-          lane_sum<scalar_t>(r.k, [&](int64_t i) { return std::abs(wi[i]); }) /
-          r.k);
-      const auto m = static_cast<scalar_t>(
-          lane_sum<scalar_t>(r.k, [&](int64_t i) { return wi[i]; }) / r.k);
-      for (int64_t i = 0; i < r.k; ++i) oi[i] = sign_of(wi[i] - m) * scale;
-      pm[row] = m;
+      const int64_t o = row * r.k;
+      const scalar_t sc = ps[row], m = pm[row];
+      for (int64_t i = 0; i < r.k; ++i)
+        po[o + i] = sign_of(pw[o + i] - m) * sc;
     });
   });
-  return {out, mean};
+  return out;
 }
 
 // grad_c = grad where |w - mean(w_o)| <= 1 (0 outside; NaN passes, as
@@ -349,10 +356,7 @@ torch::Tensor centred_sign_backward(const torch::Tensor& grad,
                                     const torch::Tensor& mean) {
   const Rows r = weight_rows(w, "weight");
   check_same(grad, w, "grad");
-  TORCH_CHECK(mean.scalar_type() == w.scalar_type() && mean.is_contiguous() &&
-                  mean.numel() == r.o,
-              "mean must hold ", r.o, " contiguous values of dtype ",
-              w.scalar_type());
+  check_row_vector(mean, w, r, "mean");
   const torch::Tensor g = grad.contiguous();
   torch::Tensor out = torch::empty_like(w);
   AT_DISPATCH_FLOATING_TYPES(w.scalar_type(), "centred_sign_backward", [&] {
@@ -396,9 +400,9 @@ void register_training_ops(pybind11::module& m) {
         py::arg("grad"), py::arg("x"), py::arg("bias_in"), py::arg("slope"),
         py::call_guard<py::gil_scoped_release>());
   m.def("centred_sign_forward", &centred_sign_forward,
-        "[mean|w_o| * sign(w - mean(w_o)), mean(w_o)] per output channel "
-        "(dim 0)",
-        py::arg("weight"), py::call_guard<py::gil_scoped_release>());
+        "scale_o * sign(w - mean_o), per output channel o (dim 0)",
+        py::arg("weight"), py::arg("scale"), py::arg("mean"),
+        py::call_guard<py::gil_scoped_release>());
   m.def("centred_sign_backward", &centred_sign_backward,
         "grad_c - mean(grad_c) per output channel, grad_c = grad where "
         "|w - mean(w_o)| <= 1",

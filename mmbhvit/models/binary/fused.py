@@ -5,12 +5,11 @@ The activation sign with its straight-through window
 (:class:`~mmbhvit.models.binary.SignSTE`,
 :class:`~mmbhvit.models.binary.ShiftedSignSTE`), RPReLU
 (:class:`~mmbhvit.models.binary.RPReLUFunction`) and the weight binarizer
-(:class:`~mmbhvit.models.binary.CentredSignSTE`, while training) run on
-every binary layer in every training step. Composed from PyTorch ops they
-make several passes over activation-sized tensors (all weights); the
-compiled extension (``mmbhvit._binary_ops``, ``csrc/training_ops.cpp``)
-does each forward and backward in one pass (one per weight row), with the
-same element values (the binarizer's per-row means: to the last bits).
+(:class:`~mmbhvit.models.binary.CentredSignSTE`) run on every binary layer
+in every training step. Composed from PyTorch ops they make several passes
+over activation-sized tensors (all weights); the compiled extension
+(``mmbhvit._binary_ops``, ``csrc/training_ops.cpp``) does each forward and
+backward in one pass, with the same element values.
 
 They are used when all of these hold, otherwise the PyTorch composition
 runs (same values; the unit tests compare both):

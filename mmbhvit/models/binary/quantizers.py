@@ -339,15 +339,12 @@ class CentredSignSTE(QuantizerFunction):
     ``ClippedSignSTE.apply(w - w.mean(...), scale.detach(), 1.0)``, in
     fewer passes over the weights (it runs on all of them every step).
 
-    ``one_pass=True`` (what :func:`binarize_weight` passes when the weight
-    is being trained) runs forward and backward as the compiled kernels of
-    :mod:`~mmbhvit.models.binary.fused` where they can take the weight:
-    one pass per weight row instead of about nine over all weights. Their
-    row means are summed in a fixed order, so the scale, the centre and
-    the gradient's mean differ from ``torch.mean`` in the last bits; the
-    signs are those of the centred weight as the kernel forms it. Without
-    gradients (inference, export) the plain expressions run, so that an
-    evaluated model and its packed export take the same means.
+    On CPU float32/float64 weights the sign, scale and window run as the
+    compiled kernels of :mod:`~mmbhvit.models.binary.fused`: the two means
+    are ``torch.mean``'s, so the binarized weight is the composed
+    expression's bit for bit; the backward is one pass per weight row,
+    whose mean of :math:`g_c` is summed in a fixed order (equal to the
+    composed gradient to the last bits).
 
     Autocast: cast to float32, as :class:`ClippedSignSTE`.
     """
@@ -355,28 +352,28 @@ class CentredSignSTE(QuantizerFunction):
 
     @staticmethod
     @amp_forward(cast_inputs=torch.float32)
-    def forward(ctx, w: Tensor, one_pass: bool = False) -> Tensor:
-        ctx.ops = fused.ops_for(w) if one_pass else None
-        if ctx.ops is not None:
-            w_hat, mean = ctx.ops.centred_sign_forward(w)
-            ctx.save_for_backward(w, mean)
-            return w_hat
+    def forward(ctx, w: Tensor) -> Tensor:
         dims = tuple(range(1, w.dim()))
         scale = w.abs().mean(dim=dims, keepdim=True)
-        centred = w - w.mean(dim=dims, keepdim=True)
+        mean = w.mean(dim=dims, keepdim=True)
+        ctx.ops = fused.ops_for(w)
+        if ctx.ops is not None:
+            ctx.save_for_backward(w, mean)
+            return ctx.ops.centred_sign_forward(w, scale, mean)
+        centred = w - mean
         ctx.save_for_backward(centred)
         return torch.sign(centred).mul_(scale)
 
     @staticmethod
     @amp_backward
-    def backward(ctx, grad: Tensor):
+    def backward(ctx, grad: Tensor) -> Tensor:
         if ctx.ops is not None:
             w, mean = ctx.saved_tensors
-            return ctx.ops.centred_sign_backward(grad, w, mean), None
+            return ctx.ops.centred_sign_backward(grad, w, mean)
         centred, = ctx.saved_tensors
         grad_c = clipped_ste_grad(grad, centred, 1.0)
         dims = tuple(range(1, grad_c.dim()))
-        return grad_c - grad_c.mean(dim=dims, keepdim=True), None
+        return grad_c - grad_c.mean(dim=dims, keepdim=True)
 
 
 class ScaleGrad(torch.autograd.Function):
@@ -450,9 +447,8 @@ def binarize_weight(weight: Tensor, recu: bool = False) -> Tensor:
     :math:`|c'| \le \tau` with :math:`\tau = -\operatorname{mean}|c'| \cdot
     \ln(2 - 2q)`, :math:`q = 0.92`, a constant of the current step.
     """
-    if not recu:  # one pass per row when the weight is being trained
-        return CentredSignSTE.apply(
-            weight, weight.requires_grad and torch.is_grad_enabled())
+    if not recu:
+        return CentredSignSTE.apply(weight)
     dims = tuple(range(1, weight.dim()))
     scale = weight.abs().mean(dim=dims, keepdim=True).detach()
     centred = weight - weight.mean(dim=dims, keepdim=True)
