@@ -2,7 +2,9 @@
 # marked (CI) below.
 #
 #   make venv   create $(VENV) and install the pinned stack + mmbhvit (editable)
-#   make test   run the test suite (extra pytest options: PYTEST_ARGS=...)
+#   make test   run the test suite (extra pytest options: PYTEST_ARGS=...),
+#               in TEST_WORKERS pytest-xdist processes (default 2, one per
+#               core here; 0 = in this process), a test file per process
 #   make test-quick   the suite without the tests marked `slow` (training
 #               runs in subprocesses, torchrun, resume): the edit loop
 #   make demo   run tools/demo/run_demo.py
@@ -19,6 +21,10 @@
 PYTHON ?= python3.11
 VENV ?= .venv
 PYTEST_ARGS ?=
+TEST_WORKERS ?= 2
+# loadfile: a file's tests stay in one worker, so module fixtures (trained
+# demo models, exports) are built once
+XDIST := $(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist loadfile)
 
 VENV_MMCV ?= .venv-mmcv
 
@@ -69,10 +75,10 @@ $(STAMP): $(REQUIREMENTS) setup.py setup.cfg
 	touch "$(STAMP)"
 
 test: venv
-	$(VENV_PY) -m pytest -q tests --durations=15 $(PYTEST_ARGS)
+	$(VENV_PY) -m pytest -q tests $(XDIST) --durations=15 $(PYTEST_ARGS)
 
 test-quick: venv
-	$(VENV_PY) -m pytest -q tests -m "not slow" $(PYTEST_ARGS)
+	$(VENV_PY) -m pytest -q tests $(XDIST) -m "not slow" $(PYTEST_ARGS)
 
 venv-full-mmcv: $(STAMP_MMCV)
 
@@ -117,7 +123,7 @@ $(STAMP_MMCV): $(MMCV_STAMP) $(REQUIREMENTS_MMCV) setup.py setup.cfg
 	touch "$(STAMP_MMCV)"
 
 test-full-mmcv: venv-full-mmcv
-	$(VENV_MMCV_PY) -m pytest -q $(FULL_MMCV_TESTS) $(PYTEST_ARGS)
+	$(VENV_MMCV_PY) -m pytest -q $(FULL_MMCV_TESTS) $(XDIST) $(PYTEST_ARGS)
 
 # The kernel core's own C++ test (csrc/Makefile; no Python): built natively
 # and run with each x86 kernel set forced in turn (a set this CPU lacks is

@@ -271,6 +271,30 @@ std::vector<torch::Tensor> msgdc(
 }
 
 // ---------------------------------------------------------------------------
+// The fields of SpatialParams from checked tensors: x (N, H, W, C) and the
+// packed weights wt (taps, words, cout_pad); y is the output.
+template <typename T>
+void fill_spatial(SpatialParams<T>& p, const torch::Tensor& x,
+                  const torch::Tensor& wt, int64_t cout,
+                  const torch::Tensor& a, const torch::Tensor& b,
+                  const torch::Tensor& slope, const torch::Tensor& post_bias,
+                  torch::Tensor& y) {
+  p.x = ptr<T>(x);
+  p.n = x.size(0);
+  p.h = x.size(1);
+  p.w = x.size(2);
+  p.cin = x.size(3);
+  p.cout = cout;
+  p.words = wt.size(1);
+  p.cout_pad = wt.size(2);
+  p.wt = wptr(wt);
+  p.a = ptr<T>(a);
+  p.b = ptr<T>(b);
+  p.slope = ptr<T>(slope);
+  p.post_bias = ptr<T>(post_bias);
+  p.y = y.data_ptr<T>();
+}
+
 torch::Tensor merge(const torch::Tensor& x, const torch::Tensor& thr,
                     const torch::Tensor& wt, int64_t cout,
                     const torch::Tensor& a, const torch::Tensor& b,
@@ -296,21 +320,8 @@ torch::Tensor merge(const torch::Tensor& x, const torch::Tensor& thr,
   torch::Tensor y = torch::empty({n, h / 2, w / 2, cout}, x.options());
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "mmbhvit_merge", [&] {
     MergeParams<scalar_t> p{};
-    p.x = ptr<scalar_t>(x);
-    p.n = n;
-    p.h = h;
-    p.w = w;
-    p.cin = cin;
-    p.cout = cout;
-    p.words = words;
-    p.cout_pad = wt.size(2);
-    p.wt = wptr(wt);
-    p.a = ptr<scalar_t>(a);
-    p.b = ptr<scalar_t>(b);
-    p.slope = ptr<scalar_t>(slope);
-    p.post_bias = ptr<scalar_t>(post_bias);
+    fill_spatial(p, x, wt, cout, a, b, slope, post_bias, y);
     p.pos = ptr<scalar_t>(pos);
-    p.y = y.data_ptr<scalar_t>();
     run_merge(kset(), p, ptr<scalar_t>(thr), TorchParallel());
   });
   return y;
@@ -348,23 +359,10 @@ torch::Tensor conv(const torch::Tensor& x, const torch::Tensor& thr,
   torch::Tensor y = torch::empty({n, h, w, cout}, x.options());
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "mmbhvit_conv", [&] {
     ConvParams<scalar_t> p{};
-    p.x = ptr<scalar_t>(x);
-    p.n = n;
-    p.h = h;
-    p.w = w;
-    p.cin = cin;
-    p.cout = cout;
-    p.words = words;
-    p.cout_pad = wt.size(2);
+    fill_spatial(p, x, wt, cout, a, b, slope, post_bias, y);
     p.k = static_cast<int>(k);
-    p.wt = wptr(wt);
-    p.a = ptr<scalar_t>(a);
-    p.b = ptr<scalar_t>(b);
-    p.slope = ptr<scalar_t>(slope);
     p.post_scale = ptr<scalar_t>(post_scale);
-    p.post_bias = ptr<scalar_t>(post_bias);
     p.shortcut = static_cast<int>(shortcut);
-    p.y = y.data_ptr<scalar_t>();
     run_conv(kset(), p, ptr<scalar_t>(thr), TorchParallel());
   });
   return y;

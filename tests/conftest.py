@@ -7,6 +7,8 @@ its scope behind. Each test therefore starts with no default scope, or with
 the one its module names in ``DEFAULT_SCOPE``, and the previous state is
 restored afterwards.
 """
+import os
+
 import pytest
 
 
@@ -15,6 +17,12 @@ def pytest_configure(config):
     # (mmbhvit.utils.malloc; about a quarter less time in model tests)
     from mmbhvit.utils.malloc import keep_freed_memory
     keep_freed_memory()
+    # pytest-xdist workers (`make test`) share the cores: torch threads
+    # split between them, or each worker's ops wait on the other's
+    workers = os.environ.get('PYTEST_XDIST_WORKER_COUNT')
+    if workers:
+        import torch
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(workers)))
     # `make test` runs everything; `make test-quick` (`-m "not slow"`) leaves
     # out the tests that take more than a few seconds.
     config.addinivalue_line(

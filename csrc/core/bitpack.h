@@ -60,86 +60,88 @@ inline void pack_row_scalar(const T* x, const T* thr, const T* sc,
   }
 }
 
+// One SIMD vector of T (float or double) for pack_row: loads of the first
+// `m` lanes (AVX-512: a lane mask; AVX2: whole vectors only), mul, add and
+// the lane mask of a > b.
+#if MMBHVIT_AVX512
+template <typename T>
+struct PackVec;
+template <>
+struct PackVec<float> {
+  static constexpr int kLanes = 16;
+  using V = __m512;
+  static V load(unsigned m, const float* p) {
+    return _mm512_maskz_loadu_ps(__mmask16(m), p);
+  }
+  static V mul(V a, V b) { return _mm512_mul_ps(a, b); }
+  static V add(V a, V b) { return _mm512_add_ps(a, b); }
+  static unsigned gt(unsigned m, V a, V b) {
+    return _mm512_mask_cmp_ps_mask(__mmask16(m), a, b, _CMP_GT_OQ);
+  }
+};
+template <>
+struct PackVec<double> {
+  static constexpr int kLanes = 8;
+  using V = __m512d;
+  static V load(unsigned m, const double* p) {
+    return _mm512_maskz_loadu_pd(__mmask8(m), p);
+  }
+  static V mul(V a, V b) { return _mm512_mul_pd(a, b); }
+  static V add(V a, V b) { return _mm512_add_pd(a, b); }
+  static unsigned gt(unsigned m, V a, V b) {
+    return _mm512_mask_cmp_pd_mask(__mmask8(m), a, b, _CMP_GT_OQ);
+  }
+};
+#elif MMBHVIT_AVX2
+template <typename T>
+struct PackVec;
+template <>
+struct PackVec<float> {
+  static constexpr int kLanes = 8;
+  using V = __m256;
+  static V load(unsigned, const float* p) { return _mm256_loadu_ps(p); }
+  static V mul(V a, V b) { return _mm256_mul_ps(a, b); }
+  static V add(V a, V b) { return _mm256_add_ps(a, b); }
+  static unsigned gt(unsigned, V a, V b) {
+    return unsigned(_mm256_movemask_ps(_mm256_cmp_ps(a, b, _CMP_GT_OQ)));
+  }
+};
+template <>
+struct PackVec<double> {
+  static constexpr int kLanes = 4;
+  using V = __m256d;
+  static V load(unsigned, const double* p) { return _mm256_loadu_pd(p); }
+  static V mul(V a, V b) { return _mm256_mul_pd(a, b); }
+  static V add(V a, V b) { return _mm256_add_pd(a, b); }
+  static unsigned gt(unsigned, V a, V b) {
+    return unsigned(_mm256_movemask_pd(_mm256_cmp_pd(a, b, _CMP_GT_OQ)));
+  }
+};
+#endif
+
+#if MMBHVIT_AVX512 || MMBHVIT_AVX2
 // Each word's bits are gathered in a register and stored once (or-ing the
 // chunks into memory makes every chunk wait for the previous store).
-#if MMBHVIT_AVX512
-inline void pack_row(const float* x, const float* thr, const float* sc,
-                     const float* bi, int64_t n, uint64_t* out) {
-  for (int64_t i0 = 0; i0 < n; i0 += 64) {
-    const int64_t i1 = n < i0 + 64 ? n : i0 + 64;
-    uint64_t word = 0;
-    for (int64_t i = i0; i < i1; i += 16) {
-      const int64_t left = i1 - i;
-      const __mmask16 m =
-          left >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << left) - 1u);
-      __m512 v = _mm512_maskz_loadu_ps(m, x + i);
-      if (sc != nullptr) {
-        v = _mm512_mul_ps(v, _mm512_maskz_loadu_ps(m, sc + i));
-        v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(m, bi + i));
-      }
-      const __mmask16 gt = _mm512_mask_cmp_ps_mask(
-          m, v, _mm512_maskz_loadu_ps(m, thr + i), _CMP_GT_OQ);
-      word |= uint64_t(gt) << (i - i0);
-    }
-    out[i0 >> 6] = word;
-  }
-}
-inline void pack_row(const double* x, const double* thr, const double* sc,
-                     const double* bi, int64_t n, uint64_t* out) {
-  for (int64_t i0 = 0; i0 < n; i0 += 64) {
-    const int64_t i1 = n < i0 + 64 ? n : i0 + 64;
-    uint64_t word = 0;
-    for (int64_t i = i0; i < i1; i += 8) {
-      const int64_t left = i1 - i;
-      const __mmask8 m =
-          left >= 8 ? __mmask8(0xFF) : __mmask8((1u << left) - 1u);
-      __m512d v = _mm512_maskz_loadu_pd(m, x + i);
-      if (sc != nullptr) {
-        v = _mm512_mul_pd(v, _mm512_maskz_loadu_pd(m, sc + i));
-        v = _mm512_add_pd(v, _mm512_maskz_loadu_pd(m, bi + i));
-      }
-      const __mmask8 gt = _mm512_mask_cmp_pd_mask(
-          m, v, _mm512_maskz_loadu_pd(m, thr + i), _CMP_GT_OQ);
-      word |= uint64_t(gt) << (i - i0);
-    }
-    out[i0 >> 6] = word;
-  }
-}
-#elif MMBHVIT_AVX2
-inline void pack_row(const float* x, const float* thr, const float* sc,
-                     const float* bi, int64_t n, uint64_t* out) {
+// AVX-512 masks the last partial vector; AVX2 leaves it to the scalar loop.
+template <typename T>
+inline void pack_row(const T* x, const T* thr, const T* sc, const T* bi,
+                     int64_t n, uint64_t* out) {
+  using P = PackVec<T>;
+  constexpr int L = P::kLanes;
+  constexpr bool masked = MMBHVIT_AVX512 != 0;
   for (int64_t i0 = 0; i0 < n; i0 += 64) {
     const int64_t i1 = n < i0 + 64 ? n : i0 + 64;
     uint64_t word = 0;
     int64_t i = i0;
-    for (; i + 8 <= i1; i += 8) {
-      __m256 v = _mm256_loadu_ps(x + i);
+    for (; masked ? i < i1 : i + L <= i1; i += L) {
+      const int64_t left = i1 - i;
+      const unsigned m = left >= L ? (1u << L) - 1u : (1u << left) - 1u;
+      typename P::V v = P::load(m, x + i);
       if (sc != nullptr) {
-        v = _mm256_mul_ps(v, _mm256_loadu_ps(sc + i));
-        v = _mm256_add_ps(v, _mm256_loadu_ps(bi + i));
+        v = P::mul(v, P::load(m, sc + i));
+        v = P::add(v, P::load(m, bi + i));
       }
-      const int m = _mm256_movemask_ps(
-          _mm256_cmp_ps(v, _mm256_loadu_ps(thr + i), _CMP_GT_OQ));
-      word |= uint64_t(unsigned(m)) << (i - i0);
-    }
-    out[i0 >> 6] = word | pack_bits_scalar(x, thr, sc, bi, i, i1, i0);
-  }
-}
-inline void pack_row(const double* x, const double* thr, const double* sc,
-                     const double* bi, int64_t n, uint64_t* out) {
-  for (int64_t i0 = 0; i0 < n; i0 += 64) {
-    const int64_t i1 = n < i0 + 64 ? n : i0 + 64;
-    uint64_t word = 0;
-    int64_t i = i0;
-    for (; i + 4 <= i1; i += 4) {
-      __m256d v = _mm256_loadu_pd(x + i);
-      if (sc != nullptr) {
-        v = _mm256_mul_pd(v, _mm256_loadu_pd(sc + i));
-        v = _mm256_add_pd(v, _mm256_loadu_pd(bi + i));
-      }
-      const int m = _mm256_movemask_pd(
-          _mm256_cmp_pd(v, _mm256_loadu_pd(thr + i), _CMP_GT_OQ));
-      word |= uint64_t(unsigned(m)) << (i - i0);
+      word |= uint64_t(P::gt(m, v, P::load(m, thr + i))) << (i - i0);
     }
     out[i0 >> 6] = word | pack_bits_scalar(x, thr, sc, bi, i, i1, i0);
   }

@@ -124,41 +124,39 @@ struct ExpandParams {
   uint64_t* expanded;
 };
 
-// Binary 2x2 stride-2 patch merging on an even-sized map x0 (already
-// normalised and zero-padded): y = prelu(a D + b + tile(avgpool2(x0)))
-// + post_bias + pos.
+// What the binary spatial ops (patch merging, k x k convolution) share: a
+// channels-last map, its sign bits, the packed weights of every tap and the
+// per-channel epilogue prelu(a D + b + ..., slope) ... + post_bias.
 template <typename T>
-struct MergeParams {
+struct SpatialParams {
   const T* x;           // (n, h, w, cin)
-  const uint64_t* bits; // (n, h, w, 1, words)
+  const uint64_t* bits; // (n, h, w, words)
   int64_t n, h, w, cin, cout, words, cout_pad;
-  const uint64_t* wt;   // (4, words, cout_pad)
+  const uint64_t* wt;   // (taps, words, cout_pad)
   const T* a;
   const T* b;
   const T* slope;
-  const T* post_bias;
+  const T* post_bias;   // (cout) each
+  T* y;
+};
+
+// Binary 2x2 stride-2 patch merging on an even-sized map x0 (already
+// normalised and zero-padded): y = prelu(a D + b + tile(avgpool2(x0)))
+// + post_bias + pos; 4 taps, y is (n, h / 2, w / 2, cout).
+template <typename T>
+struct MergeParams : SpatialParams<T> {
   const T* pos;         // (h / 2, w / 2, cout)
-  T* y;                 // (n, h / 2, w / 2, cout)
 };
 
 // Binary k x k convolution, stride 1, zero padding k / 2 (BinaryConvBlock
 // of the decode heads): y = prelu(a D + b + shortcut(x), slope)
 // * post_scale + post_bias, D over the taps inside the map (a padded tap is
-// not visited: full = n_valid * cin).
+// not visited: full = n_valid * cin); k * k taps, y is (n, h, w, cout).
 template <typename T>
-struct ConvParams {
-  const T* x;           // (n, h, w, cin)
-  const uint64_t* bits; // (n, h, w, words)
-  int64_t n, h, w, cin, cout, words, cout_pad;
+struct ConvParams : SpatialParams<T> {
   int k;                // odd
-  const uint64_t* wt;   // (k * k, words, cout_pad)
-  const T* a;
-  const T* b;
-  const T* slope;
-  const T* post_scale;
-  const T* post_bias;   // (cout) each
+  const T* post_scale;  // (cout)
   int shortcut;
-  T* y;                 // (n, h, w, cout)
 };
 
 // Attention scores of ±1 queries and keys: s = scale * (d - 2 popcount).

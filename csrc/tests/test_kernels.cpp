@@ -228,10 +228,11 @@ class Runner {
     return {h, hn};
   }
 
+  // The SpatialParams fields of merge and conv cases: input "x", packed
+  // weights "wt", meta(0) = cout, the epilogue vectors (not y).
   template <typename T>
-  std::vector<T> merge() const {
+  void spatial(SpatialParams<T>& p) const {
     const Array& x = at("x");
-    MergeParams<T> p{};
     p.x = x.as<T>();
     p.n = x.dims[0];
     p.h = x.dims[1];
@@ -245,6 +246,12 @@ class Runner {
     p.b = f<T>("b");
     p.slope = f<T>("slope");
     p.post_bias = f<T>("post_bias");
+  }
+
+  template <typename T>
+  std::vector<T> merge() const {
+    MergeParams<T> p{};
+    spatial(p);
     p.pos = f<T>("pos");
     std::vector<T> y(static_cast<size_t>(p.n * (p.h / 2) * (p.w / 2) * p.cout));
     p.y = y.data();
@@ -359,24 +366,11 @@ class Runner {
 
   template <typename T>
   std::vector<T> conv() const {
-    const Array& x = at("x");
     ConvParams<T> p{};
-    p.x = x.as<T>();
-    p.n = x.dims[0];
-    p.h = x.dims[1];
-    p.w = x.dims[2];
-    p.cin = x.dims[3];
-    p.cout = meta(0);
+    spatial(p);
     p.k = int(meta(1));
     p.shortcut = int(meta(2));
-    p.words = words_of(p.cin);
-    p.cout_pad = at("wt").dims[2];
-    p.wt = w("wt");
-    p.a = f<T>("a");
-    p.b = f<T>("b");
-    p.slope = f<T>("slope");
     p.post_scale = f<T>("post_scale");
-    p.post_bias = f<T>("post_bias");
     std::vector<T> y(static_cast<size_t>(p.n * p.h * p.w * p.cout));
     p.y = y.data();
     run_conv(s_, p, f<T>("thr"), Chunks());

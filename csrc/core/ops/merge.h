@@ -13,6 +13,34 @@ namespace mmbhvit {
 namespace MMBHVIT_NS {
 namespace {
 
+// The 2x2 window of output pixel `item`: its four taps (input bits and
+// tap weights) and, per channel, the average of its four input pixels
+// (avg_out); returns the output position y * (w / 2) + x in its image.
+template <typename T>
+inline int64_t merge_window(const MergeParams<T>& p, int64_t item, Tap* taps,
+                            T* __restrict avg_out) {
+  const int64_t ho = p.h / 2, wo = p.w / 2;
+  const int64_t n = item / (ho * wo), yx = item % (ho * wo);
+  const int64_t y = yx / wo, x = yx % wo;
+  const int64_t top = (n * p.h + 2 * y) * p.w + 2 * x, bottom = top + p.w;
+  const int64_t pix[4] = {top, top + 1, bottom, bottom + 1};
+  for (int t = 0; t < 4; ++t)
+    taps[t] = Tap{p.bits + pix[t] * p.words,
+                  p.wt + t * p.words * p.cout_pad};
+  const T* __restrict x00 = p.x + pix[0] * p.cin;
+  const T* __restrict x01 = p.x + pix[1] * p.cin;
+  const T* __restrict x10 = p.x + pix[2] * p.cin;
+  const T* __restrict x11 = p.x + pix[3] * p.cin;
+  MMBHVIT_NOALIAS_LOOP
+  for (int64_t i = 0; i < p.cin; ++i) {
+    T s = x00[i] + x01[i];
+    s = s + x10[i];
+    s = s + x11[i];
+    avg_out[i] = s / T(4);
+  }
+  return yx;
+}
+
 // Fused path (AVX2, float): the counts of 8 outputs stay in registers and
 // go straight through the epilogue (same float operations in the same
 // order as the loop below). Not on AVX-512: there the 16-wide epilogue loop
@@ -25,8 +53,7 @@ inline bool merge_fused(const MergeParams<T>&, int64_t, int64_t) {
 #if MMBHVIT_AVX2
 inline bool merge_fused(const MergeParams<float>& p, int64_t begin,
                         int64_t end) {
-  const int64_t H = p.h, Wd = p.w, ho = H / 2, wo = Wd / 2, cin = p.cin,
-                cout = p.cout, W = p.words, CP = p.cout_pad;
+  const int64_t cin = p.cin, cout = p.cout, W = p.words, CP = p.cout_pad;
   if (cout % 8 != 0 || cin % 8 != 0 || cout % cin != 0 || 4 * W > 31)
     return false;
   // a, b, slope, post_bias interleaved per block of 8 outputs
@@ -38,27 +65,8 @@ inline bool merge_fused(const MergeParams<float>& p, int64_t begin,
   Scratch<float> avg(cin);
   const __m256i full = _mm256_set1_epi32(int32_t(4 * cin));
   for (int64_t item = begin; item < end; ++item) {
-    const int64_t n = item / (ho * wo), yx = item % (ho * wo);
-    const int64_t y = yx / wo, x = yx % wo;
-    const int64_t pix[4] = {(n * H + 2 * y) * Wd + 2 * x,
-                            (n * H + 2 * y) * Wd + 2 * x + 1,
-                            (n * H + 2 * y + 1) * Wd + 2 * x,
-                            (n * H + 2 * y + 1) * Wd + 2 * x + 1};
     Tap taps[4];
-    for (int t = 0; t < 4; ++t)
-      taps[t] = Tap{p.bits + pix[t] * W, p.wt + t * W * CP};
-    const float* __restrict x00 = p.x + pix[0] * cin;
-    const float* __restrict x01 = p.x + pix[1] * cin;
-    const float* __restrict x10 = p.x + pix[2] * cin;
-    const float* __restrict x11 = p.x + pix[3] * cin;
-    float* __restrict avg_out = avg.ptr;
-    MMBHVIT_NOALIAS_LOOP
-    for (int64_t i = 0; i < cin; ++i) {
-      float s = x00[i] + x01[i];
-      s = s + x10[i];
-      s = s + x11[i];
-      avg_out[i] = s / 4.f;
-    }
+    const int64_t yx = merge_window(p, item, taps, avg.ptr);
     const float* pos = p.pos + yx * cout;
     float* yo = p.y + item * cout;
     for (int64_t o = 0, so = 0; o < cout; o += 8, so = so + 8 == cin ? 0 : so + 8) {
@@ -84,33 +92,13 @@ inline bool merge_fused(const MergeParams<float>& p, int64_t begin,
 template <typename T>
 void merge(const MergeParams<T>& p, int64_t begin, int64_t end) {
   if (merge_fused(p, begin, end)) return;
-  const int64_t H = p.h, Wd = p.w, ho = H / 2, wo = Wd / 2, cin = p.cin,
-                cout = p.cout, W = p.words, CP = p.cout_pad;
+  const int64_t cin = p.cin, cout = p.cout, W = p.words, CP = p.cout_pad;
   Scratch<int32_t> acc(CP);
   Scratch<T> avg(cin);
   for (int64_t item = begin; item < end; ++item) {
-    const int64_t n = item / (ho * wo), yx = item % (ho * wo);
-    const int64_t y = yx / wo, x = yx % wo;
-    const int64_t pix[4] = {(n * H + 2 * y) * Wd + 2 * x,
-                            (n * H + 2 * y) * Wd + 2 * x + 1,
-                            (n * H + 2 * y + 1) * Wd + 2 * x,
-                            (n * H + 2 * y + 1) * Wd + 2 * x + 1};
     Tap taps[4];
-    for (int t = 0; t < 4; ++t)
-      taps[t] = Tap{p.bits + pix[t] * W, p.wt + t * W * CP};
+    const int64_t yx = merge_window(p, item, taps, avg.ptr);
     popcount_accumulate<BitOp::kXor, 1>(taps, 4, W, W, CP, cout, acc.ptr, CP);
-    const T* __restrict x00 = p.x + pix[0] * cin;
-    const T* __restrict x01 = p.x + pix[1] * cin;
-    const T* __restrict x10 = p.x + pix[2] * cin;
-    const T* __restrict x11 = p.x + pix[3] * cin;
-    T* __restrict avg_out = avg.ptr;
-    MMBHVIT_NOALIAS_LOOP
-    for (int64_t i = 0; i < cin; ++i) {
-      T s = x00[i] + x01[i];
-      s = s + x10[i];
-      s = s + x11[i];
-      avg_out[i] = s / T(4);
-    }
     const T* __restrict pos = p.pos + yx * cout;
     T* __restrict yo = p.y + item * cout;
     const T* __restrict pa = p.a;
