@@ -12,7 +12,7 @@
 // float operations in the same order, one rounding each (the extension is
 // built with -ffp-contract=off). Per-channel sums (RPReLU parameter
 // gradients, the shift's gradient, the mean the binarizer's backward
-// subtracts) run in a fixed order (ChannelSums, lane_sum), so they do not
+// subtracts) run in a fixed order (ChannelSums), so they do not
 // depend on the thread count; they differ from torch.sum / torch.mean in
 // the last bits.
 #include <torch/extension.h>
@@ -104,15 +104,18 @@ struct ChannelSums {
 
   struct Lanes {
     T v[K][kLanes] = {};
+
+    // sum k over the lanes, in double
+    double total(int k) const {
+      double t = 0;
+      for (int j = 0; j < kLanes; ++j) t += v[k][j];
+      return t;
+    }
   };
 
   // stores the lanes of plane p
   void put(int64_t p, const Lanes& lanes) {
-    for (int k = 0; k < K; ++k) {
-      double t = 0;
-      for (int j = 0; j < kLanes; ++j) t += lanes.v[k][j];
-      partial[p * K + k] = t;
-    }
+    for (int k = 0; k < K; ++k) partial[p * K + k] = lanes.total(k);
   }
 
   // sum k of channel ch
@@ -288,41 +291,12 @@ std::vector<torch::Tensor> rprelu_backward(const torch::Tensor& grad,
 // The weight binarizer: per output channel o (dim 0, the other dims are its
 // row of k values), w_hat = mean|w_o| * sign(w - mean(w_o))
 // --------------------------------------------------------------------------
-struct Rows {
-  int64_t o, k;  // output channels, values per channel
-};
-
-Rows weight_rows(const torch::Tensor& w, const char* name) {
+// A weight (O, ...) as O planes of one channel: for_planes runs over its
+// output channels (rows of k = numel / O values).
+Layout weight_rows(const torch::Tensor& w, const char* name) {
   const Layout l = nchw_layout(w, name);  // dtype, device, contiguity
   TORCH_CHECK(l.n > 0 && w.numel() > 0, name, " must not be empty");
-  return {l.n, w.numel() / l.n};
-}
-
-// Calls fn(row) for every output channel, split over the intra-op threads.
-template <typename F>
-void for_rows(const Rows& r, F&& fn) {
-  const int64_t grain = std::max<int64_t>(1, 16384 / r.k);
-  at::parallel_for(0, r.o, grain, [&](int64_t b, int64_t e) {
-    for (int64_t row = b; row < e; ++row) fn(row);
-  });
-}
-
-// Sum of f(i) over i in [0, k), in kLanes lanes of T, then in double.
-template <typename T, typename F>
-inline double lane_sum(int64_t k, F&& f) {
-  T lanes[kLanes] = {};
-  for_lanes(k, [&](int64_t i, int j) { lanes[j] += f(i); });
-  double t = 0;
-  for (int j = 0; j < kLanes; ++j) t += lanes[j];
-  return t;
-}
-
-void check_row_vector(const torch::Tensor& v, const torch::Tensor& w,
-                      const Rows& r, const char* name) {
-  TORCH_CHECK(v.scalar_type() == w.scalar_type() && v.is_contiguous() &&
-                  v.numel() == r.o,
-              name, " must hold ", r.o, " contiguous values of dtype ",
-              w.scalar_type());
+  return {l.n, 1, w.numel() / l.n};
 }
 
 // scale * sign(w - mean), both per output channel (the caller's means: the
@@ -330,19 +304,19 @@ void check_row_vector(const torch::Tensor& v, const torch::Tensor& w,
 torch::Tensor centred_sign_forward(const torch::Tensor& w,
                                    const torch::Tensor& scale,
                                    const torch::Tensor& mean) {
-  const Rows r = weight_rows(w, "weight");
-  check_row_vector(scale, w, r, "scale");
-  check_row_vector(mean, w, r, "mean");
+  const Layout r = weight_rows(w, "weight");
+  check_channel_vector(scale, w, r.n, "scale");
+  check_channel_vector(mean, w, r.n, "mean");
   torch::Tensor out = torch::empty_like(w);
   AT_DISPATCH_FLOATING_TYPES(w.scalar_type(), "centred_sign_forward", [&] {
     const scalar_t* pw = w.data_ptr<scalar_t>();
     const scalar_t* ps = scale.data_ptr<scalar_t>();
     const scalar_t* pm = mean.data_ptr<scalar_t>();
     scalar_t* po = out.data_ptr<scalar_t>();
-    for_rows(r, [&](int64_t row) {
-      const int64_t o = row * r.k;
+    for_planes(r, [&](int64_t row, int64_t) {
+      const int64_t o = row * r.s;
       const scalar_t sc = ps[row], m = pm[row];
-      for (int64_t i = 0; i < r.k; ++i)
+      for (int64_t i = 0; i < r.s; ++i)
         po[o + i] = sign_of(pw[o + i] - m) * sc;
     });
   });
@@ -354,9 +328,9 @@ torch::Tensor centred_sign_forward(const torch::Tensor& w,
 torch::Tensor centred_sign_backward(const torch::Tensor& grad,
                                     const torch::Tensor& w,
                                     const torch::Tensor& mean) {
-  const Rows r = weight_rows(w, "weight");
+  const Layout r = weight_rows(w, "weight");
   check_same(grad, w, "grad");
-  check_row_vector(mean, w, r, "mean");
+  check_channel_vector(mean, w, r.n, "mean");
   const torch::Tensor g = grad.contiguous();
   torch::Tensor out = torch::empty_like(w);
   AT_DISPATCH_FLOATING_TYPES(w.scalar_type(), "centred_sign_backward", [&] {
@@ -364,16 +338,17 @@ torch::Tensor centred_sign_backward(const torch::Tensor& grad,
     const scalar_t* pg = g.data_ptr<scalar_t>();
     const scalar_t* pm = mean.data_ptr<scalar_t>();
     scalar_t* po = out.data_ptr<scalar_t>();
-    for_rows(r, [&](int64_t row) {
-      const int64_t o = row * r.k;
+    for_planes(r, [&](int64_t row, int64_t) {
+      const int64_t o = row * r.s;
       const scalar_t m = pm[row];
       auto inside = [&](int64_t i) {  // both loads unconditional: SIMD
         const scalar_t gv = pg[o + i], c = pw[o + i] - m;
         return std::abs(c) > scalar_t(1) ? scalar_t(0) : gv;
       };
-      const auto mg = static_cast<scalar_t>(
-          lane_sum<scalar_t>(r.k, inside) / r.k);
-      for (int64_t i = 0; i < r.k; ++i) po[o + i] = inside(i) - mg;
+      typename ChannelSums<scalar_t, 1>::Lanes acc;
+      for_lanes(r.s, [&](int64_t i, int j) { acc.v[0][j] += inside(i); });
+      const auto mg = static_cast<scalar_t>(acc.total(0) / r.s);
+      for (int64_t i = 0; i < r.s; ++i) po[o + i] = inside(i) - mg;
     });
   });
   return out;
