@@ -251,17 +251,19 @@ def test_kernels_match_fallback(isa, dtype):
         p = torch.softmax(s1, -1)
         o1, o2 = (m(p, q, k, v) for m in context)
         assert torch.equal(o1, o2), mode
-    # shift branches (circular, maps smaller than the filter too)
-    t = {'s.weight': torch.randn(9, 24, generator=g),
-         's.bias': torch.randn(24, generator=g)}
-    spec = deploy_blocks.ShiftSpec(channels=24, radii=[1, 2])
-    for hw in [(7, 9), (1, 3), (2, 2)]:
-        x = torch.randn(2, *hw, 24, generator=g, dtype=dtype)
-        res = torch.randn(2, *hw, 24, generator=g, dtype=dtype)
-        a, b = (_op(deploy_blocks.PackedShift, spec, t, 's', dtype, be)(x,
-                                                                        res)
-                for be in ('cpp', 'torch'))
-        assert torch.equal(a, b)
+    # shift branches (circular, maps smaller than the filter too; channel
+    # counts that take the kernel's vector blocks and its scalar tail)
+    for ch in (24, 45):
+        t = {'s.weight': torch.randn(9, ch, generator=g),
+             's.bias': torch.randn(ch, generator=g)}
+        spec = deploy_blocks.ShiftSpec(channels=ch, radii=[1, 2])
+        for hw in [(7, 9), (1, 3), (2, 2)]:
+            x = torch.randn(2, *hw, ch, generator=g, dtype=dtype)
+            for res in (torch.randn(2, *hw, ch, generator=g, dtype=dtype),
+                        None):
+                a, b = (_op(deploy_blocks.PackedShift, spec, t, 's', dtype,
+                            be)(x, res) for be in ('cpp', 'torch'))
+                assert torch.equal(a, b), (ch, hw, res is None)
 
 
 @needs_ext

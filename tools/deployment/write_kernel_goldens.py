@@ -352,6 +352,11 @@ CASES = [
     ('conv_tile', conv_case, (1, 3, 6, 24, 72, 3)),
     ('conv_none5', conv_case, (1, 6, 8, 20, 28, 5)),
     ('conv_narrow', conv_case, (1, 2, 1, 70, 70, 3)),
+    # the model's nine taps on enough channels for the shift kernel's
+    # blocks of four vectors, single vectors and scalar tail
+    ('shift_wide', shift_case, (1, 3, 5, 45,
+                                [(-2, 0), (-1, 0), (0, -2), (0, -1), (0, 0),
+                                 (0, 1), (0, 2), (1, 0), (2, 0)], True)),
 ]
 
 #: the larger cases, in float32 only (the files stay small)
