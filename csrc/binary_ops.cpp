@@ -151,18 +151,50 @@ torch::Tensor ffn(const torch::Tensor& x, const torch::Tensor& residual,
   return y;
 }
 
-torch::Tensor proj(const torch::Tensor& x, const torch::Tensor& thr,
-                   const torch::Tensor& wt, int64_t cout,
-                   const torch::Tensor& a, const torch::Tensor& b,
-                   const torch::Tensor& slope, const torch::Tensor& post_scale,
-                   const torch::Tensor& post_bias, int64_t shortcut,
-                   const c10::optional<torch::Tensor>& residual) {
+// The next block norm of the rows [b, e) of y (c values each): yn = y * s,
+// then yn + bias, the two roundings of the PyTorch fallback.
+template <typename T>
+void affine_rows(const T* y, T* yn, int64_t b, int64_t e, int64_t c,
+                 const T* s, const T* bias) {
+  for (int64_t r = b; r < e; ++r) {
+    const T* __restrict src = y + r * c;
+    T* __restrict dst = yn + r * c;
+    for (int64_t o = 0; o < c; ++o) {
+      const T v = src[o] * s[o];
+      dst[o] = v + bias[o];
+    }
+  }
+}
+
+// TorchParallel that also writes the next norm of each range of tokens the
+// projection has just written (while they are in cache).
+template <typename T>
+struct ParallelWithNorm {
+  const T* y;
+  T* yn;
+  int64_t c;
+  const T* s;
+  const T* bias;
+  template <typename F>
+  void operator()(int64_t n, int64_t grain, F&& fn) const {
+    at::parallel_for(0, n, grain, [&](int64_t b, int64_t e) {
+      fn(b, e);
+      affine_rows(y, yn, b, e, c, s, bias);
+    });
+  }
+};
+
+// y = proj(x) (+ residual); with norm_scale / norm_bias also
+// yn = y * norm_scale + norm_bias (the next block norm), returned as {y, yn}.
+std::vector<torch::Tensor> proj_impl(
+    const torch::Tensor& x, const ProjArgs& args,
+    const c10::optional<torch::Tensor>& residual,
+    const c10::optional<torch::Tensor>& norm_scale,
+    const c10::optional<torch::Tensor>& norm_bias) {
   check_float(x, x, "x");
   TORCH_CHECK(x.dim() >= 1, "x must have a channel dimension");
-  const int64_t cin = x.size(-1);
+  const int64_t cin = x.size(-1), cout = args.cout;
   const int64_t tokens = cin > 0 ? x.numel() / cin : 0;
-  const ProjArgs args{thr, wt, a, b, slope, post_scale, post_bias, cout,
-                      shortcut};
   check_proj(x, cin, args);
   auto out_sizes = x.sizes().vec();
   out_sizes.back() = cout;
@@ -172,15 +204,52 @@ torch::Tensor proj(const torch::Tensor& x, const torch::Tensor& thr,
     TORCH_CHECK(residual->sizes() == y.sizes(), "residual must be ",
                 y.sizes(), ", got ", residual->sizes());
   }
+  const bool norm = norm_scale.has_value();
+  TORCH_CHECK(norm == norm_bias.has_value(),
+              "norm_scale and norm_bias go together");
+  torch::Tensor yn;
+  if (norm) {
+    check_vec(*norm_scale, x, cout, "norm_scale");
+    check_vec(*norm_bias, x, cout, "norm_bias");
+    yn = torch::empty_like(y);
+  }
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "mmbhvit_proj", [&] {
     ProjParams<scalar_t> p = proj_params<scalar_t>(args, cin);
     p.x = ptr<scalar_t>(x);
     p.tokens = tokens;
     p.residual = residual.has_value() ? ptr<scalar_t>(*residual) : nullptr;
     p.y = y.data_ptr<scalar_t>();
-    run_proj(kset(), p, TorchParallel());
+    if (norm) {
+      run_proj(kset(), p,
+               ParallelWithNorm<scalar_t>{p.y, yn.data_ptr<scalar_t>(), cout,
+                                          ptr<scalar_t>(*norm_scale),
+                                          ptr<scalar_t>(*norm_bias)});
+    } else {
+      run_proj(kset(), p, TorchParallel());
+    }
   });
-  return y;
+  if (norm) return {y, yn};
+  return {y};
+}
+
+torch::Tensor proj(const torch::Tensor& x, const torch::Tensor& thr,
+                   const torch::Tensor& wt, int64_t cout,
+                   const torch::Tensor& a, const torch::Tensor& b,
+                   const torch::Tensor& slope, const torch::Tensor& post_scale,
+                   const torch::Tensor& post_bias, int64_t shortcut,
+                   const c10::optional<torch::Tensor>& residual) {
+  const ProjArgs args{thr, wt, a, b, slope, post_scale, post_bias, cout,
+                      shortcut};
+  return proj_impl(x, args, residual, c10::nullopt, c10::nullopt)[0];
+}
+
+std::vector<torch::Tensor> proj_norm(
+    const torch::Tensor& x, const std::vector<torch::Tensor>& params,
+    int64_t cout, int64_t shortcut,
+    const c10::optional<torch::Tensor>& residual,
+    const torch::Tensor& norm_scale, const torch::Tensor& norm_bias) {
+  return proj_impl(x, proj_args(params, cout, shortcut), residual, norm_scale,
+                   norm_bias);
 }
 
 // ---------------------------------------------------------------------------
@@ -650,6 +719,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("a"), py::arg("b"), py::arg("slope"), py::arg("post_scale"),
         py::arg("post_bias"), py::arg("shortcut"),
         py::arg("residual") = py::none(),
+        py::call_guard<py::gil_scoped_release>());
+  m.def("proj_norm", &proj_norm,
+        "proj with residual, and the next block norm of its output: "
+        "[y, y * norm_scale + norm_bias]",
+        py::arg("x"), py::arg("params"), py::arg("cout"), py::arg("shortcut"),
+        py::arg("residual"), py::arg("norm_scale"), py::arg("norm_bias"),
         py::call_guard<py::gil_scoped_release>());
   m.def("ffn", &ffn, "binary MLP (expand, reduce, + residual), fused",
         py::arg("x"), py::arg("residual"), py::arg("expand"),

@@ -161,10 +161,18 @@ def test_kernels_match_fallback(isa, dtype):
         spec = _proj_spec(cin, cout, sc)
         x = torch.randn(2, 13, cin, generator=g, dtype=dtype)
         res = torch.randn(2, 13, cout, generator=g, dtype=dtype)
-        a = _op(deploy_blocks.PackedProj, spec, t, 'p', dtype, 'cpp')(x, res)
-        b = _op(deploy_blocks.PackedProj, spec, t, 'p', dtype, 'torch')(x,
-                                                                        res)
+        ops = [_op(deploy_blocks.PackedProj, spec, t, 'p', dtype, be)
+               for be in ('cpp', 'torch')]
+        a, b = (op(x, res) for op in ops)
         assert torch.equal(a, b), (cin, cout, sc)
+        # with the next block norm written beside the output
+        norm = (torch.randn(cout, generator=g, dtype=dtype),
+                torch.randn(cout, generator=g, dtype=dtype))
+        (a1, an), (b1, bn) = (op(x, res, norm) for op in ops)
+        assert torch.equal(a1, a) and torch.equal(b1, b)
+        assert torch.equal(an, bn) and torch.equal(an, a * norm[0] + norm[1])
+        with pytest.raises(RuntimeError, match='norm_scale'):
+            ops[0](x, res, (norm[0][1:], norm[1]))
     # fused MLP (expand + reduce + residual), as in blocks of ratio 1, 2, 8
     for c, ratio in [(64, 8), (48, 2), (32, 1), (128, 4)]:
         hid = c * ratio
@@ -635,7 +643,8 @@ def test_fast_heads_same_logits(seg_model):
 
 @pytest.mark.slow
 def test_benchmark_tool_smoke(capsys):
-    from mmbhvit.deploy.benchmark import benchmark_task, format_result
+    from mmbhvit.deploy.benchmark import (benchmark_task, float_share,
+                                          format_result)
     binary = _reduced_classifier()
     torch.manual_seed(0)
     _quiet()
@@ -650,6 +659,9 @@ def test_benchmark_tool_smoke(capsys):
                          profile=True, baselines=baselines)
     text = format_result(res)
     assert '(c) packed engine' in text and 'mlp expand' in text
+    flt, frac = float_share(res['profile'][1]['(c) packed engine'])
+    assert flt > 0 and 0 < frac < 1
+    assert f'float work around the kernels: {flt:.2f} ms' in text
     for runtime in baselines:  # the classifier's fp32 baselines
         assert res['runs'][1][BASELINES[runtime]]['median_ms'] > 0
     assert 'vs the fastest fp32 engine' in text

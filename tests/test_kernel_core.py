@@ -207,6 +207,26 @@ def test_fallback_warns_once_with_the_fix(monkeypatch):
         deploy_ops.resolve_backend('cpp')
 
 
+def test_extension_from_an_older_source_is_refused_by_name(monkeypatch):
+    """A build that lacks an op the Python side calls is not used at all:
+    the reason names the missing op and says to rebuild."""
+    import types
+    stale = types.ModuleType('mmbhvit._binary_ops')
+    for name in deploy_ops.ENGINE_OPS:
+        if name != 'proj_norm':
+            setattr(stale, name, lambda *a: None)
+    monkeypatch.setitem(sys.modules, 'mmbhvit._binary_ops', stale)
+    import mmbhvit
+    monkeypatch.setattr(mmbhvit, '_binary_ops', stale, raising=False)
+    monkeypatch.setattr(deploy_ops, '_EXT_TRIED', False)
+    monkeypatch.setattr(deploy_ops, '_EXT', None)
+    monkeypatch.setattr(deploy_ops, '_EXT_ERROR', None)
+    assert deploy_ops.load_extension() is None
+    assert 'without proj_norm; rebuild it' in deploy_ops.extension_error()
+    with pytest.raises(RuntimeError, match='without proj_norm'):
+        deploy_ops.resolve_backend('cpp')
+
+
 def test_info_command():
     done = subprocess.run([sys.executable, '-m', 'mmbhvit.deploy.info'],
                           capture_output=True, text=True, cwd=ROOT,

@@ -47,6 +47,15 @@ BUILD_HINT = ('they are compiled against the environment\'s torch at install '
               'kernel status')
 
 
+#: The engine's ops that the Python side calls: an extension built from an
+#: older source lacks some, and is then refused as a whole (with a message
+#: saying to rebuild) instead of failing in the middle of a forward.
+ENGINE_OPS = ('proj', 'proj_norm', 'ffn', 'msgdc', 'merge', 'conv',
+              'attn_scores', 'attn_context', 'attn_tokens', 'attn_untokens',
+              'shift', 'isa', 'set_isa', 'available_isas', 'kernel_sets',
+              'kernel_paths', 'cpu_clock_hz')
+
+
 def load_extension():
     """The compiled kernels, or None (the reason is in
     :func:`extension_error`)."""
@@ -55,9 +64,16 @@ def load_extension():
         _EXT_TRIED = True
         try:
             from .. import _binary_ops
-            _EXT = _binary_ops
         except ImportError as e:  # not built, or built for another torch
             _EXT_ERROR = f'{type(e).__name__}: {e}'
+        else:
+            missing = [n for n in ENGINE_OPS if not hasattr(_binary_ops, n)]
+            if missing:
+                _EXT_ERROR = ('mmbhvit._binary_ops was built from an older '
+                              'source, without ' + ', '.join(missing) +
+                              '; rebuild it')
+            else:
+                _EXT = _binary_ops
     return _EXT
 
 

@@ -11,7 +11,7 @@ three RPReLU output shifts go into the bias of the summing BatchNorm
 (``out_bias``), the input shifts into the per-convolution ``b``.
 """
 from dataclasses import dataclass
-from typing import Dict, List, Tuple
+from typing import Dict, List
 
 import torch.nn.functional as F
 from torch import Tensor
@@ -22,9 +22,7 @@ from ..ops import (PackedOp, kernel_words, lane_path_shape, lane_words,
 from ..packing import bits_to_pm1
 from ..registry import (Folder, Handler, Params, Spec, TensorSpec, as_f64,
                         bits, param, register)
-from .norm import bn_affine
-
-Affine = Tuple[Tensor, Tensor]
+from .norm import Affine, bn_affine
 
 
 @dataclass

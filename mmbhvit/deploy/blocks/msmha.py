@@ -28,10 +28,9 @@ from ..ops import ATTN_MODES, PackedOp, pad_nhwc, prelu
 from ..packing import bits_to_pm1
 from ..registry import (Folder, Handler, Params, Spec, TensorSpec, as_f64,
                         describe, float64, param, register)
-from .norm import bn_affine
+from .norm import Affine, bn_affine
 from .proj import PackedProj, ProjSpec
 
-Affine = Tuple[Tensor, Tensor]
 #: the GSB scalars stored in the ``gsb`` tensor (float64), in this order:
 #: the raw alpha of the maps and the clamped scales of the planes
 GSB_VALUES = ('alpha', 'a', 'b1', 'b2')
@@ -302,10 +301,7 @@ class PackedMSMHA(PackedOp):
         q, k, v = self.q(tok), self.k(tok), self.v(tok)
         probs = torch.softmax(self.scores(q, k), dim=-1)
         out = self.untokens(self.context(probs, q, k, v), shape)
-        h = self.proj(out, x)
-        hn = h * norm2[0]
-        hn = hn + norm2[1]
-        return h, hn
+        return self.proj(out, x, norm2)  # (h, norm2(h))
 
 
 @register(MSMHA)

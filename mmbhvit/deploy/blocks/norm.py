@@ -1,10 +1,15 @@
 # Copyright (c) mmbhvit contributors. Licensed under the Apache License 2.0.
-"""Folding of eval BatchNorms (shared by the block kinds)."""
+"""Folding of eval BatchNorms (shared by the block kinds), and the
+:data:`Affine` pair they become."""
 from typing import Tuple
 
 import torch
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
+
+#: a folded norm as the engine passes it: ``(scale, bias)``, ``x * scale +
+#: bias`` per channel
+Affine = Tuple[Tensor, Tensor]
 
 
 def bn_affine(bn: nn.Module) -> Tuple[Tensor, Tensor]:

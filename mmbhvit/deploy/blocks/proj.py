@@ -25,7 +25,7 @@ from ..ops import (SHORTCUTS, PackedOp, group_sums, kernel_words, pm1_weight,
 from ..packing import bits_to_pm1
 from ..registry import (Folder, Handler, Params, Spec, TensorSpec, as_f64,
                         bits, describe, param, register)
-from .norm import bn_affine
+from .norm import Affine, bn_affine
 
 
 def shortcut_kind(cin: int, cout: int) -> str:
@@ -91,14 +91,27 @@ class PackedProj(PackedOp):
     def signs(self, x: Tensor) -> Tensor:
         return x > self.thr
 
-    def decisions(self, x: Tensor, residual: Optional[Tensor] = None):
+    def decisions(self, x: Tensor, residual: Optional[Tensor] = None,
+                  norm: Optional[Affine] = None):
         return {'': self.signs(x)}
 
     def kernel_args(self) -> List[Tensor]:
         return [self.thr, self.wt, self.a, self.b, self.slope,
                 self.post_scale, self.post_bias]
 
-    def forward(self, x: Tensor, residual: Optional[Tensor] = None) -> Tensor:
+    def forward(self, x: Tensor, residual: Optional[Tensor] = None,
+                norm: Optional[Affine] = None):
+        """``y = proj(x) (+ residual)``; with ``norm`` (the next block
+        norm's ``(scale, bias)``) the pair ``(y, y * scale + bias)``, the
+        kernels writing the second while ``y`` is in cache."""
+        if norm is not None:
+            if self.ext is not None:
+                return tuple(self.ext.proj_norm(
+                    x, self.kernel_args(), self.cout,
+                    SHORTCUTS[self.shortcut], residual, norm[0], norm[1]))
+            y = self.forward(x, residual)
+            yn = y * norm[0]
+            return y, yn + norm[1]
         if self.ext is not None:
             return self.ext.proj(x, self.thr, self.wt, self.cout, self.a,
                                  self.b, self.slope, self.post_scale,
