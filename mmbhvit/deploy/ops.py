@@ -56,6 +56,16 @@ ENGINE_OPS = ('proj', 'proj_norm', 'ffn', 'msgdc', 'merge', 'conv',
               'kernel_paths', 'cpu_clock_hz')
 
 
+def stale_build_reason(ext, names) -> Optional[str]:
+    """Why the extension module ``ext`` cannot serve ops ``names`` (a build
+    from an older source without some of them), or None."""
+    missing = [n for n in names if not hasattr(ext, n)]
+    if not missing:
+        return None
+    return ('mmbhvit._binary_ops was built from an older source, without ' +
+            ', '.join(missing) + '; rebuild it')
+
+
 def load_extension():
     """The compiled kernels, or None (the reason is in
     :func:`extension_error`)."""
@@ -67,12 +77,8 @@ def load_extension():
         except ImportError as e:  # not built, or built for another torch
             _EXT_ERROR = f'{type(e).__name__}: {e}'
         else:
-            missing = [n for n in ENGINE_OPS if not hasattr(_binary_ops, n)]
-            if missing:
-                _EXT_ERROR = ('mmbhvit._binary_ops was built from an older '
-                              'source, without ' + ', '.join(missing) +
-                              '; rebuild it')
-            else:
+            _EXT_ERROR = stale_build_reason(_binary_ops, ENGINE_OPS)
+            if _EXT_ERROR is None:
                 _EXT = _binary_ops
     return _EXT
 

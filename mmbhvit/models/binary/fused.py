@@ -51,18 +51,15 @@ def _load() -> Optional[ModuleType]:
     if not _state['loaded']:
         _state['loaded'] = True
         # the one loader of the extension (the packed engine's)
-        from ...deploy.ops import extension_error, load_extension
+        from ...deploy.ops import (extension_error, load_extension,
+                                   stale_build_reason)
         ext = load_extension()
         if ext is None:  # not built, or built for another torch
             _state['reason'] = (f'mmbhvit._binary_ops is not importable '
                                 f'({extension_error()})')
         else:
-            missing = [n for n in _OPS_NAMES if not hasattr(ext, n)]
-            if missing:
-                _state['reason'] = ('mmbhvit._binary_ops was built from an '
-                                    'older source without ' +
-                                    ', '.join(missing) + '; rebuild it')
-            else:
+            _state['reason'] = stale_build_reason(ext, _OPS_NAMES)
+            if _state['reason'] is None:
                 _state['ops'] = ext
     return _state['ops']
 
