@@ -259,6 +259,23 @@ def test_kernels_match_fallback(isa, dtype):
         p = torch.softmax(s1, -1)
         o1, o2 = (m(p, q, k, v) for m in context)
         assert torch.equal(o1, o2), mode
+        # the whole block: tokens with their layer norm, attention,
+        # untokens, output projection and the next norm
+        for n in ('q', 'k', 'v', 'proj'):
+            t.update(_proj_tensors(f'a.{n}', c, c, g))
+        for n in ('merge_mix', 'out_mix', 'token_norm.weight',
+                  'token_norm.bias'):
+            t[f'a.{n}'] = torch.rand(c, generator=g)
+        blocks = [_op(deploy_blocks.PackedMSMHA, spec, t, 'a', dtype, be)
+                  for be in ('cpp', 'torch')]
+        x = torch.randn(2, 9, 16, c, generator=g, dtype=dtype)
+        norms = [(torch.randn(c, generator=g, dtype=dtype),
+                  torch.randn(c, generator=g, dtype=dtype))
+                 for _ in range(2)]
+        (tok1, _), (tok2, _) = (b.tokens(x, norms[0]) for b in blocks)
+        assert torch.equal(tok1, tok2)
+        (h1, hn1), (h2, hn2) = (b(x, *norms) for b in blocks)
+        assert torch.equal(h1, h2) and torch.equal(hn1, hn2), mode
     # shift branches (circular, maps smaller than the filter too; channel
     # counts that take the kernel's vector blocks and its scalar tail)
     for ch in (24, 45):
@@ -669,3 +686,4 @@ def test_benchmark_tool_smoke(capsys):
     assert ops['backbone_ops'] > 0 and ops['head_ops'] > 0
     assert ops['backbone_ops'] + ops['head_ops'] == pytest.approx(
         ops['total_ops'])
+
