@@ -364,11 +364,16 @@ void fill_spatial(SpatialParams<T>& p, const torch::Tensor& x,
   p.y = y.data_ptr<T>();
 }
 
-torch::Tensor merge(const torch::Tensor& x, const torch::Tensor& thr,
-                    const torch::Tensor& wt, int64_t cout,
-                    const torch::Tensor& a, const torch::Tensor& b,
-                    const torch::Tensor& slope, const torch::Tensor& post_bias,
-                    const torch::Tensor& pos) {
+// in_scale defined: x before the input norm (merge_norm).
+static torch::Tensor merge_impl(const torch::Tensor& x,
+                                const torch::Tensor* in_scale,
+                                const torch::Tensor* in_bias,
+                                const torch::Tensor& thr,
+                                const torch::Tensor& wt, int64_t cout,
+                                const torch::Tensor& a, const torch::Tensor& b,
+                                const torch::Tensor& slope,
+                                const torch::Tensor& post_bias,
+                                const torch::Tensor& pos) {
   check_float(x, x, "x");
   TORCH_CHECK(x.dim() == 4 && x.size(1) % 2 == 0 && x.size(2) % 2 == 0,
               "x must be (N, H, W, C) with even H, W, got ", x.sizes());
@@ -383,6 +388,10 @@ torch::Tensor merge(const torch::Tensor& x, const torch::Tensor& thr,
               "merge weight must be (4, ", words, ", cout_pad), got ",
               wt.sizes());
   check_vec(thr, x, cin, "thr");
+  if (in_scale != nullptr) {
+    check_vec(*in_scale, x, cin, "in_scale");
+    check_vec(*in_bias, x, cin, "in_bias");
+  }
   for (auto* t : {&a, &b, &slope, &post_bias})
     check_vec(*t, x, cout, "per-channel parameter");
   check_vec(pos, x, (h / 2) * (w / 2) * cout, "pos");
@@ -391,9 +400,33 @@ torch::Tensor merge(const torch::Tensor& x, const torch::Tensor& thr,
     MergeParams<scalar_t> p{};
     fill_spatial(p, x, wt, cout, a, b, slope, post_bias, y);
     p.pos = ptr<scalar_t>(pos);
+    if (in_scale != nullptr) {
+      p.in_scale = ptr<scalar_t>(*in_scale);
+      p.in_bias = ptr<scalar_t>(*in_bias);
+    }
     run_merge(kset(), p, ptr<scalar_t>(thr), TorchParallel());
   });
   return y;
+}
+
+torch::Tensor merge(const torch::Tensor& x, const torch::Tensor& thr,
+                    const torch::Tensor& wt, int64_t cout,
+                    const torch::Tensor& a, const torch::Tensor& b,
+                    const torch::Tensor& slope, const torch::Tensor& post_bias,
+                    const torch::Tensor& pos) {
+  return merge_impl(x, nullptr, nullptr, thr, wt, cout, a, b, slope,
+                    post_bias, pos);
+}
+
+torch::Tensor merge_norm(const torch::Tensor& x, const torch::Tensor& in_scale,
+                         const torch::Tensor& in_bias,
+                         const torch::Tensor& thr, const torch::Tensor& wt,
+                         int64_t cout, const torch::Tensor& a,
+                         const torch::Tensor& b, const torch::Tensor& slope,
+                         const torch::Tensor& post_bias,
+                         const torch::Tensor& pos) {
+  return merge_impl(x, &in_scale, &in_bias, thr, wt, cout, a, b, slope,
+                    post_bias, pos);
 }
 
 // ---------------------------------------------------------------------------
@@ -739,6 +772,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("lane_wts") = std::vector<torch::Tensor>(),
         py::call_guard<py::gil_scoped_release>());
   m.def("merge", &merge, "binary 2x2 stride-2 patch merging",
+        py::call_guard<py::gil_scoped_release>());
+  m.def("merge_norm", &merge_norm,
+        "binary 2x2 stride-2 patch merging after its input norm",
         py::call_guard<py::gil_scoped_release>());
   m.def("conv", &conv,
         "binary k x k convolution (stride 1, zero padding) + shortcut, "

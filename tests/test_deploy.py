@@ -223,11 +223,18 @@ def test_kernels_match_fallback(isa, dtype):
         t['m.pos_embed'] = torch.randn(1, cout, 2, 4, generator=g)
         spec = deploy_blocks.MergeSpec(cin=cin, cout=cout, binary=True,
                                        pos_size=[2, 4])
-        for hw in [(6, 10), (7, 9)]:  # padded to even sizes, pos resized
+        # even sizes: the input norm in the kernel (merge_norm); odd: padded
+        # after the norm in PyTorch, pos resized
+        for hw in [(6, 10), (7, 9)]:
             x = torch.randn(2, *hw, cin, generator=g, dtype=dtype)
-            a, b = (_op(deploy_blocks.PackedMerge, spec, t, 'm', dtype,
-                        be)(x) for be in ('cpp', 'torch'))
-            assert torch.equal(a, b)
+            fast, slow = (_op(deploy_blocks.PackedMerge, spec, t, 'm', dtype,
+                              be) for be in ('cpp', 'torch'))
+            assert torch.equal(fast(x), slow(x))
+        with pytest.raises(RuntimeError, match='in_scale'):
+            fast.ext.merge_norm(x[:, :6, :8].contiguous(),
+                                fast.in_scale[1:], fast.in_bias, fast.thr,
+                                fast.wt, cout, fast.a, fast.b, fast.slope,
+                                fast.post_bias, fast.pos(3, 4))
     # attention products, LSQ (2 bit planes) and GSB (4 planes), T > 64
     for mode, heads, c, tokens in [('lsq', 4, 256, 74), ('gsb', 2, 128, 53),
                                    ('lsq', 1, 48, 130), ('gsb', 3, 72, 9)]:

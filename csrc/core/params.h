@@ -146,6 +146,8 @@ struct SpatialParams {
 template <typename T>
 struct MergeParams : SpatialParams<T> {
   const T* pos;         // (h / 2, w / 2, cout)
+  const T* in_scale;    // the input norm, x * in_scale + in_bias, applied
+  const T* in_bias;     // here (merge_norm), or nullptr: x is normalised
 };
 
 // Binary k x k convolution, stride 1, zero padding k / 2 (BinaryConvBlock

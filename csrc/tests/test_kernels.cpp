@@ -253,6 +253,10 @@ class Runner {
     MergeParams<T> p{};
     spatial(p);
     p.pos = f<T>("pos");
+    if (has("in_scale")) {  // merge_norm
+      p.in_scale = f<T>("in_scale");
+      p.in_bias = f<T>("in_bias");
+    }
     std::vector<T> y(static_cast<size_t>(p.n * (p.h / 2) * (p.w / 2) * p.cout));
     p.y = y.data();
     run_merge(s_, p, f<T>("thr"), Chunks());

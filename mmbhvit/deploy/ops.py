@@ -50,10 +50,10 @@ BUILD_HINT = ('they are compiled against the environment\'s torch at install '
 #: The engine's ops that the Python side calls: an extension built from an
 #: older source lacks some, and is then refused as a whole (with a message
 #: saying to rebuild) instead of failing in the middle of a forward.
-ENGINE_OPS = ('proj', 'proj_norm', 'ffn', 'msgdc', 'merge', 'conv',
-              'attn_scores', 'attn_context', 'attn_tokens', 'attn_untokens',
-              'shift', 'isa', 'set_isa', 'available_isas', 'kernel_sets',
-              'kernel_paths', 'cpu_clock_hz')
+ENGINE_OPS = ('proj', 'proj_norm', 'ffn', 'msgdc', 'merge', 'merge_norm',
+              'conv', 'attn_scores', 'attn_context', 'attn_tokens',
+              'attn_untokens', 'shift', 'isa', 'set_isa', 'available_isas',
+              'kernel_sets', 'kernel_paths', 'cpu_clock_hz')
 
 
 def stale_build_reason(ext, names) -> Optional[str]:

@@ -205,17 +205,21 @@ def msgdc_case(c, n, h, w, ch, groups, dilations):
     return t
 
 
-def merge_case(c, n, h, w, cin, cout):
+def merge_case(c, n, h, w, cin, cout, norm=False):
     words = c.bits(cout, 4 * cin)
     x0 = c.rand(n, h, w, cin)
     t = dict(x=x0, thr=c.rand(cin, scale=0.3))
     for k in ('a', 'b', 'slope', 'post_bias'):
         t[k] = c.rand(cout)
     t['pos'] = c.rand(h // 2, w // 2, cout)
-    # the kernel takes the normalised map: an identity input norm here
+    # merge takes the normalised map (an identity input norm here),
+    # merge_norm (norm=True) applies the input norm itself
+    if norm:
+        t['in_scale'], t['in_bias'] = c.rand(cin), c.rand(cin)
     params = {k: t[k] for k in ('thr', 'a', 'b', 'slope', 'post_bias')}
-    params.update({'wbits': words, 'norm_in.scale': torch.ones(cin),
-                   'norm_in.bias': torch.zeros(cin),
+    params.update({'wbits': words,
+                   'norm_in.scale': t.get('in_scale', torch.ones(cin)),
+                   'norm_in.bias': t.get('in_bias', torch.zeros(cin)),
                    'pos_embed': t['pos'].permute(2, 0, 1)[None]})
     spec = MergeSpec(cin, cout, True, [h // 2, w // 2])
     op = fallback_op(PackedMerge, spec, params, c.dtype)
@@ -357,6 +361,9 @@ CASES = [
     ('shift_wide', shift_case, (1, 3, 5, 45,
                                 [(-2, 0), (-1, 0), (0, -2), (0, -1), (0, 0),
                                  (0, 1), (0, 2), (1, 0), (2, 0)], True)),
+    # merge_norm: the input norm applied in the kernel (last: the cases
+    # before keep their seeds)
+    ('merge_norm', merge_case, (2, 6, 8, 40, 80, True)),
 ]
 
 #: the larger cases, in float32 only (the files stay small)

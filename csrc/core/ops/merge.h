@@ -14,8 +14,9 @@ namespace MMBHVIT_NS {
 namespace {
 
 // The 2x2 window of output pixel `item`: its four taps (input bits and
-// tap weights) and, per channel, the average of its four input pixels
-// (avg_out); returns the output position y * (w / 2) + x in its image.
+// tap weights) and, per channel, the average of its four (normalised)
+// input pixels (avg_out); returns the output position y * (w / 2) + x in
+// its image.
 template <typename T>
 inline int64_t merge_window(const MergeParams<T>& p, int64_t item, Tap* taps,
                             T* __restrict avg_out) {
@@ -31,6 +32,24 @@ inline int64_t merge_window(const MergeParams<T>& p, int64_t item, Tap* taps,
   const T* __restrict x01 = p.x + pix[1] * p.cin;
   const T* __restrict x10 = p.x + pix[2] * p.cin;
   const T* __restrict x11 = p.x + pix[3] * p.cin;
+  if (p.in_scale != nullptr) {  // each pixel normalised first
+    const T* __restrict sc = p.in_scale;
+    const T* __restrict bi = p.in_bias;
+    MMBHVIT_NOALIAS_LOOP
+    for (int64_t i = 0; i < p.cin; ++i) {
+      T u00 = x00[i] * sc[i], u01 = x01[i] * sc[i];
+      T u10 = x10[i] * sc[i], u11 = x11[i] * sc[i];
+      u00 = u00 + bi[i];
+      u01 = u01 + bi[i];
+      u10 = u10 + bi[i];
+      u11 = u11 + bi[i];
+      T s = u00 + u01;
+      s = s + u10;
+      s = s + u11;
+      avg_out[i] = s / T(4);
+    }
+    return yx;
+  }
   MMBHVIT_NOALIAS_LOOP
   for (int64_t i = 0; i < p.cin; ++i) {
     T s = x00[i] + x01[i];
