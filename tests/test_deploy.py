@@ -693,4 +693,3 @@ def test_benchmark_tool_smoke(capsys):
     assert ops['backbone_ops'] > 0 and ops['head_ops'] > 0
     assert ops['backbone_ops'] + ops['head_ops'] == pytest.approx(
         ops['total_ops'])
-

@@ -95,15 +95,15 @@ class PackedMerge(PackedOp):
         return {'': self.normalised(x) > self.thr} if self.binary else {}
 
     def forward(self, x: Tensor) -> Tensor:
-        if (self.binary and self.ext is not None and x.shape[1] % 2 == 0
-                and x.shape[2] % 2 == 0):  # no padding: the norm in-kernel
-            pos = self.pos(x.shape[1] // 2, x.shape[2] // 2)
+        h, w = x.shape[1:3]
+        pos = self.pos(-(-h // 2), -(-w // 2))  # the output: padded to even
+        if self.binary and self.ext is not None and h % 2 == 0 and w % 2 == 0:
+            # no padding: the kernel applies the input norm itself
             return self.ext.merge_norm(x, self.in_scale, self.in_bias,
                                        self.thr, self.wt, self.cout, self.a,
                                        self.b, self.slope, self.post_bias,
                                        pos)
         x0 = self.normalised(x)
-        pos = self.pos(x0.shape[1] // 2, x0.shape[2] // 2)
         if not self.binary:
             y = F.conv2d(x0.permute(0, 3, 1, 2), self.weight, self.bias,
                          stride=2)
