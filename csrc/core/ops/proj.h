@@ -148,6 +148,9 @@ inline bool ffn_fused(const FfnParams<T>&, int64_t, int64_t) {
 }
 
 #if MMBHVIT_AVX2 || MMBHVIT_AVX512
+static_assert(__BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__,
+              "proj_tile8 stores sign bits as bytes of little-endian words");
+
 // prelu(D a + b (+ sc)) * ps + pb (+ res) for outputs o .. o + 7; prm:
 // a, b, slope, ps, pb of these outputs, 8 floats each (EpiParams)
 template <bool kSc, bool kRes>
@@ -194,7 +197,11 @@ inline void proj_tile8(const ProjParams<float>& p, const float* prm,
   const int64_t W = p.words, CP = p.cout_pad, cout = p.cout, cin = p.cin;
   const Tap tap{bits, p.wt};
   const __m256i full = _mm256_set1_epi32(int32_t(cin));
-  uint64_t word[NK] = {0, 0, 0, 0};  // sign bits of the current 64 outputs
+  // kPack: the sign bits of outputs o .. o + 7 are byte o / 8 of the row's
+  // words (little-endian), stored as a byte: no read-modify-write chain
+  unsigned char* pb8 = reinterpret_cast<unsigned char*>(pbits);
+  if (kPack && (cout & 63) != 0)  // bytes past cout stay zero
+    for (int k = 0; k < NK; ++k) pbits[k * pw + (cout >> 6)] = 0;
   int64_t so = 0;  // kShortTile: o % cin (no division per block)
   for (int64_t o = 0; o < cout; o += 8) {
     __m256i cnt[NK];
@@ -214,17 +221,11 @@ inline void proj_tile8(const ProjParams<float>& p, const float* prm,
           kRes ? res + k * rs + o : nullptr);
       _mm256_storeu_ps(y + k * ys + o, v);
       if (kPack)
-        word[k] |= uint64_t(unsigned(_mm256_movemask_ps(_mm256_cmp_ps(
-                       v, _mm256_loadu_ps(pthr + o), _CMP_GT_OQ))))
-                   << (o & 63);
+        pb8[k * pw * 8 + (o >> 3)] = static_cast<unsigned char>(
+            _mm256_movemask_ps(_mm256_cmp_ps(v, _mm256_loadu_ps(pthr + o),
+                                             _CMP_GT_OQ)));
     }
     if (kShort == kShortTile) so = so + 8 == cin ? 0 : so + 8;
-    if (kPack && (((o + 8) & 63) == 0 || o + 8 >= cout)) {
-      for (int k = 0; k < NK; ++k) {
-        pbits[k * pw + (o >> 6)] = word[k];
-        word[k] = 0;
-      }
-    }
   }
 }
 
