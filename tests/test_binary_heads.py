@@ -135,6 +135,8 @@ def test_gradients_reach_binary_weights(cfg, widths):
 @pytest.mark.parametrize('name, head_type', [
     ('upernet_bhvit_ade20k-binary-head.py', BinaryUPerHead),
     ('fpn_bhvit_ade20k-binary-head.py', BinaryFPNHead),
+    ('upernet_bhvit-tiny_ade20k-binary-head.py', BinaryUPerHead),
+    ('fpn_bhvit-tiny_ade20k-binary-head.py', BinaryFPNHead),
     ('upernet_bhvit-tiny_demo-shapes-binary-head.py', BinaryUPerHead)])
 def test_shipped_configs_build_and_run(name, head_type):
     """The whole model builds; its decode head runs on a small pyramid of
