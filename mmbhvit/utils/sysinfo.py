@@ -3,7 +3,7 @@
 by every benchmark next to its numbers."""
 import os
 import platform
-from typing import Dict
+from typing import Dict, Optional
 
 #: (cpuinfo flag, name) from the widest SIMD level down; aarch64 last.
 _LEVELS = (('avx512f', 'AVX-512'), ('avx2', 'AVX2'), ('avx', 'AVX'),
@@ -11,6 +11,24 @@ _LEVELS = (('avx512f', 'AVX-512'), ('avx2', 'AVX2'), ('avx', 'AVX'),
 #: AVX-512 extensions worth naming (popcount, VNNI, BF16).
 _AVX512_EXTRAS = ('avx512bw', 'avx512vl', 'avx512_vpopcntdq',
                   'avx512_bitalg', 'avx512_vnni', 'avx512_bf16')
+
+
+#: the preload library of tools/deployment/as_avx2_cpu.py
+AVX2_VIEW_LIBRARY = 'libmmbhvit_avx2_cpu.so'
+
+
+def cpuid_view() -> Optional[str]:
+    """``'avx2'`` when this process runs under
+    ``tools/deployment/as_avx2_cpu.py`` (its library is loaded and says it
+    masks CPUID), else None."""
+    if os.environ.get('MMBHVIT_CPUID_VIEW') != 'avx2':
+        return None
+    try:
+        with open('/proc/self/maps') as f:
+            loaded = any(AVX2_VIEW_LIBRARY in line for line in f)
+    except OSError:
+        return None
+    return 'avx2' if loaded else None
 
 
 def cpu_info() -> Dict[str, object]:
@@ -29,7 +47,10 @@ def cpu_info() -> Dict[str, object]:
     except OSError:
         pass
     simd = next((name for flag, name in _LEVELS if flag in flags), 'unknown')
-    if simd == 'AVX-512':
+    if simd == 'AVX-512' and cpuid_view() == 'avx2':
+        # /proc/cpuinfo lists the hardware; the programs see less
+        simd = 'AVX2 (CPUID view of an AVX-512 CPU)'
+    elif simd == 'AVX-512':
         extras = [f for f in _AVX512_EXTRAS if f in flags]
         simd += f' ({", ".join(extras)})' if extras else ''
     return dict(model=model or platform.processor() or platform.machine(),
