@@ -89,6 +89,8 @@ def test_every_library_sees_avx2_only():
         'print("torch", torch.backends.cpu.get_cpu_capability())',
         'print("view", cpuid_view())',
         'print("cpu", cpu_description())',
+        'from mmbhvit.models.binary import fused',
+        'print("int8", fused.int8_products_fast())',
         'ext = load_extension()',
         'print("ext", ext.isa() if ext else None,',
         '      ",".join(ext.available_isas()) if ext else "")',
@@ -98,6 +100,7 @@ def test_every_library_sees_avx2_only():
     out = dict(line.split(' ', 1) for line in done.stdout.splitlines())
     assert out['torch'] == 'AVX2'
     assert out['view'] == 'avx2'
+    assert out['int8'] == 'False'  # torch._int_mm would be a plain loop
     if 'avx512f' in open('/proc/cpuinfo').read():
         assert 'SIMD AVX2 (CPUID view of an AVX-512 CPU)' in out['cpu']
     if out['ext'] != 'None ':  # the packed kernels are built

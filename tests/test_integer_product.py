@@ -15,6 +15,17 @@ pytestmark = pytest.mark.skipif(not hasattr(torch, '_int_mm'),
                                 reason='this torch has no torch._int_mm')
 
 
+_INT8_PRODUCTS_FAST = fused.int8_products_fast
+
+
+@pytest.fixture(autouse=True)
+def fast_int8_products(monkeypatch):
+    """The layers' choice as on a CPU with fast int8 products (AVX-512
+    VNNI), whatever this one is: these tests check values and routing,
+    not speed (a plain-loop ``torch._int_mm`` gives the same integers)."""
+    monkeypatch.setattr(fused, 'int8_products_fast', lambda: True)
+
+
 def _signs(*shape):
     """A sign map with some exact zeros (sign(0) = 0)."""
     x = torch.randint(-1, 2, shape).float()
@@ -95,6 +106,11 @@ def test_binary_layer_takes_the_integer_product_only_where_it_applies(
                               small)
     assert not _uses_integers(BinaryConv2d(256, 64, 1, act_bits=32), small)
     wide = wide.float()
+    # a CPU whose torch._int_mm is a plain loop (no AVX-512 VNNI)
+    with monkeypatch.context() as m:
+        m.setattr(fused, 'int8_products_fast', lambda: False)
+        assert not _uses_integers(wide, small)
+    assert _uses_integers(wide, small)
     with fused_kernels(False):
         assert not _uses_integers(wide, small)
     with torch.autocast('cpu', dtype=torch.bfloat16):
@@ -147,3 +163,16 @@ class _Shift(torch.nn.Module):
         super().__init__()
         self.bias = bias
 
+
+
+def test_int8_products_are_fast_only_with_avx512_vnni(monkeypatch):
+    """The CPU test follows what torch reports: AVX-512 VNNI present or
+    not (and no such report: not)."""
+    probe = _INT8_PRODUCTS_FAST.__wrapped__  # the real test, uncached
+    monkeypatch.setattr(torch.cpu, '_is_vnni_supported', lambda: True,
+                        raising=False)
+    assert probe() is True
+    monkeypatch.setattr(torch.cpu, '_is_vnni_supported', lambda: False)
+    assert probe() is False
+    monkeypatch.delattr(torch.cpu, '_is_vnni_supported')
+    assert probe() is False
