@@ -68,12 +68,15 @@ def test_benchmark_runs_a_tiny_step(capsys):
     assert all(p.grad is None for p in model.parameters())
 
 
-def test_benchmark_pointwise_lists_each_layer_shape_and_its_path(capsys):
+def test_benchmark_pointwise_lists_each_layer_shape_and_its_path(
+        capsys, monkeypatch):
     """``--pointwise`` finds every binary 1×1 layer shape of the 1-bit
     model, with how many layers have it and which forward each takes (the
     wide ones on large enough maps the integer product, the 64->512
     expansion on its 32x32 map matrix products, the attention projections
-    on 4x4 maps the convolution)."""
+    on 4x4 maps the convolution), as on a CPU with fast int8 products."""
+    from mmbhvit.models.binary import fused
+    monkeypatch.setattr(fused, 'int8_products_fast', lambda: True)
     bench = load_tool('analysis_tools/benchmark_train_step.py')
     bench.main(['--pointwise', '--arch', 'tiny', '--batch', '1', '--size',
                 '128', '--repeats', '1', '--warmup', '0'])
