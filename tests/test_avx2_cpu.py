@@ -113,3 +113,24 @@ def test_a_real_segfault_still_kills_the_process():
     done = _under_view('import ctypes; ctypes.string_at(0)')
     assert done.returncode == -signal.SIGSEGV, (done.returncode,
                                                 done.stderr)
+
+
+def test_fp32_conv_benchmark_flags_rates_above_the_avx2_ceiling(
+        monkeypatch, capsys):
+    """benchmark_fp32_conv.py times each installed fp32 engine (names the
+    missing ones) and flags a rate above the AVX2 FMA ceiling."""
+    import benchmark_fp32_conv as bench
+    from mmbhvit.deploy.ops import load_extension
+    if load_extension() is None:
+        pytest.skip('mmbhvit._binary_ops is not built: no clock, no ceiling')
+    monkeypatch.setattr(bench, 'AVX2_FMA_FLOPS_PER_CYCLE', 1e-6)
+    assert bench.main(['--cin', '8', '--cout', '8', '--size', '8',
+                       '--repeats', '1']) == 0
+    out = capsys.readouterr().out
+    assert 'AVX2 FMA ceiling' in out
+    lines = {line.split()[0]: line for line in out.splitlines()
+             if line.startswith(('PyTorch', 'ONNX', 'OpenVINO'))}
+    assert set(lines) == {'PyTorch', 'ONNX', 'OpenVINO'}
+    assert 'above the AVX2 ceiling' in lines['PyTorch']
+    for name in ('ONNX', 'OpenVINO'):
+        assert ('GFLOP/s' in lines[name]) != ('skipped' in lines[name])
