@@ -27,8 +27,9 @@ The same switch governs two CPU training paths written in PyTorch ops
 (:func:`plain_cpu_training`; they need no extension): the integer product
 of the binary 1×1 convolutions (:func:`integer_product_ok`, used by
 :class:`~mmbhvit.models.binary.layers.SignProductConv1x1`, needs
-``torch._int_mm`` and a CPU that runs it fast) and the backward of the shift branches' circular
-depthwise convolution (:class:`~mmbhvit.models.layout.WrapDepthwiseConv`).
+``torch._int_mm`` and a CPU that runs it fast) and the backward of the
+shift branches' circular depthwise convolution
+(:class:`~mmbhvit.models.layout.WrapDepthwiseConv`).
 """
 import contextlib
 import functools
