@@ -18,26 +18,17 @@ import argparse
 import os.path as osp
 import sys
 import tempfile
-import time
 
 import torch
 
 sys.path.insert(0, osp.dirname(osp.dirname(osp.dirname(osp.abspath(
     __file__)))))
 from mmbhvit.utils.sysinfo import cpu_description  # noqa: E402
+from mmbhvit.utils.timing import (summarize,  # noqa: E402
+                                  time_interleaved)
 
 #: FLOPs per cycle of one core with two 256-bit FMA ports
 AVX2_FMA_FLOPS_PER_CYCLE = 2 * 8 * 2
-
-
-def best_seconds(fn, repeats: int) -> float:
-    fn()
-    best = float('inf')
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - t0)
-    return best
 
 
 def engines(model, x, folder, threads):
@@ -97,13 +88,16 @@ def main(argv=None) -> int:
               'ceiling')
     print(f'3x3 convolution {args.cin} -> {args.cout} on {args.size}x'
           f'{args.size}, fp32, {args.threads} thread(s), best of '
-          f'{args.repeats}')
+          f'{args.repeats} interleaved rounds after one warm-up')
     with tempfile.TemporaryDirectory() as folder, torch.no_grad():
-        for name, call in engines(model, x, folder, args.threads):
+        found = list(engines(model, x, folder, args.threads))
+        cases = {n: c for n, c in found if not isinstance(c, str)}
+        times = time_interleaved(cases, args.repeats, warmup=1)
+        for name, call in found:
             if isinstance(call, str):
                 print(f'{name:14s} {call}')
                 continue
-            s = best_seconds(call, args.repeats)
+            s = summarize(times[name])['min']
             rate = flops / s / 1e9 / args.threads
             note = ''
             if ceiling is not None and rate > ceiling:
