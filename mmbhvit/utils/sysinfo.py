@@ -31,21 +31,47 @@ def cpuid_view() -> Optional[str]:
     return 'avx2' if loaded else None
 
 
-def cpu_info() -> Dict[str, object]:
-    """``model`` (``/proc/cpuinfo``'s model name), ``simd`` (the widest
-    level, with the AVX-512 extensions present) and ``logical_cpus``."""
-    model, flags = None, set()
+#: AMD core generations by (family, first model, last model); a hypervisor
+#: often shows only "AMD EPYC", and the core decides the popcount peak.
+_AMD_CORES = ((23, 0x00, 0x2f, 'Zen/Zen+'), (23, 0x30, 0xff, 'Zen 2'),
+              (25, 0x00, 0x0f, 'Zen 3'), (25, 0x20, 0x5f, 'Zen 3'),
+              (25, 0x10, 0x1f, 'Zen 4'), (25, 0x60, 0xaf, 'Zen 4'),
+              (26, 0x00, 0xff, 'Zen 5'))
+
+
+def _model_detail(fields: Dict[str, str]) -> str:
+    """``' (family F, model M: core)'`` from cpuinfo's fields, the core
+    named for AMD; empty when the fields are missing (e.g. aarch64)."""
     try:
-        with open('/proc/cpuinfo') as f:
+        family, model = int(fields['cpu family']), int(fields['model'])
+    except (KeyError, ValueError):
+        return ''
+    core = next((name for fam, lo, hi, name in _AMD_CORES
+                 if fields.get('vendor_id') == 'AuthenticAMD'
+                 and fam == family and lo <= model <= hi), None)
+    return f' (family {family}, model {model}' + (
+        f': {core})' if core else ')')
+
+
+def cpu_info(path: str = '/proc/cpuinfo') -> Dict[str, object]:
+    """``model`` (``/proc/cpuinfo``'s model name with its family, model
+    number and, for AMD, core generation), ``simd`` (the widest level, with
+    the AVX-512 extensions present) and ``logical_cpus``."""
+    fields: Dict[str, str] = {}
+    try:
+        with open(path) as f:
             for line in f:
                 key, _, value = line.partition(':')
                 key = key.strip()
-                if key == 'model name' and model is None:
-                    model = value.strip()
-                elif key in ('flags', 'Features') and not flags:
-                    flags = set(value.split())
+                if key == 'processor' and fields:
+                    break  # the first CPU describes them all
+                fields.setdefault(key, value.strip())
     except OSError:
         pass
+    flags = set(fields.get('flags', fields.get('Features', '')).split())
+    model = fields.get('model name')
+    if model is not None:
+        model += _model_detail(fields)
     simd = next((name for flag, name in _LEVELS if flag in flags), 'unknown')
     if simd == 'AVX-512' and cpuid_view() == 'avx2':
         # /proc/cpuinfo lists the hardware; the programs see less
