@@ -565,6 +565,39 @@ torch::Tensor attn_context(const torch::Tensor& probs, const torch::Tensor& q,
 }
 
 // ---------------------------------------------------------------------------
+// The training forward of a 1-bit 1x1 convolution: x (N, C, H, W) of signs,
+// weight (O, C, 1, 1) binarized (rows of +s_o / -s_o). An undefined tensor
+// (None in Python) when an input or a weight is not such a sign.
+torch::Tensor sign_product(const torch::Tensor& x, const torch::Tensor& weight,
+                           const c10::optional<torch::Tensor>& bias) {
+  check_float(x, x, "x");
+  check_float(weight, x, "weight");
+  TORCH_CHECK(x.dim() == 4, "x must be (N, C, H, W), got ", x.sizes());
+  const int64_t n = x.size(0), cin = x.size(1);
+  const int64_t pixels = x.size(2) * x.size(3);
+  TORCH_CHECK(weight.dim() == 4 && weight.size(1) == cin &&
+                  weight.size(2) == 1 && weight.size(3) == 1 &&
+                  weight.size(0) > 0 && cin > 0,
+              "weight must be (O, ", cin, ", 1, 1), got ", weight.sizes());
+  const int64_t cout = weight.size(0);
+  if (bias.has_value()) check_vec(*bias, x, cout, "bias");
+  torch::Tensor y = torch::empty({n, cout, x.size(2), x.size(3)}, x.options());
+  bool ok = true;
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "mmbhvit_sign_product", [&] {
+    SignProductParams<scalar_t> p{};
+    p.x = ptr<scalar_t>(x);
+    p.bias = bias.has_value() ? ptr<scalar_t>(*bias) : nullptr;
+    p.n = n;
+    p.cin = cin;
+    p.cout = cout;
+    p.pixels = pixels;
+    p.y = y.data_ptr<scalar_t>();
+    ok = run_sign_product(kset(), p, ptr<scalar_t>(weight), TorchParallel());
+  });
+  return ok ? y : torch::Tensor();
+}
+
+// ---------------------------------------------------------------------------
 torch::Tensor shift(const torch::Tensor& x,
                     const c10::optional<torch::Tensor>& res,
                     const torch::Tensor& dy, const torch::Tensor& dx,
@@ -721,7 +754,7 @@ std::vector<std::pair<std::string, std::string>> kernel_paths() {
   static const char* const ops[kNumOps] = {
       "proj/ffn", "msgdc", "merge", "attn_scores", "attn_context",
       "sign packing", "float ops (shift, attn_tokens, attn_untokens)",
-      "conv (heads)"};
+      "conv (heads)", "sign_product (training 1x1)"};
   std::vector<std::pair<std::string, std::string>> out;
   for (int i = 0; i < kNumOps; ++i) out.emplace_back(ops[i], kset().path[i]);
   return out;
@@ -793,6 +826,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::call_guard<py::gil_scoped_release>());
   m.def("attn_untokens", &attn_untokens,
         "MSMHA tokens back to a map: windows, merged-token means, mix, crop",
+        py::call_guard<py::gil_scoped_release>());
+  m.def("sign_product", &sign_product,
+        "training forward of a 1-bit 1x1 convolution on NCHW signs: "
+        "(C - 2 popcount) * scale_o (+ bias), None if an input or a weight "
+        "is not a sign",
+        py::arg("x"), py::arg("weight"), py::arg("bias") = py::none(),
         py::call_guard<py::gil_scoped_release>());
   m.def("shift", &shift, "sparse circular depthwise conv + residual",
         py::arg("x"), py::arg("res"), py::arg("dy"), py::arg("dx"),

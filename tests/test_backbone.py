@@ -174,14 +174,15 @@ def test_binary_honesty(monkeypatch, binarizer):
 
     integer_product = layers_module.SignProductConv1x1
 
-    class IntegerProductSpy:  # the wide 1×1 layers' integer forward
+    class IntegerProductSpy:  # the 1×1 layers' exact forward
         MIN_WORK = 1  # every wide layer of this small model takes it
+        MIN_POPCOUNT_WORK = 1
         BLOCK = integer_product.BLOCK
 
         @staticmethod
-        def apply(x, weight, bias):
+        def apply(x, weight, bias, route=None):
             check_binary(x, weight)
-            return integer_product.apply(x, weight, bias)
+            return integer_product.apply(x, weight, bias, route)
 
     orig_sign = bhvit_module.sign_ste
 

@@ -1,7 +1,9 @@
 # Copyright (c) mmbhvit contributors. Licensed under the Apache License 2.0.
-"""The integer forward of binary 1×1 convolutions
-(:class:`~mmbhvit.models.binary.layers.SignProductConv1x1`): exact
-products, the convolution's gradients, and taken only where it applies."""
+"""The exact forward of binary 1×1 convolutions
+(:class:`~mmbhvit.models.binary.layers.SignProductConv1x1`), by its two
+routes (int8 products, the extension's popcount kernel): exact products,
+equal to each other bit for bit, the convolution's gradients, and taken
+only where they apply."""
 import pytest
 import torch
 import torch.nn.functional as F
@@ -9,7 +11,8 @@ import torch.nn.functional as F
 from mmbhvit.models.binary import BinaryConv2d, binarize_weight
 from mmbhvit.models.binary import fused
 from mmbhvit.models.binary.fused import fused_kernels
-from mmbhvit.models.binary.layers import SignProductConv1x1
+from mmbhvit.models.binary.layers import (SignProductConv1x1,
+                                          sign_product_reference)
 
 pytestmark = pytest.mark.skipif(not hasattr(torch, '_int_mm'),
                                 reason='this torch has no torch._int_mm')
@@ -80,15 +83,152 @@ def _integer_node(y) -> bool:
     return type(y.grad_fn).__name__.startswith('SignProductConv1x1')
 
 
+def _route(y):
+    """The route the forward took: 'popcount', 'integer', 'conv' (the
+    Function fell back to the float convolution) or None (not taken)."""
+    return y.grad_fn.route if _integer_node(y) else None
+
+
 def _uses_integers(layer, x) -> bool:
-    return _integer_node(layer(x))
+    return _route(layer(x)) == 'integer'
+
+
+@pytest.fixture
+def without_popcount(monkeypatch):
+    """The layers' choice without the extension's popcount product."""
+    monkeypatch.setattr(fused, 'sign_product_route', lambda x: (
+        'integer' if fused.integer_product_ok(x) else None))
+
+
+POPCOUNT = pytest.mark.skipif(
+    fused.unavailable_reason() is not None,
+    reason=f'C++ extension: {fused.unavailable_reason()}')
+
+
+def _all_signs(*shape, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, 2, shape, generator=g).float() * 2 - 1
+
+
+def _sign_weight(cout, cin, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    scale = torch.rand(cout, 1, 1, 1, generator=g) + 0.01
+    return _all_signs(cout, cin, 1, 1, seed=seed) * scale
+
+
+def _kernel_sets():
+    from mmbhvit.deploy.ops import load_extension
+    ext = load_extension()
+    return [] if ext is None else [s for s, why in ext.kernel_sets()
+                                   if not why]
+
+
+@POPCOUNT
+@pytest.mark.parametrize('cin,cout,h,w', [(70, 13, 9, 11), (64, 512, 8, 8),
+                                          (512, 64, 7, 9), (130, 20, 1, 1)])
+def test_popcount_route_equals_the_reference_and_the_integer_route(
+        cin, cout, h, w):
+    """Bit for bit, on every kernel set this CPU runs: partial words of
+    channels, partial blocks of 8 outputs, tiles of 64 pixels and parts."""
+    from mmbhvit.deploy.ops import load_extension
+    ext = load_extension()
+    x, wt = _all_signs(2, cin, h, w), _sign_weight(cout, cin)
+    bias = torch.randn(cout)
+    before = ext.isa()
+    try:
+        for kset in _kernel_sets():
+            ext.set_isa(kset)
+            for b in (None, bias):
+                y = SignProductConv1x1.apply(x, wt, b, 'popcount')
+                assert y.grad_fn is None or y.grad_fn.route == 'popcount'
+                want = sign_product_reference(x, wt, b)
+                assert torch.equal(y, want), (kset, b is None)
+                assert torch.equal(y, SignProductConv1x1.apply(
+                    x, wt, b, 'integer'))
+    finally:
+        ext.set_isa(before)
+
+
+@POPCOUNT
+@pytest.mark.parametrize('cin', [96, 200])
+def test_popcount_route_counts_zero_inputs_exactly(cin):
+    """sign(0) = 0 inputs (a zero bias meeting an exact 0): the tiles with
+    zeros are counted twice, the values stay the reference's, bit for
+    bit, on every kernel set; tiles without zeros beside them."""
+    from mmbhvit.deploy.ops import load_extension
+    ext = load_extension()
+    x, wt = _all_signs(2, cin, 17, 19), _sign_weight(22, cin)
+    x[0, 5, 3, 4] = 0  # one zero in one tile of image 0
+    x[1] *= (torch.rand(cin, 17, 19) > 0.1)  # many in image 1
+    bias = torch.randn(22)
+    before = ext.isa()
+    try:
+        for kset in _kernel_sets():
+            ext.set_isa(kset)
+            y = SignProductConv1x1.apply(x.requires_grad_(), wt, bias,
+                                         'popcount')
+            assert y.grad_fn.route == 'popcount'
+            assert torch.equal(y, sign_product_reference(x, wt, bias)), kset
+    finally:
+        ext.set_isa(before)
+
+
+@POPCOUNT
+def test_popcount_route_declines_what_is_not_a_sign():
+    """A NaN input, a zero weight row: the kernel declines and the integer
+    route (here, fast int8 products) or else the float convolution gives
+    the values."""
+    x, wt = _all_signs(1, 96, 5, 5), _sign_weight(24, 96)
+    x.requires_grad_()
+    assert SignProductConv1x1.apply(x, wt, None,
+                                    'popcount').grad_fn.route == 'popcount'
+    zero_w = wt.clone()
+    zero_w[5] = 0
+    y = SignProductConv1x1.apply(x, zero_w, None, 'popcount')
+    assert y.grad_fn.route == 'integer'
+    assert torch.equal(y, sign_product_reference(x, zero_w, None))
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(fused, 'int8_products_fast', lambda: False)
+        y = SignProductConv1x1.apply(x, zero_w, None, 'popcount')
+        assert y.grad_fn.route == 'conv'
+        torch.testing.assert_close(y, F.conv2d(x, zero_w))
+        nan_x = x.detach().clone()
+        nan_x[0, 0, 0, 0] = float('nan')
+        y = SignProductConv1x1.apply(nan_x.requires_grad_(), wt, None,
+                                     'popcount')
+        assert y.grad_fn.route == 'conv' and y[0, :, 0, 0].isnan().all()
+
+
+@POPCOUNT
+def test_binary_layer_takes_the_popcount_product_only_where_it_applies(
+        monkeypatch):
+    """With the extension: every 1-bit 1×1 layer on CPU float32 large
+    enough for the call to pay, whatever its width or the int8 speed; not
+    float64, 3×3, 32-bit layers, the off switch or autocast."""
+    torch.manual_seed(2)
+    x = torch.randn(1, 64, 16, 16, requires_grad=True)
+    layer = BinaryConv2d(64, 512, 1)  # 256·64·512 >= MIN_POPCOUNT_WORK
+    assert _route(layer(x)) == 'popcount'
+    monkeypatch.setattr(fused, 'int8_products_fast', lambda: False)
+    assert _route(layer(x)) == 'popcount'
+    tiny = x[:, :, :1, :1].contiguous()  # 64·512 < MIN_POPCOUNT_WORK
+    assert _route(layer(tiny)) is None
+    assert _route(layer.double()(x.double())) is None
+    layer = layer.float()
+    assert _route(BinaryConv2d(64, 512, 3, padding=1)(x)) is None
+    assert _route(BinaryConv2d(64, 512, 1, weight_bits=32)(x)) is None
+    with fused_kernels(False):
+        assert _route(layer(x)) is None
+    with torch.autocast('cpu', dtype=torch.bfloat16):
+        assert _route(layer(x)) is None
 
 
 def test_binary_layer_takes_the_integer_product_only_where_it_applies(
-        monkeypatch):
-    """Wide 1-bit 1×1 layers on CPU float32 take it; narrow ones and small
-    images (it would be slower), float64, 3×3, 32-bit layers, the off
-    switch, tracing and autocast do not."""
+        monkeypatch, without_popcount):
+    """Without the popcount product: wide 1-bit 1×1 layers on CPU float32
+    take the integer one; narrow ones and small images (it would be
+    slower), float64, 3×3, 32-bit layers, the off switch, tracing and
+    autocast do not."""
     torch.manual_seed(2)
     x = torch.randn(1, 256, 32, 32, requires_grad=True)
     wide = BinaryConv2d(256, 64, 1)  # 1024·256·64 = MIN_WORK
@@ -127,12 +267,18 @@ def test_binary_layer_takes_the_integer_product_only_where_it_applies(
     assert seen and not any(seen)
 
 
-def test_binary_layer_values_and_gradients_match_the_float_path():
+@pytest.mark.parametrize('route', [
+    'integer', pytest.param('popcount', marks=POPCOUNT)])
+def test_binary_layer_values_and_gradients_match_the_float_path(
+        route, monkeypatch):
     """A whole :class:`BinaryConv2d` with its activation sign (and shift)
     and weight binarizer: output and gradients within float32 round-off,
     with the integer product on and off (on: its backward is a matrix
     product on this 23×23 map, :func:`pointwise_grads`; off: the
     convolution's own)."""
+    if route == 'integer':
+        monkeypatch.setattr(fused, 'sign_product_route', lambda x: (
+            'integer' if fused.integer_product_ok(x) else None))
     torch.manual_seed(3)
     layer = BinaryConv2d(512, 64, 1, bias=True)
     shift = torch.nn.Parameter(torch.randn(512) * 0.1)
@@ -146,7 +292,7 @@ def test_binary_layer_values_and_gradients_match_the_float_path():
         with fused_kernels(on):
             y = layer(xi, _Shift(shift))
         y.backward(grad)
-        assert _integer_node(y) == on
+        assert _route(y) == (route if on else None)
         results.append((y.detach(), xi.grad, layer.weight.grad.clone(),
                         layer.bias.grad.clone(), shift.grad.clone()))
     (y1, *g1), (y2, *g2) = results

@@ -71,24 +71,50 @@ def test_benchmark_runs_a_tiny_step(capsys):
 def test_benchmark_pointwise_lists_each_layer_shape_and_its_path(
         capsys, monkeypatch):
     """``--pointwise`` finds every binary 1×1 layer shape of the 1-bit
-    model, with how many layers have it and which forward each takes (the
+    model, with how many layers have it and which forward each takes
+    without the popcount product, as on a CPU with fast int8 products: the
     wide ones on large enough maps the integer product, the 64->512
     expansion on its 32x32 map matrix products, the attention projections
-    on 4x4 maps the convolution), as on a CPU with fast int8 products."""
+    on 4x4 maps the convolution."""
     from mmbhvit.models.binary import fused
     monkeypatch.setattr(fused, 'int8_products_fast', lambda: True)
+    monkeypatch.setattr(fused, 'sign_product_route', lambda x: (
+        'integer' if fused.integer_product_ok(x) else None))
     bench = load_tool('analysis_tools/benchmark_train_step.py')
     bench.main(['--pointwise', '--arch', 'tiny', '--batch', '1', '--size',
                 '128', '--repeats', '1', '--warmup', '0'])
     out = capsys.readouterr().out
     rows = {line.split()[0]: line.split()
             for line in out.splitlines() if '->' in line}
-    assert rows['64->512'][-1] == 'matmul' and rows['64->512'][-5] == '2'
+    # tokens: in->out, the 4-d input shape, count, one time per way, taken
+    assert rows['64->512'][-1] == 'matmul' and rows['64->512'][5] == '2'
     assert rows['512->64'][-1] == 'integer'
     assert rows['2048->512'][-1] == 'integer'  # 4·4·2048·512 = MIN_WORK
     assert rows['256->256'][-1] == 'conv'
-    assert all(len(v.split('/')) == 2 for v in rows['512->64'][-4:-1])
+    assert all(len(v.split('/')) == 2 for v in rows['512->64'][6:-1])
     assert 'per step: all conv' in out and 'as taken' in out
+
+
+@pytest.mark.skipif(__import__('mmbhvit.models.binary.fused', fromlist=['_'])
+                    .unavailable_reason() is not None,
+                    reason='needs the C++ extension')
+def test_benchmark_pointwise_with_the_popcount_product(capsys, monkeypatch):
+    """With the extension every binary 1×1 layer of the tiny model at 128
+    takes the popcount product (each call has enough work), and the tool
+    times that way too; without fast int8 products it says why it leaves
+    the integer way out."""
+    from mmbhvit.models.binary import fused
+    monkeypatch.setattr(fused, 'int8_products_fast', lambda: False)
+    bench = load_tool('analysis_tools/benchmark_train_step.py')
+    bench.main(['--pointwise', '--arch', 'tiny', '--batch', '1', '--size',
+                '128', '--repeats', '1', '--warmup', '0'])
+    out = capsys.readouterr().out
+    rows = [line.split() for line in out.splitlines()
+            if '->' in line and not line.split()[0].startswith('in->')]
+    assert len(rows) >= 8 and all(r[-1] == 'popcount' for r in rows)
+    assert all(len(r[6:-1]) == 3 for r in rows)  # conv, matmul, popcount
+    assert 'integer products not timed' in out
+    assert 'all popcount' in out and 'all integer' not in out
 
 
 def test_benchmark_profile_lists_the_binary_only_ops(capsys):

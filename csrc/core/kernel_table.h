@@ -23,6 +23,7 @@ enum Op : int {
   kOpPack,      // sign packing (rows, per head, along tokens, bit planes)
   kOpFloat,     // float-only ops: shift, attention token layout
   kOpConv,      // dense binary k x k convolution (decode heads)
+  kOpSignProduct,  // training forward of a 1-bit 1x1 layer (NCHW)
   kNumOps
 };
 
@@ -45,6 +46,8 @@ struct Kernels {
   void (*merged_means)(const UntokensParams<T>&, int64_t, int64_t);
   void (*untokens)(const UntokensParams<T>&, int64_t, int64_t);
   void (*conv)(const ConvParams<T>&, int64_t, int64_t);
+  void (*sign_product)(const SignProductParams<T>&, int64_t, int64_t);
+  void (*sign_weights)(const SignWeightsParams<T>&, int64_t, int64_t);
 };
 
 struct KernelSet {

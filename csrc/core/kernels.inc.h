@@ -12,6 +12,7 @@
 #include "ops/msgdc.h"
 #include "ops/proj.h"
 #include "ops/shift.h"
+#include "ops/sign_product.h"
 #include "ops/tokens.h"
 
 namespace mmbhvit {
@@ -25,7 +26,8 @@ constexpr Kernels<T> kernel_table() {
                     &head_pack<T>,     &head_pack_t<T>,   &token_pack<T>,
                     &scores<T>,        &context<T>,       &shift<T>,
                     &merged_tokens<T>, &window_tokens<T>, &merged_means<T>,
-                    &untokens<T>,      &conv<T>};
+                    &untokens<T>,      &conv<T>,          &sign_product<T>,
+                    &sign_weights<T>};
 }
 
 const KernelSet kSet = {MMBHVIT_SET_NAME, MMBHVIT_PATHS, &msgdc_lanes,

@@ -255,4 +255,36 @@ struct ShiftParams {
   T* y;
 };
 
+// Training forward of a 1-bit 1x1 convolution on NCHW maps (the layer's
+// input already signs, its weight binarized): per image n, output o and
+// pixel j, y = (cin - 2 popcount(x_j ^ w_o)) * scale[o] (+ bias[o]), one
+// rounding per operation. Work item: a tile of kSignProductTile pixels of
+// one image; x is packed by the kernel itself, bits along the pixels.
+// Inputs may be +1, -1 or 0; any other value (NaN) sets *not_signs (y is
+// then garbage).
+constexpr int64_t kSignProductTile = 256;  // pixels per work item
+template <typename T>
+struct SignProductParams {
+  const T* x;             // (n, cin, pixels)
+  const uint64_t* wrows;  // (cout_pad, words), bit = weight > 0; rows past
+                          // cout are 0
+  const T* scale;         // (cout)
+  const T* bias;          // (cout) or nullptr
+  int64_t n, cin, cout, pixels, words, cout_pad;
+  int32_t* not_signs;
+  T* y;                   // (n, cout, pixels)
+};
+
+// Its weights: rows[o] = sign bits (w > 0) of row o, scale[o] = max|w_o|;
+// a row with a value other than +-scale[o], or scale[o] not > 0, sets
+// *not_signs. Work item: one output channel.
+template <typename T>
+struct SignWeightsParams {
+  const T* w;             // (cout, cin)
+  int64_t cout, cin, words;
+  uint64_t* rows;         // (cout, words)
+  T* scale;               // (cout)
+  int32_t* not_signs;
+};
+
 }  // namespace mmbhvit

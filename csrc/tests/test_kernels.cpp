@@ -129,6 +129,7 @@ class Runner {
       case 7: return {tokens<T>()};
       case 8: return {untokens<T>()};
       case 9: return {conv<T>()};
+      case 10: return {sign_product<T>()};
       default: throw std::string("unknown op");
     }
   }
@@ -378,6 +379,23 @@ class Runner {
     std::vector<T> y(static_cast<size_t>(p.n * p.h * p.w * p.cout));
     p.y = y.data();
     run_conv(s_, p, f<T>("thr"), Chunks());
+    return y;
+  }
+
+  template <typename T>
+  std::vector<T> sign_product() const {
+    const Array& x = at("x");
+    SignProductParams<T> p{};
+    p.x = x.as<T>();
+    p.n = x.dims[0];
+    p.cin = x.dims[1];
+    p.pixels = x.dims[2] * x.dims[3];
+    p.cout = meta(0);
+    p.bias = has("bias") ? f<T>("bias") : nullptr;
+    std::vector<T> y(static_cast<size_t>(p.n * p.cout * p.pixels));
+    p.y = y.data();
+    if (!run_sign_product(s_, p, f<T>("w"), Chunks()))
+      throw std::string("sign_product declined inputs that are all signs");
     return y;
   }
 

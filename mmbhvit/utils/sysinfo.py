@@ -39,18 +39,38 @@ _AMD_CORES = ((23, 0x00, 0x2f, 'Zen/Zen+'), (23, 0x30, 0xff, 'Zen 2'),
               (26, 0x00, 0xff, 'Zen 5'))
 
 
-def _model_detail(fields: Dict[str, str]) -> str:
-    """``' (family F, model M: core)'`` from cpuinfo's fields, the core
-    named for AMD; empty when the fields are missing (e.g. aarch64)."""
+def _family_model(fields: Dict[str, str]) -> Optional[tuple]:
     try:
-        family, model = int(fields['cpu family']), int(fields['model'])
+        return int(fields['cpu family']), int(fields['model'])
     except (KeyError, ValueError):
+        return None  # e.g. aarch64
+
+
+def _core(fields: Dict[str, str]) -> Optional[str]:
+    """The AMD core generation, else None."""
+    fm = _family_model(fields)
+    if fm is None or fields.get('vendor_id') != 'AuthenticAMD':
+        return None
+    return next((name for fam, lo, hi, name in _AMD_CORES
+                 if fam == fm[0] and lo <= fm[1] <= hi), None)
+
+
+def _model_detail(fields: Dict[str, str]) -> str:
+    """``' (family F, model M: core)'`` from cpuinfo's fields; empty when
+    they are missing."""
+    fm, core = _family_model(fields), _core(fields)
+    if fm is None:
         return ''
-    core = next((name for fam, lo, hi, name in _AMD_CORES
-                 if fields.get('vendor_id') == 'AuthenticAMD'
-                 and fam == family and lo <= model <= hi), None)
-    return f' (family {family}, model {model}' + (
+    return f' (family {fm[0]}, model {fm[1]}' + (
         f': {core})' if core else ')')
+
+
+def vector_alu_ports(info: Optional[Dict[str, object]] = None) -> int:
+    """256-bit integer vector ALU ports per core: 4 on AMD Zen 2 to Zen 5,
+    3 otherwise (Intel since Ice Lake; assumed for unknown cores). The AVX2
+    popcount peak scales with it (tools/deployment/benchmark_binary.py)."""
+    core = (info or cpu_info()).get('core')
+    return 4 if core in ('Zen 2', 'Zen 3', 'Zen 4', 'Zen 5') else 3
 
 
 def cpu_info(path: str = '/proc/cpuinfo') -> Dict[str, object]:
@@ -80,7 +100,7 @@ def cpu_info(path: str = '/proc/cpuinfo') -> Dict[str, object]:
         extras = [f for f in _AVX512_EXTRAS if f in flags]
         simd += f' ({", ".join(extras)})' if extras else ''
     return dict(model=model or platform.processor() or platform.machine(),
-                simd=simd, logical_cpus=os.cpu_count())
+                simd=simd, logical_cpus=os.cpu_count(), core=_core(fields))
 
 
 def cpu_description() -> str:

@@ -58,6 +58,7 @@ import torch  # noqa: E402
 import mmbhvit  # noqa: E402,F401
 from mmbhvit.models import BHViT  # noqa: E402
 from mmbhvit.models.binary import BinaryConv2d, SignSTE  # noqa: E402
+from mmbhvit.models.binary import fused  # noqa: E402
 from mmbhvit.models.binary.fused import fused_kernels  # noqa: E402
 from mmbhvit.models.binary.layers import (  # noqa: E402
     PointwiseConv, SignProductConv1x1)
@@ -152,15 +153,15 @@ def _unfused(model, x):
 def _pointwise_path(output) -> str:
     name = type(output.grad_fn).__name__
     if name.startswith('SignProductConv1x1'):
-        return 'integer'
+        return output.grad_fn.route  # 'popcount', 'integer' or 'conv'
     return 'matmul' if name.startswith('PointwiseConv') else 'conv'
 
 
 def pointwise_shapes(model, x):
     """``{(in, out, input shape): (count, path taken)}`` for the binary 1×1
     layers that a forward of ``model`` on ``x`` runs; the path is
-    ``'integer'`` (:class:`SignProductConv1x1`), ``'matmul'``
-    (:class:`PointwiseConv`) or ``'conv'`` (``F.conv2d``)."""
+    ``'popcount'`` or ``'integer'`` (:class:`SignProductConv1x1`'s routes),
+    ``'matmul'`` (:class:`PointwiseConv`) or ``'conv'`` (``F.conv2d``)."""
     found = {}
 
     def record(layer, inputs, output):
@@ -181,20 +182,38 @@ def pointwise_shapes(model, x):
     return found
 
 
-POINTWISE_PATHS = ('conv', 'matmul', 'integer')
+POINTWISE_PATHS = ('conv', 'matmul', 'integer', 'popcount')
+
+
+def pointwise_paths() -> tuple:
+    """The ways :func:`time_pointwise` times here: ``'integer'`` only where
+    ``torch._int_mm`` is fast (elsewhere one product takes seconds),
+    ``'popcount'`` only with the extension built; each left out is said."""
+    paths = []
+    for path in POINTWISE_PATHS:
+        if path == 'integer' and not fused.int8_products_fast():
+            print('integer products not timed: torch._int_mm is a plain '
+                  'loop on this CPU (no AVX-512 VNNI)')
+        elif path == 'popcount' and fused.unavailable_reason():
+            print(f'popcount products not timed: '
+                  f'{fused.unavailable_reason()}')
+        else:
+            paths.append(path)
+    return tuple(paths)
 
 
 def time_pointwise(model, x, repeats: int, warmup: int) -> None:
     """Print the forward and forward + backward time of each binary 1×1
     layer shape of ``model`` as a float convolution (oneDNN), as float
-    matrix products (:class:`PointwiseConv`) and as the integer product
-    (``--pointwise``)."""
+    matrix products (:class:`PointwiseConv`) and as the exact products of
+    :class:`SignProductConv1x1` (integer, popcount) (``--pointwise``)."""
+    paths = pointwise_paths()
     shapes = pointwise_shapes(model, x)
     print(f'binary 1x1 layers, {torch.get_num_threads()} threads, '
           f'{repeats} repeats, median ms, forward / forward + backward')
     print(f'{"in->out":>11} {"input shape":>20} {"count":>5} ' +
-          ' '.join(f'{k:>15}' for k in POINTWISE_PATHS) + f' {"takes":>8}')
-    totals = {k: [0., 0.] for k in POINTWISE_PATHS + ('taken', )}
+          ' '.join(f'{k:>15}' for k in paths) + f' {"takes":>8}')
+    totals = {k: [0., 0.] for k in paths + ('taken', )}
     for (cin, cout, shape), (count, taken) in shapes.items():
         signs = torch.randint(0, 2, shape).float().mul_(2).sub_(1)
         signs.requires_grad_()
@@ -203,20 +222,24 @@ def time_pointwise(model, x, repeats: int, warmup: int) -> None:
         grad = torch.randn(shape[0], cout, *shape[2:])
         ops = {'conv': torch.nn.functional.conv2d,
                'matmul': lambda a, b: PointwiseConv.apply(a, b, None),
-               'integer': lambda a, b: SignProductConv1x1.apply(a, b, None)}
+               'integer': lambda a, b: SignProductConv1x1.apply(
+                   a, b, None, 'integer'),
+               'popcount': lambda a, b: SignProductConv1x1.apply(
+                   a, b, None, 'popcount')}
         cases = {}
-        for k, op in ops.items():
+        for k in paths:
+            op = ops[k]
             cases[k] = lambda op=op: op(signs, weight)
             cases[k + '+b'] = lambda op=op: op(signs, weight).backward(grad)
         times = time_interleaved(cases, repeats, warmup)
         med = {k: summarize(v)['median'] * 1e3 for k, v in times.items()}
-        for k in POINTWISE_PATHS + ('taken', ):
+        for k in paths + ('taken', ):
             src = taken if k == 'taken' else k
             totals[k][0] += count * med[src]
             totals[k][1] += count * med[src + '+b']
         print(f'{f"{cin}->{cout}":>11} {str(shape):>20} {count:5d} ' +
               ' '.join(f'{med[k]:.2f}/{med[k + "+b"]:.2f}'.rjust(15)
-                       for k in POINTWISE_PATHS) + f' {taken:>8}')
+                       for k in paths) + f' {taken:>8}')
     print('per step: ' + ', '.join(
         f'{"as taken" if k == "taken" else "all " + k} '
         f'{v[0]:.0f} / {v[1]:.0f} ms' for k, v in totals.items()))

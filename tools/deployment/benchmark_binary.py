@@ -27,6 +27,7 @@ Results and their discussion: docs/deployment.md.
 import os
 import os.path as osp
 import sys
+from typing import Optional
 
 ROOT = osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__))))
 sys.path.insert(0, ROOT)
@@ -38,9 +39,14 @@ sys.path.insert(0, ROOT)
 AVX2_UOPS_PER_256_BITS = 8
 
 
-def avx2_peak_per_cycle(vector_ports: int = 3) -> float:
+def avx2_peak_per_cycle(vector_ports: Optional[int] = None) -> float:
     """Binary MACs per cycle and core of the AVX2 popcount loop: 256 bits
-    per ``AVX2_UOPS_PER_256_BITS / vector_ports`` cycles (3 ports: 96)."""
+    per ``AVX2_UOPS_PER_256_BITS / vector_ports`` cycles (3 ports: 96,
+    4: 128); by default this CPU's ports
+    (:func:`mmbhvit.utils.sysinfo.vector_alu_ports`)."""
+    if vector_ports is None:
+        from mmbhvit.utils.sysinfo import vector_alu_ports
+        vector_ports = vector_alu_ports()
     return 256.0 * vector_ports / AVX2_UOPS_PER_256_BITS
 
 

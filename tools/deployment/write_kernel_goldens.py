@@ -47,10 +47,13 @@ from mmbhvit.deploy.ops import (kernel_words, lane_path_shape,  # noqa: E402
                                 lane_words)
 from mmbhvit.deploy.packing import pack_bits  # noqa: E402
 from mmbhvit.deploy.registry import Params  # noqa: E402
+from mmbhvit.models.binary.layers import \
+    sign_product_reference  # noqa: E402
 
 DEFAULT_OUT = osp.join(ROOT, 'csrc', 'tests', 'goldens')
 OPS = dict(proj=0, ffn=1, msgdc=2, merge=3, attn_scores=4, attn_context=5,
-           shift=6, attn_tokens=7, attn_untokens=8, conv=9)
+           shift=6, attn_tokens=7, attn_untokens=8, conv=9,
+           sign_product=10)
 SHORTCUTS = dict(none=0, identity=1, tile=2, mean=3, chunk_mean=4)
 DTYPES = {torch.float32: 0, torch.float64: 1, torch.int64: 2, torch.int32: 3}
 
@@ -248,6 +251,24 @@ def conv_case(c, n, h, w, cin, cout, k):
     return t
 
 
+def sign_product_case(c, n, cin, cout, h, w, with_bias):
+    """The training forward of a 1-bit 1x1 layer: NCHW signs (with some
+    zeros when there is a bias), a binarized weight (rows of +s_o / -s_o),
+    the exact product scaled (the reference of
+    :class:`SignProductConv1x1`)."""
+    x = torch.where(c.rand(n, cin, h, w) > 0, 1.0, -1.0).to(c.dtype)
+    if with_bias:
+        x = x * (c.uniform(n, cin, h, w) > 0.05)
+    scale = c.uniform(cout, 1, 1, 1, lo=0.25, hi=1.0)
+    signs = torch.where(c.rand(cout, cin, 1, 1) > 0, 1.0, -1.0)
+    t = dict(x=x, w=signs.to(c.dtype) * scale)
+    if with_bias:
+        t['bias'] = c.rand(cout)
+    t['meta'] = torch.tensor([cout])
+    t['out'] = sign_product_reference(x, t['w'], t.get('bias'))
+    return t
+
+
 def scores_case(c, b, tk, ch, nh):
     q, k = c.rand(b, tk, ch), c.rand(b, tk, ch)
     t = dict(q=q, k=k, thr_q=c.rand(ch, scale=0.3),
@@ -364,6 +385,10 @@ CASES = [
     # merge_norm: the input norm applied in the kernel (last: the cases
     # before keep their seeds)
     ('merge_norm', merge_case, (2, 6, 8, 40, 80, True)),
+    # the training forward of 1-bit 1x1 layers: a partial word of
+    # channels, partial blocks of outputs, a tile of pixels and a part
+    ('sign_product_bias', sign_product_case, (2, 70, 13, 9, 11, True)),
+    ('sign_product_wide', sign_product_case, (1, 130, 20, 3, 3, False)),
 ]
 
 #: the larger cases, in float32 only (the files stay small)
@@ -385,8 +410,8 @@ def main(argv=None):
             t = fn(Case(1000 + seed, dtype), *fargs)
             op = name.split('_')[0]
             op = {'scores': 'attn_scores', 'context': 'attn_context',
-                  'tokens': 'attn_tokens', 'untokens': 'attn_untokens'}.get(
-                      op, op)
+                  'tokens': 'attn_tokens', 'untokens': 'attn_untokens',
+                  'sign': 'sign_product'}.get(op, op)
             arrays = {'op': torch.tensor([OPS[op]])}
             arrays.update(t)
             fname = f'{name}_{suffix}.bin'

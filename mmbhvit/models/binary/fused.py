@@ -42,7 +42,7 @@ from torch import Tensor
 
 _OPS_NAMES = ('sign_ste_forward', 'sign_ste_backward', 'rprelu_forward',
               'rprelu_backward', 'centred_sign_forward',
-              'centred_sign_backward')
+              'centred_sign_backward', 'sign_product')
 _DTYPES = (torch.float32, torch.float64)
 
 _state = dict(loaded=False, ops=None, reason=None,
@@ -142,3 +142,17 @@ def integer_product_ok(x: Tensor) -> bool:
     (:func:`int8_products_fast`)."""
     return (x.dtype == torch.float32 and hasattr(torch, '_int_mm')
             and plain_cpu_training(x) and int8_products_fast())
+
+
+def sign_product_route(x: Tensor) -> Optional[str]:
+    """How the forward of a binary 1×1 convolution of ``x`` (a float32
+    sign map) may form its exact product here: ``'popcount'`` (the
+    extension's ``sign_product``: XOR + popcount on packed bits, every
+    kernel set, so also on AVX2-only CPUs), ``'integer'``
+    (``torch._int_mm``, :func:`integer_product_ok`), or None (the float
+    convolution)."""
+    if x.dtype != torch.float32 or not plain_cpu_training(x):
+        return None
+    if _load() is not None:
+        return 'popcount'
+    return 'integer' if integer_product_ok(x) else None

@@ -106,6 +106,22 @@ class PointwiseConv(torch.autograd.Function):
                                ctx.has_bias)
 
 
+def sign_product_reference(x: Tensor, weight: Tensor,
+                           bias: Optional[Tensor]) -> Tensor:
+    """:class:`SignProductConv1x1`'s values, written plainly: the exact
+    integer sums in float64, then ``sum * s_o`` and ``+ b_o`` in the
+    dtype of ``x``, one rounding each (the kernels' goldens, the tests)."""
+    n, cin, h, w = x.shape
+    flat = weight.detach().reshape(-1, cin)
+    scale = flat.abs().amax(dim=1, keepdim=True)
+    sums = torch.matmul(torch.sign(flat).double(),
+                        x.detach().double().reshape(n, cin, h * w))
+    y = sums.to(x.dtype) * scale
+    if bias is not None:
+        y = y + bias.detach().view(-1, 1)
+    return y.view(n, -1, h, w)
+
+
 class SignProductConv1x1(PointwiseConv):
     r"""A binary 1×1 convolution whose forward is an exact integer product.
 
@@ -115,34 +131,68 @@ class SignProductConv1x1(PointwiseConv):
 
     .. math:: y_{o} = s_o \sum_i \operatorname{sign}(w_{o,i})\, x_i + b_o
 
-    The sum is formed in int8 × int8 → int32 (``torch._int_mm``; the CPU's
-    integer dot-product units run it several times faster than a float32
-    convolution) and is exact, so ``y`` is the correctly rounded value
+    The sum is an exact integer, so ``y`` is the correctly rounded value
     that the float convolution approximates (its sums of :math:`\pm s_o`
     round at every step): the two agree to float32 round-off, not bit for
-    bit. The product runs per image and per block of output channels, so
-    that the int32 block (at most :attr:`BLOCK` values) is scaled into
-    the float output while it is still in cache.
+    bit (:func:`sign_product_reference` gives the values). Two routes
+    (:func:`~mmbhvit.models.binary.fused.sign_product_route`, or the
+    ``route`` argument), equal bit for bit:
+
+    - ``'popcount'``: the extension's ``sign_product`` packs the signs
+      along the channels and counts ``XOR`` bits with the packed engine's
+      popcount core, on every kernel set (AVX2, AVX-512, NEON, ...); a
+      tile of pixels with zero inputs is counted twice (zeros as -1, then
+      as +1: the mean is exact). A NaN input, or a weight row with a zero
+      or NaN, makes it decline; the integer route where it is fast, else
+      the float convolution, then runs.
+    - ``'integer'``: int8 × int8 → int32 (``torch._int_mm``, fast only with
+      AVX-512 VNNI), per image and per block of output channels, so that
+      the int32 block (at most :attr:`BLOCK` values) is scaled into the
+      float output while it is still in cache.
+
+    ``grad_fn.route`` says which one ran (``'conv'``: the float
+    convolution).
 
     Backward: :class:`PointwiseConv`'s (:func:`pointwise_grads` on the
     same float tensors), the gradients of ``F.conv2d(x, weight, bias)`` (to
     float round-off on maps where they are matrix products).
 
     Used by :meth:`BinaryConv2d.forward_quantized` for 1-bit 1×1 layers
-    when :func:`~mmbhvit.models.binary.fused.integer_product_ok` allows it
-    (CPU float32, no tracing, compiling or autocast, not switched off).
+    when :func:`~mmbhvit.models.binary.fused.sign_product_route` gives a
+    route (CPU float32, no tracing, compiling or autocast, not switched
+    off) and the layer is large enough for it
+    (:meth:`BinaryConv2d._sign_product_route`).
 
     Autocast: runs in the incoming dtype (the layer does not call it under
     autocast, where the float convolution follows autocast's own rules).
     """
 
     BLOCK = 1 << 17  # int32 values (512 KiB), about a quarter of an L2
-    MIN_WORK = 1 << 24  # multiply-accumulates per image (pixels·in·out)
+    MIN_WORK = 1 << 24  # integer route: multiply-accumulates per image
+    MIN_POPCOUNT_WORK = 1 << 16  # popcount route: per call (all images)
 
     @staticmethod
     @amp_forward()
-    def forward(ctx, x: Tensor, weight: Tensor,
-                bias: Optional[Tensor]) -> Tensor:
+    def forward(ctx, x: Tensor, weight: Tensor, bias: Optional[Tensor],
+                route: Optional[str] = None) -> Tensor:
+        route = route or fused.sign_product_route(x)
+        y = None
+        if route == 'popcount':
+            y = fused.ops_for(x).sign_product(
+                x, weight.detach(), None if bias is None else bias.detach())
+            if y is None:  # not all signs: the next route
+                route = 'integer' if fused.integer_product_ok(x) else None
+        if route == 'integer':
+            y = SignProductConv1x1._integer(x, weight, bias)
+        elif y is None:
+            y = F.conv2d(x, weight, bias)
+        ctx.route = route or 'conv'
+        PointwiseConv.save(ctx, x, weight, bias)
+        return y
+
+    @staticmethod
+    def _integer(x: Tensor, weight: Tensor,
+                 bias: Optional[Tensor]) -> Tensor:
         n, cin, h, w = x.shape
         cout, pixels = weight.shape[0], h * w
         flat = weight.detach().reshape(cout, cin)
@@ -162,8 +212,14 @@ class SignProductConv1x1(PointwiseConv):
         y = y.view(n, cout, h, w)
         if bias is not None:
             y += _per_channel(bias.detach())
-        PointwiseConv.save(ctx, x, weight, bias)
         return y
+
+    @staticmethod
+    @amp_backward
+    def backward(ctx, grad: Tensor):
+        x, weight = ctx.saved_tensors
+        return pointwise_grads(grad, x, weight, ctx.needs_input_grad,
+                               ctx.has_bias) + (None, )
 
 
 class BinaryConv2d(nn.Conv2d):
@@ -233,26 +289,39 @@ class BinaryConv2d(nn.Conv2d):
         float32 round-off).
         """
         weight = self.quantized_weight()
-        if self._integer_product_pays(xq):
-            return SignProductConv1x1.apply(xq, weight, self.bias)
+        route = self._sign_product_route(xq)
+        if route is not None:
+            return SignProductConv1x1.apply(xq, weight, self.bias, route)
         return self._conv_forward(xq, weight, self.bias)
 
-    def _integer_product_pays(self, xq: Tensor) -> bool:
-        """A plain 1-bit 1×1 convolution wide enough for
-        :class:`SignProductConv1x1` to pay: the integer product saves
-        multiply-accumulates but passes an int32 block before the float
-        output, so layers with few inputs per output (``in < 256`` and
-        ``in < 2·out``, e.g. 64→512) stay float, and so do images with
-        less than :attr:`SignProductConv1x1.MIN_WORK` multiply-accumulates
-        (one product call per image: small ones lose to its fixed cost).
+    def _sign_product_route(self, xq: Tensor) -> Optional[str]:
+        """The route of :class:`SignProductConv1x1` for a plain 1-bit 1×1
+        convolution where it pays, else None.
+
+        ``'popcount'`` for calls of at least
+        :attr:`SignProductConv1x1.MIN_POPCOUNT_WORK` multiply-accumulates.
+        ``'integer'`` (no extension) saves multiply-accumulates but passes
+        an int32 block before the float output, so layers with few inputs
+        per output (``in < 256`` and ``in < 2·out``, e.g. 64→512) stay
+        float, and so do images with less than
+        :attr:`SignProductConv1x1.MIN_WORK` multiply-accumulates (one
+        product call per image: small ones lose to its fixed cost).
         ``tools/analysis_tools/benchmark_train_step.py --pointwise`` times
-        both per layer shape."""
-        return (self.is_binary and self.is_pointwise
-                and (self.in_channels >= 256
-                     or self.in_channels >= 2 * self.out_channels)
-                and fused.integer_product_ok(xq)  # also: NCHW input
-                and xq.shape[2] * xq.shape[3] * self.in_channels *
-                self.out_channels >= SignProductConv1x1.MIN_WORK)
+        every route per layer shape."""
+        if not (self.is_binary and self.is_pointwise):
+            return None
+        route = fused.sign_product_route(xq)  # also: NCHW input
+        work = xq.shape[2] * xq.shape[3] * self.in_channels * \
+            self.out_channels
+        if route == 'popcount':
+            enough = work * xq.shape[0] >= \
+                SignProductConv1x1.MIN_POPCOUNT_WORK
+        else:
+            enough = (route == 'integer'
+                      and (self.in_channels >= 256
+                           or self.in_channels >= 2 * self.out_channels)
+                      and work >= SignProductConv1x1.MIN_WORK)
+        return route if enough else None
 
     @property
     def is_pointwise(self) -> bool:
