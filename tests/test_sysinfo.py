@@ -36,3 +36,19 @@ def test_intel_and_missing_fields(tmp_path):
     info = sysinfo.cpu_info(str(arm))
     assert info['simd'] == 'NEON' and info['model']  # platform's name
     assert sysinfo.cpu_info(str(tmp_path / 'absent'))['simd'] == 'unknown'
+
+
+def test_vector_ports_set_the_avx2_popcount_peak(tmp_path):
+    """4 vector ALU ports on Zen 2-5 (128 binary MACs per cycle with the
+    nibble-table loop), 3 elsewhere (96)."""
+    from _helpers import load_tool
+    bench = load_tool('deployment/benchmark_binary.py')
+    zen3 = sysinfo.cpu_info(_cpuinfo(tmp_path, 'AuthenticAMD', 25, 1,
+                                     'AMD EPYC', 'avx2'))
+    intel = sysinfo.cpu_info(_cpuinfo(tmp_path, 'GenuineIntel', 6, 167,
+                                      'Intel Xeon', 'avx2 avx512f'))
+    assert sysinfo.vector_alu_ports(zen3) == 4
+    assert sysinfo.vector_alu_ports(intel) == 3
+    assert bench.avx2_peak_per_cycle(4) == 128
+    assert bench.avx2_peak_per_cycle(3) == 96
+    assert bench.avx2_peak_per_cycle() == 32 * sysinfo.vector_alu_ports()
