@@ -266,11 +266,10 @@ constexpr int64_t kSignProductTile = 256;  // pixels per work item
 template <typename T>
 struct SignProductParams {
   const T* x;             // (n, cin, pixels)
-  const uint64_t* wrows;  // (cout_pad, words), bit = weight > 0; rows past
-                          // cout are 0
+  const uint64_t* wrows;  // (cout, words), bit = weight > 0
   const T* scale;         // (cout)
   const T* bias;          // (cout) or nullptr
-  int64_t n, cin, cout, pixels, words, cout_pad;
+  int64_t n, cin, cout, pixels, words;
   int32_t* not_signs;
   T* y;                   // (n, cout, pixels)
 };

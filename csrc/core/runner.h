@@ -258,7 +258,7 @@ void run_untokens(const KernelSet& s, UntokensParams<T> p, PF&& pf) {
 }
 
 // The forward of a 1-bit 1x1 convolution (SignProductParams; p: everything
-// but wrows, scale, words, cout_pad, not_signs). w: the binarized weight
+// but wrows, scale, words, not_signs). w: the binarized weight
 // (cout, cin), each row o only +s_o / -s_o with s_o = max|w_o| > 0. Returns
 // false, with y undefined, when a weight or an input is not such a sign
 // (a zero, NaN): the caller then takes another route.
@@ -267,8 +267,7 @@ bool run_sign_product(const KernelSet& s, SignProductParams<T> p, const T* w,
                       PF&& pf) {
   const Kernels<T>& k = kernels_of<T>(s);
   p.words = words_of(p.cin);
-  p.cout_pad = (p.cout + 7) / 8 * 8;
-  std::vector<uint64_t> rows(static_cast<size_t>(p.cout_pad * p.words), 0);
+  std::vector<uint64_t> rows(static_cast<size_t>(p.cout * p.words));
   std::vector<T> scale(static_cast<size_t>(p.cout));
   int32_t not_signs = 0;
   SignWeightsParams<T> wp{w,           p.cout,       p.cin, p.words,
