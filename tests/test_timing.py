@@ -21,6 +21,32 @@ def test_rounds_alternate_order_and_skip_warmup():
     assert rounds == [(1, 3, 15), (2, 3, 18), (3, 3, 21)]
 
 
+def test_settle_sleeps_before_every_call(monkeypatch):
+    import mmbhvit.utils.timing as timing
+    events = []
+    monkeypatch.setattr(timing.time, 'sleep',
+                        lambda s: events.append(('sleep', s)))
+    cases = {n: (lambda n=n: events.append(n)) for n in 'ab'}
+    times = time_interleaved(cases, repeats=1, warmup=1, settle=0.25)
+    # warm-up and timed calls alike, the pause outside the timed span
+    assert events == [('sleep', 0.25), 'a', ('sleep', 0.25), 'b',
+                      ('sleep', 0.25), 'b', ('sleep', 0.25), 'a']
+    assert list(times) == ['a', 'b']
+    events.clear()
+    time_interleaved(cases, repeats=1)
+    assert events == ['a', 'b']
+    with pytest.raises(ValueError, match='settle'):
+        time_interleaved(cases, repeats=1, settle=-1)
+    with pytest.raises(ValueError, match='settle'):
+        time_interleaved(cases, repeats=1, settle=float('nan'))
+
+
+def test_settle_is_not_timed():
+    times = time_interleaved({'noop': lambda: None}, repeats=2,
+                             settle=0.05)
+    assert all(t < 0.04 for t in times['noop'])
+
+
 def test_summarize_by_hand():
     s = summarize([4.0, 1.0, 3.0, 2.0, 5.0])
     # inclusive quartiles of 1..5: 2 and 4

@@ -21,7 +21,12 @@ resize of the logits to the input; auxiliary heads left out).
 The forms are timed interleaved (a, b, c, ..., c, b, a, ...) after warm-up
 rounds so that load from other processes affects them alike
 (:mod:`mmbhvit.utils.timing`, the protocol of
-``tools/analysis_tools/benchmark.py`` too); medians and quartiles are
+``tools/analysis_tools/benchmark.py`` too), each call after an untimed
+pause of :data:`SETTLE_S` (``--settle``): ONNX Runtime's worker threads
+busy-wait on a core for ~50 ms after its call returns, which in the same
+process slowed the form timed next (the packed segmentor, 2 threads: 286 ms
+right after an ONNX Runtime call against 191 ms alone, medians of 6, AMD
+EPYC Zen 3); medians and quartiles are
 reported per thread count. ``--profile`` adds time per layer type for the
 three forms. Used by ``tools/deployment/benchmark_binary.py``.
 """
@@ -258,13 +263,19 @@ def speedups(runs: Dict[str, dict]) -> Dict[str, dict]:
     return out
 
 
+#: seconds of idle CPU before each timed call (longer than the ~50 ms that
+#: ONNX Runtime's thread pool keeps spinning after a call)
+SETTLE_S = 0.1
+
+
 def time_forms(forms: Dict[str, Callable[[], object]], iters: int,
-               warmup: int) -> Dict[str, dict]:
+               warmup: int, settle: float = SETTLE_S) -> Dict[str, dict]:
     """Time the forms interleaved (:mod:`mmbhvit.utils.timing`) under
-    ``torch.inference_mode``; per form the median, quartiles and minimum in
-    milliseconds and the number of timed runs."""
+    ``torch.inference_mode``, each call after ``settle`` seconds of sleep;
+    per form the median, quartiles and minimum in milliseconds and the
+    number of timed runs."""
     with torch.inference_mode():
-        times = time_interleaved(forms, iters, warmup)
+        times = time_interleaved(forms, iters, warmup, settle=settle)
     summary = {}
     for name, ts in times.items():
         s = summarize(ts)
@@ -278,16 +289,17 @@ def benchmark_task(task: str, binary: nn.Module, fp: nn.Module,
                    size, threads: List[int], iters: int, warmup: int,
                    profile: bool, backend: str = 'auto',
                    baselines: Sequence[str] = (),
-                   ops: bool = True) -> dict:
+                   ops: bool = True, settle: float = SETTLE_S) -> dict:
     """Time (a) fp, (b) binary, (c) packed for ``task`` ('cls' or 'seg'),
     and the fp32 ``baselines`` (runtime names of :data:`BASELINES`, as
     :func:`resolve_baselines` returns them) (d), (e). ``ops``: add the
-    binary model's OPs split (:func:`ops_split`) as ``result['ops']``."""
+    binary model's OPs split (:func:`ops_split`) as ``result['ops']``;
+    ``settle``: seconds of sleep before each timed call."""
     x = torch.randn(1, 3, *size, generator=torch.Generator().manual_seed(0))
     packed = export_model(binary)
     backend = resolve_backend(backend)
     result = dict(task=task, input=list(x.shape), backend=backend,
-                  runs={})
+                  settle_s=settle, runs={})
     if task == 'cls':
         engine = PackedClassifier(packed, backend=backend).eval()
         forms = {
@@ -336,7 +348,8 @@ def benchmark_task(task: str, binary: nn.Module, fp: nn.Module,
                 torch.set_num_threads(n)
                 timed = dict(forms)
                 timed.update(_baseline_forms(files, baselines, x, n))
-                result['runs'][n] = time_forms(timed, iters, warmup)
+                result['runs'][n] = time_forms(timed, iters, warmup,
+                                                    settle)
                 result.setdefault('speedups', {})[n] = speedups(
                     result['runs'][n])
                 if profile:
@@ -522,11 +535,19 @@ def parse_args(argv=None):
                    help='print README table rows (one per config and thread '
                    'count, CPU line above), or write them to FILE')
     p.add_argument('--json', default=None, help='write the results here')
+    p.add_argument('--settle', type=float, default=SETTLE_S,
+                   metavar='SECONDS',
+                   help='untimed sleep before every timed call, so that no '
+                   "form runs while another's threads still spin (ONNX "
+                   f'Runtime: ~50 ms after a call; default {SETTLE_S})')
     p.add_argument('--default-malloc', action='store_true',
                    help="leave glibc's allocator settings alone (default: "
                    'keep freed memory, as the tools do on a CPU machine, '
                    'for every form)')
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if not args.settle >= 0:
+        p.error(f'--settle must be >= 0 seconds, got {args.settle}')
+    return args
 
 
 def main(argv=None) -> int:
@@ -543,6 +564,7 @@ def main(argv=None) -> int:
     print(f'CPU: {cpu_description()}')
     print(f'torch {torch.__version__}, {os.cpu_count()} CPUs, threads '
           f'{threads}, engine backend {resolve_backend(args.backend)!r}, '
+          f'{args.settle:g} s idle before each timed call, '
           f'load average before: {load}')
     if args.no_baselines:
         baselines = []
@@ -563,7 +585,8 @@ def main(argv=None) -> int:
         print(f'\n# {config}')
         res = benchmark_task(task, binary, fp, size, threads, iters,
                              args.warmup, args.profile, args.backend,
-                             baselines=baselines, ops=not args.no_ops)
+                             baselines=baselines, ops=not args.no_ops,
+                             settle=args.settle)
         res['config'] = config
         res['load_after'] = os.getloadavg()
         print(format_result(res), flush=True)

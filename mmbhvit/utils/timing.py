@@ -5,7 +5,11 @@ Cases compared with each other are timed in one process, interleaved: every
 round runs each case once, in an order reversed every other round
 (a, b, c, c, b, a, a, b, ...), so that load from other processes, warm
 caches and the position in the round affect all cases alike. The first
-``warmup`` rounds are not timed. Used by ``tools/analysis_tools/benchmark.py``
+``warmup`` rounds are not timed. With ``settle`` > 0 every call is preceded
+by an untimed pause: a runtime whose worker threads keep spinning after
+its call returns (ONNX Runtime's thread pool busy-waits for ~50 ms on one
+core) would otherwise take that core from whichever case runs next. Used
+by ``tools/analysis_tools/benchmark.py``
 (binary vs full-precision PyTorch models) and :mod:`mmbhvit.deploy.benchmark`
 (PyTorch vs the packed engine).
 """
@@ -19,8 +23,8 @@ __all__ = ['time_interleaved', 'summarize']
 def time_interleaved(cases: Mapping[Hashable, Callable[[], object]],
                      repeats: int,
                      warmup: int = 0,
-                     on_round: Optional[Callable[[int, int], None]] = None
-                     ) -> Dict[Hashable, List[float]]:
+                     on_round: Optional[Callable[[int, int], None]] = None,
+                     settle: float = 0.0) -> Dict[Hashable, List[float]]:
     """Time each callable of ``cases`` ``repeats`` times, interleaved.
 
     Args:
@@ -37,10 +41,14 @@ def time_interleaved(cases: Mapping[Hashable, Callable[[], object]],
         round order (so the i-th times of two cases are from the same
         round, for paired comparisons).
     """
+    if not settle >= 0:
+        raise ValueError(f'settle must be >= 0 seconds, got {settle!r}')
     names = list(cases)
     times: Dict[Hashable, List[float]] = {name: [] for name in names}
     for i in range(warmup + repeats):
         for name in (names if i % 2 == 0 else names[::-1]):
+            if settle > 0:
+                time.sleep(settle)
             start = time.perf_counter()
             cases[name]()
             elapsed = time.perf_counter() - start
