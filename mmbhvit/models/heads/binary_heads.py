@@ -23,10 +23,12 @@ same architecture (same shifts, norms, RPReLUs and shortcuts).
 """
 from typing import Optional
 
+import torch
 from mmcv.cnn import ConvModule, build_norm_layer
 from mmseg.models.decode_heads import FPNHead, UPerHead
 from mmseg.models.decode_heads.psp_head import PPM
 from mmseg.models.necks import FPN
+from mmseg.models.utils import resize
 from torch import Tensor, nn
 
 from ...registry import register_model
@@ -155,6 +157,53 @@ class BinaryUPerHead(UPerHead):
             for c in self.in_channels[:-1])
 
 
+def _may_overwrite() -> bool:
+    """Whether a fresh intermediate map may be updated in place: not when
+    autograd records (it may be saved for backward) nor when tracing (an
+    ONNX export records the out-of-place graph)."""
+    return not torch.is_grad_enabled() and not torch.jit.is_tracing()
+
+
+def _shares_memory(t: Tensor, others) -> bool:
+    ptr = t.untyped_storage().data_ptr()
+    return any(o.untyped_storage().data_ptr() == ptr for o in others)
+
+
+def add_resized(x: Tensor, y: Tensor, mode: str,
+                align_corners: Optional[bool] = None,
+                inplace: bool = False) -> Tensor:
+    """``x + resize(y, size=x.shape[2:], mode=mode, align_corners=...)``
+    (mmseg's top-down sums of FPN), without the resized copy of ``y`` where
+    the resize is exact:
+
+    * ``y`` already of ``x``'s size: the resize is the identity (bilinear
+      and nearest alike), so ``x + y``;
+    * ``mode='nearest'`` to exactly twice ``y``'s height and width: output
+      pixel ``(i, j)`` reads ``y[i // 2, j // 2]`` (PyTorch's rule for a
+      factor of two), so ``x`` viewed as ``(N, C, H, 2, W, 2)`` plus ``y``
+      broadcast over the two 2-sized dimensions: the same element sums,
+      any memory format.
+
+    Otherwise the resize as mmseg computes it. ``inplace``: add into ``x``
+    (its caller owns it and nothing else reads it). The same values as the
+    plain expression, except that a non-finite ``y`` does not spread to its
+    neighbours in the identity case (bilinear weights of 0 times inf).
+    """
+    h, w = x.shape[2:]
+    hy, wy = y.shape[2:]
+    if (hy, wy) == (h, w) and mode in ('bilinear', 'nearest'):
+        return x.add_(y) if inplace else x + y
+    if mode == 'nearest' and (h, w) == (2 * hy, 2 * wy):
+        x6 = x.unflatten(3, (wy, 2)).unflatten(2, (hy, 2))
+        y6 = y[:, :, :, None, :, None]
+        if inplace:
+            x6.add_(y6)
+            return x
+        return (x6 + y6).flatten(4, 5).flatten(2, 3)
+    resized = resize(y, size=(h, w), mode=mode, align_corners=align_corners)
+    return x.add_(resized) if inplace else x + resized
+
+
 @register_model
 class BinaryFPNHead(FPNHead):
     """Semantic FPN head whose 3×3 convolutions (all of the ``scale_heads``)
@@ -174,6 +223,17 @@ class BinaryFPNHead(FPNHead):
             _binarize_conv_modules(scale_head, 3, norm_cfg=self.norm_cfg,
                                    weight_bits=weight_bits,
                                    act_bits=act_bits)
+
+    def forward(self, inputs):
+        # FPNHead's sum of the scale heads, with add_resized: the scale
+        # heads of the lower levels already end at the first one's size
+        x = self._transform_inputs(inputs)
+        output = self.scale_heads[0](x[0])
+        inplace = _may_overwrite() and not _shares_memory(output, x)
+        for i in range(1, len(self.feature_strides)):
+            output = add_resized(output, self.scale_heads[i](x[i]),
+                                 'bilinear', self.align_corners, inplace)
+        return self.cls_seg(output)
 
 
 @register_model
@@ -199,3 +259,25 @@ class BinaryFPN(FPN):
         super().__init__(**kwargs)
         _binarize_conv_modules(self.fpn_convs, 3, norm_cfg=block_norm_cfg,
                                weight_bits=weight_bits, act_bits=act_bits)
+
+    def forward(self, inputs):
+        # mmseg's FPN with add_resized in the top-down path (the nearest
+        # upsampling by two read in place, no upsampled copy); set-ups with
+        # extra levels or other resize options take mmseg's forward
+        if (self.num_outs > len(self.lateral_convs) or
+                not set(self.upsample_cfg) <= {'mode', 'align_corners'}):
+            return super().forward(inputs)
+        if len(inputs) != len(self.in_channels):
+            raise ValueError(f'{type(self).__name__}: {len(inputs)} input '
+                             f'maps, expected {len(self.in_channels)} '
+                             '(in_channels)')
+        laterals = [conv(inputs[i + self.start_level])
+                    for i, conv in enumerate(self.lateral_convs)]
+        inplace = _may_overwrite() and not any(
+            _shares_memory(lat, inputs) for lat in laterals)
+        for i in range(len(laterals) - 1, 0, -1):
+            laterals[i - 1] = add_resized(
+                laterals[i - 1], laterals[i],
+                self.upsample_cfg.get('mode', 'nearest'),
+                self.upsample_cfg.get('align_corners'), inplace)
+        return tuple(conv(lat) for conv, lat in zip(self.fpn_convs, laterals))
