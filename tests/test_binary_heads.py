@@ -6,6 +6,7 @@ import os.path as osp
 import pytest
 import torch
 import torch.nn.functional as F
+from torch import nn
 from mmcv.cnn import ConvModule
 
 import mmbhvit  # noqa: F401
@@ -233,3 +234,17 @@ def test_fpn_forwards_equal_mmseg(grad):
         # the upsampling's: float round-off only
         assert (g - g_ref).abs().max() <= 1e-5 * g_ref.abs().max()
         assert g.abs().sum() > 0
+
+
+def test_fpn_head_upsampling_traces_the_factor():
+    """BinaryFPNHead's scale heads upsample with nn.Upsample (the factor
+    traced, so a dynamic ONNX export holds at every size), with the values
+    of mmseg's Upsample (size int(2 * s)) at odd sizes too."""
+    from mmseg.models.utils import Upsample
+    head = MODELS.build(fpn_cfg())
+    ups = [m for m in head.modules() if isinstance(m, nn.Upsample)]
+    assert len(ups) == 6  # 1 + 2 + 3 for the levels below the first
+    assert not any(isinstance(m, Upsample) for m in head.modules())
+    x = torch.randn(1, 3, 7, 5)
+    ref = Upsample(scale_factor=2, mode='bilinear', align_corners=False)(x)
+    assert torch.equal(ups[0](x), ref) and ref.shape[2:] == (14, 10)

@@ -309,3 +309,24 @@ def test_cli_verify_passes_and_fails(cls_model, tmp_path, capsys):
                       '--verify']) == 2
     assert 'seg.pth' in capsys.readouterr().err
     assert not osp.exists(tmp_path / 'x.onnx')
+
+
+@pytest.mark.slow
+def test_fpn_segmentor_trace_is_exact_at_other_sizes():
+    """Semantic FPN (binary neck and head) traced at 96x96 equals the eager
+    model in float64 at 160x96 and at odd sizes (where the levels are not
+    exactly twice the next one): the scale heads' upsampling and the
+    top-down sums are traced for any size. (mmseg's Upsample once froze
+    the traced size: the file then computed other values.)"""
+    from mmbhvit.deploy.onnx import ExportWrapper, traceable_adaptive_pools
+    model = _build(osp.join(
+        REPO, 'configs/bhvit/fpn_bhvit-tiny_ade20k-binary-head.py')).double()
+    wrapper = ExportWrapper(model)
+    with torch.no_grad():
+        with traceable_adaptive_pools(model):
+            traced = torch.jit.trace(wrapper, _probe(96, 96).double(),
+                                     check_trace=False)
+        for h, w in ((160, 96), (100, 84)):
+            x = _probe(h, w).double()
+            torch.testing.assert_close(traced(x), wrapper(x), rtol=0,
+                                       atol=1e-9)

@@ -28,7 +28,7 @@ from mmcv.cnn import ConvModule, build_norm_layer
 from mmseg.models.decode_heads import FPNHead, UPerHead
 from mmseg.models.decode_heads.psp_head import PPM
 from mmseg.models.necks import FPN
-from mmseg.models.utils import resize
+from mmseg.models.utils import Upsample, resize
 from torch import Tensor, nn
 
 from ...registry import register_model
@@ -184,16 +184,20 @@ def add_resized(x: Tensor, y: Tensor, mode: str,
       broadcast over the two 2-sized dimensions: the same element sums,
       any memory format.
 
-    Otherwise the resize as mmseg computes it. ``inplace``: add into ``x``
+    Otherwise, and always while tracing (an exported graph must hold for
+    every input size, where these cases need not apply), the resize as mmseg
+    computes it. ``inplace``: add into ``x``
     (its caller owns it and nothing else reads it). The same values as the
     plain expression, except that a non-finite ``y`` does not spread to its
     neighbours in the identity case (bilinear weights of 0 times inf).
     """
     h, w = x.shape[2:]
     hy, wy = y.shape[2:]
-    if (hy, wy) == (h, w) and mode in ('bilinear', 'nearest'):
+    exact_cases = not torch.jit.is_tracing()
+    if exact_cases and (hy, wy) == (h, w) and mode in ('bilinear',
+                                                        'nearest'):
         return x.add_(y) if inplace else x + y
-    if mode == 'nearest' and (h, w) == (2 * hy, 2 * wy):
+    if exact_cases and mode == 'nearest' and (h, w) == (2 * hy, 2 * wy):
         x6 = x.unflatten(3, (wy, 2)).unflatten(2, (hy, 2))
         y6 = y[:, :, :, None, :, None]
         if inplace:
@@ -223,6 +227,15 @@ class BinaryFPNHead(FPNHead):
             _binarize_conv_modules(scale_head, 3, norm_cfg=self.norm_cfg,
                                    weight_bits=weight_bits,
                                    act_bits=act_bits)
+            for i, m in enumerate(scale_head):
+                # mmseg's Upsample turns the traced size into a constant
+                # (int()); nn.Upsample traces the factor: an ONNX export
+                # holds at every input size. Same values (the output size
+                # is 2 * input either way, so the scale is 1/2 either way).
+                if isinstance(m, Upsample) and m.size is None:
+                    scale_head[i] = nn.Upsample(
+                        scale_factor=m.scale_factor, mode=m.mode,
+                        align_corners=m.align_corners)
 
     def forward(self, inputs):
         # FPNHead's sum of the scale heads, with add_resized: the scale
