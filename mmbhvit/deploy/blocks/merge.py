@@ -12,6 +12,7 @@ positional embedding.
 from dataclasses import dataclass
 from typing import Dict, List
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor
 
@@ -75,7 +76,11 @@ class PackedMerge(PackedOp):
         self.in_scale, self.in_bias = f('norm_in.scale'), f('norm_in.bias')
         self.pos = PosEmbed(f('pos_embed'))
         if not self.binary:
-            self.weight, self.bias = f('weight'), f('bias')
+            # in the input's memory format (the map is channels-last): no
+            # weight reorder per call; the same convolution values
+            self.weight = f('weight').contiguous(
+                memory_format=torch.channels_last)
+            self.bias = f('bias')
             return
         self.thr, self.a, self.b = f('thr'), f('a'), f('b')
         self.slope, self.post_bias = f('slope'), f('post_bias')
