@@ -186,10 +186,10 @@ def add_resized(x: Tensor, y: Tensor, mode: str,
 
     Otherwise, and always while tracing (an exported graph must hold for
     every input size, where these cases need not apply), the resize as mmseg
-    computes it. ``inplace``: add into ``x``
-    (its caller owns it and nothing else reads it). The same values as the
-    plain expression, except that a non-finite ``y`` does not spread to its
-    neighbours in the identity case (bilinear weights of 0 times inf).
+    computes it. ``inplace``: add into ``x`` (its caller owns it and nothing
+    else reads it). The same values as the plain expression, except that a
+    non-finite ``y`` does not spread to its neighbours in the identity case
+    (bilinear weights of 0 times inf).
     """
     h, w = x.shape[2:]
     hy, wy = y.shape[2:]
