@@ -349,7 +349,7 @@ def benchmark_task(task: str, binary: nn.Module, fp: nn.Module,
                 timed = dict(forms)
                 timed.update(_baseline_forms(files, baselines, x, n))
                 result['runs'][n] = time_forms(timed, iters, warmup,
-                                                    settle)
+                                               settle)
                 result.setdefault('speedups', {})[n] = speedups(
                     result['runs'][n])
                 if profile:

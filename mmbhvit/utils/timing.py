@@ -9,9 +9,8 @@ caches and the position in the round affect all cases alike. The first
 by an untimed pause: a runtime whose worker threads keep spinning after
 its call returns (ONNX Runtime's thread pool busy-waits for ~50 ms on one
 core) would otherwise take that core from whichever case runs next. Used
-by ``tools/analysis_tools/benchmark.py``
-(binary vs full-precision PyTorch models) and :mod:`mmbhvit.deploy.benchmark`
-(PyTorch vs the packed engine).
+by ``tools/analysis_tools/benchmark.py`` (binary vs full-precision PyTorch
+models) and :mod:`mmbhvit.deploy.benchmark` (PyTorch vs the packed engine).
 """
 import statistics
 import time

@@ -32,6 +32,7 @@ from mmseg.models.utils import Upsample, resize
 from torch import Tensor, nn
 
 from ...registry import register_model
+from ..finite import is_tracing
 from ..binary import BinaryConv2d, LearnableBias, RPReLU
 
 
@@ -159,9 +160,9 @@ class BinaryUPerHead(UPerHead):
 
 def _may_overwrite() -> bool:
     """Whether a fresh intermediate map may be updated in place: not when
-    autograd records (it may be saved for backward) nor when tracing (an
-    ONNX export records the out-of-place graph)."""
-    return not torch.is_grad_enabled() and not torch.jit.is_tracing()
+    autograd records (it may be saved for backward) nor when traced or
+    compiled (an exported graph records the out-of-place ops)."""
+    return not torch.is_grad_enabled() and not is_tracing()
 
 
 def _shares_memory(t: Tensor, others) -> bool:
@@ -184,16 +185,17 @@ def add_resized(x: Tensor, y: Tensor, mode: str,
       broadcast over the two 2-sized dimensions: the same element sums,
       any memory format.
 
-    Otherwise, and always while tracing (an exported graph must hold for
-    every input size, where these cases need not apply), the resize as mmseg
-    computes it. ``inplace``: add into ``x`` (its caller owns it and nothing
-    else reads it). The same values as the plain expression, except that a
-    non-finite ``y`` does not spread to its neighbours in the identity case
+    Otherwise, and always while traced or compiled (``is_tracing``: an
+    exported graph must hold for every input size, where these cases need
+    not apply), the resize as mmseg computes it. ``inplace``: add into
+    ``x`` (its caller owns it and nothing else reads it). The same values as
+    the plain expression, except that a non-finite ``y`` does not spread to
+    its neighbours in the identity case
     (bilinear weights of 0 times inf).
     """
     h, w = x.shape[2:]
     hy, wy = y.shape[2:]
-    exact_cases = not torch.jit.is_tracing()
+    exact_cases = not is_tracing()
     if exact_cases and (hy, wy) == (h, w) and mode in ('bilinear',
                                                         'nearest'):
         return x.add_(y) if inplace else x + y
