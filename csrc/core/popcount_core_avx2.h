@@ -47,6 +47,13 @@ inline void store4(int32_t* dst, __m256i total, int64_t left) {
 }
 
 // kFull: all 4 NB outputs exist (plain loads), else masked loads.
+//
+// The (tap, word) steps run in chunks of at most 31 (a byte count stays
+// below 256) with the byte counts in registers; between chunks they are
+// folded into 64-bit totals, which live on the stack. With no fold test
+// in the step loop and no totals live in it, the NK x NB byte counts, the
+// weight register, the broadcast and the table fit the 16 ymm registers
+// for NK = 8 (the 3x3 convolution's tile of pixels).
 template <BitOp OP, int NK, int NB, bool kFull>
 inline void avx2_block(const Tap* taps, int ntaps, int64_t words, int64_t xs,
                        int64_t ldw, int64_t o, int64_t n, int32_t* acc,
@@ -54,46 +61,59 @@ inline void avx2_block(const Tap* taps, int ntaps, int64_t words, int64_t xs,
   const __m256i zero = _mm256_setzero_si256();
   __m256i mask[NB];  // used by partial blocks only
   for (int b = 0; b < NB; ++b)
-    mask[b] = kFull ? _mm256_setzero_si256() : tail4(n - o - 4 * b);
-  __m256i part[NK][NB], total[NK][NB];
-  for (int k = 0; k < NK; ++k)
-    for (int b = 0; b < NB; ++b) part[k][b] = total[k][b] = zero;
-  int fill = 0;
-  for (int t = 0; t < ntaps; ++t) {
-    const uint64_t* x = taps[t].x;
-    const uint64_t* w = taps[t].w + o;
-    for (int64_t i = 0; i < words; ++i) {
-      __m256i wv[NB];
-      for (int b = 0; b < NB; ++b) {
-        const uint64_t* p = w + i * ldw + 4 * b;
-        wv[b] = kFull ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))
-                     : _mm256_maskload_epi64(
-                           reinterpret_cast<const long long*>(p), mask[b]);
+    mask[b] = kFull ? zero : tail4(n - o - 4 * b);
+  alignas(32) int64_t total[NK][NB][4];
+  bool first = true;
+  int t = 0;
+  int64_t i = 0;  // next word of tap t
+  while (t < ntaps) {
+    __m256i part[NK][NB];
+    for (int k = 0; k < NK; ++k)
+      for (int b = 0; b < NB; ++b) part[k][b] = zero;
+    for (int64_t room = 31; room > 0 && t < ntaps;) {
+      const int64_t stop = i + (words - i < room ? words - i : room);
+      const uint64_t* x = taps[t].x;
+      const uint64_t* w = taps[t].w + o;
+      for (int64_t j = i; j < stop; ++j) {
+        __m256i wv[NB];
+        for (int b = 0; b < NB; ++b) {
+          const uint64_t* p = w + j * ldw + 4 * b;
+          wv[b] = kFull
+                      ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))
+                      : _mm256_maskload_epi64(
+                            reinterpret_cast<const long long*>(p), mask[b]);
+        }
+        for (int k = 0; k < NK; ++k) {
+          const __m256i xv =
+              _mm256_set1_epi64x(static_cast<long long>(x[k * xs + j]));
+          for (int b = 0; b < NB; ++b)
+            part[k][b] = _mm256_add_epi8(
+                part[k][b], popcount_bytes(bitop256<OP>(wv[b], xv)));
+        }
       }
-      for (int k = 0; k < NK; ++k) {
-        const __m256i xv =
-            _mm256_set1_epi64x(static_cast<long long>(x[k * xs + i]));
-        for (int b = 0; b < NB; ++b)
-          part[k][b] = _mm256_add_epi8(
-              part[k][b], popcount_bytes(bitop256<OP>(wv[b], xv)));
-      }
-      if (++fill == 31) {
-        for (int k = 0; k < NK; ++k)
-          for (int b = 0; b < NB; ++b) {
-            total[k][b] = _mm256_add_epi64(total[k][b],
-                                           _mm256_sad_epu8(part[k][b], zero));
-            part[k][b] = zero;
-          }
-        fill = 0;
+      room -= stop - i;
+      i = stop;
+      if (i == words) {
+        i = 0;
+        ++t;
       }
     }
+    for (int k = 0; k < NK; ++k)
+      for (int b = 0; b < NB; ++b) {
+        __m256i* dst = reinterpret_cast<__m256i*>(total[k][b]);
+        const __m256i s = _mm256_sad_epu8(part[k][b], zero);
+        _mm256_store_si256(
+            dst, first ? s : _mm256_add_epi64(_mm256_load_si256(dst), s));
+      }
+    first = false;
   }
   for (int k = 0; k < NK; ++k)
-    for (int b = 0; b < NB; ++b) {
-      total[k][b] =
-          _mm256_add_epi64(total[k][b], _mm256_sad_epu8(part[k][b], zero));
-      store4(acc + k * lda + o + 4 * b, total[k][b], n - o - 4 * b);
-    }
+    for (int b = 0; b < NB; ++b)
+      store4(acc + k * lda + o + 4 * b,
+             first ? zero
+                   : _mm256_load_si256(
+                         reinterpret_cast<const __m256i*>(total[k][b])),
+             n - o - 4 * b);
 }
 
 template <BitOp OP, int NK>

@@ -389,11 +389,16 @@ CASES = [
     # channels, partial blocks of outputs, a tile of pixels and a part
     ('sign_product_bias', sign_product_case, (2, 70, 13, 9, 11, True)),
     ('sign_product_wide', sign_product_case, (1, 130, 20, 3, 3, False)),
+    # more (tap, word) steps than a byte count holds (9 taps x 4 words):
+    # the popcount core folds between chunks, also in the middle of a tap;
+    # a tile of 8 interior pixels and a masked block of outputs
+    ('conv_deep', conv_case, (1, 3, 11, 200, 38, 3)),
 ]
 
 #: the larger cases, in float32 only (the files stay small)
 FLOAT32_ONLY = ('msgdc_words_wide', 'msgdc_lanes32', 'scores_long',
-                'context_lsq7', 'context_gsb', 'conv_chunk', 'conv_none5')
+                'context_lsq7', 'context_gsb', 'conv_chunk', 'conv_none5',
+                'conv_deep')
 
 
 def main(argv=None):
