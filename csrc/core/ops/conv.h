@@ -8,7 +8,10 @@
 // Work item: one output row. Pixels whose whole window lies inside the map
 // in x share their tap list, so they run kConvPixels at a time (the popcount
 // core reuses each weight load for the tile); the k / 2 border pixels at
-// each end of the row run alone with their own taps.
+// each end of the row run alone with their own taps. For the tiles, the k
+// taps of a window row are one tap of k * words words: the input pixels of
+// the row are neighbours in memory, and so are their weights (tap-major),
+// so the core runs k long taps instead of k * k short ones.
 #pragma once
 
 #include <cstdint>
@@ -44,6 +47,22 @@ inline int conv_taps(const uint64_t* bits, const uint64_t* wt, int64_t n,
   return nt;
 }
 
+// The taps of a tile of interior pixels starting at x0 of row y: one per
+// window row inside the map, k * words words long.
+inline int conv_row_taps(const uint64_t* bits, const uint64_t* wt, int64_t n,
+                         int64_t y, int64_t x0, int64_t h, int64_t w, int k,
+                         int64_t words, int64_t cp, Tap* taps) {
+  const int pad = k / 2;
+  int nt = 0;
+  for (int ky = 0; ky < k; ++ky) {
+    const int64_t yy = y + ky - pad;
+    if (yy < 0 || yy >= h) continue;
+    taps[nt++] = Tap{bits + ((n * h + yy) * w + x0 - pad) * words,
+                     wt + ky * k * words * cp};
+  }
+  return nt;
+}
+
 template <typename T>
 void conv(const ConvParams<T>& p, int64_t begin, int64_t end) {
   const int64_t H = p.h, Wd = p.w, W = p.words, CP = p.cout_pad,
@@ -61,9 +80,19 @@ void conv(const ConvParams<T>& p, int64_t begin, int64_t end) {
       int nk = 1;
       if (inside)
         while (nk < kConvPixels && x + nk + pad < Wd) ++nk;
-      const int nt = conv_taps(p.bits, p.wt, n, y, x, H, Wd, p.k, W, CP, taps);
-      popcount_rows<BitOp::kXor>(nk, taps, nt, W, W, CP, cout, acc.ptr, CP);
-      const int32_t full = int32_t(nt * cin);
+      int nt;
+      int32_t full;
+      if (inside) {
+        nt = conv_row_taps(p.bits, p.wt, n, y, x, H, Wd, p.k, W, CP, taps);
+        popcount_rows<BitOp::kXor>(nk, taps, nt, p.k * W, W, CP, cout,
+                                   acc.ptr, CP);
+        full = int32_t(nt * p.k * cin);
+      } else {
+        nt = conv_taps(p.bits, p.wt, n, y, x, H, Wd, p.k, W, CP, taps);
+        popcount_rows<BitOp::kXor>(nk, taps, nt, W, W, CP, cout, acc.ptr,
+                                   CP);
+        full = int32_t(nt * cin);
+      }
       for (int j = 0; j < nk; ++j) {
         const int64_t pix = (n * H + y) * Wd + x + j;
         proj_token(acc.ptr + j * CP, p.x + pix * cin, cin, cout, p.a, p.b,
