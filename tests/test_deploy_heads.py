@@ -202,3 +202,50 @@ def test_pack_binary_can_be_switched_off():
     model = optimize_heads(copy.deepcopy(binary), pack_binary=False)
     assert not any(isinstance(m, PackedConvBlock) for m in model.modules())
     assert any(isinstance(m, BinaryConvBlock) for m in model.modules())
+
+
+def test_padded_output_conv_keeps_values():
+    from mmbhvit.deploy.mmseg_backend import (PaddedOutputConv,
+                                              pad_conv_outputs)
+    torch.manual_seed(0)
+    conv = torch.nn.Conv2d(12, 10, 3, padding=1).double()
+    padded = PaddedOutputConv(conv)
+    assert padded.conv.out_channels == 16
+    x = torch.randn(2, 12, 5, 7, dtype=torch.float64)
+    with torch.no_grad():
+        out, ref = padded(x), conv(x)
+    assert out.shape == ref.shape
+    torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
+    # no bias: the padded conv's bias is zero for the kept channels
+    plain = torch.nn.Conv2d(12, 10, 1, bias=False).double()
+    with torch.no_grad():
+        torch.testing.assert_close(PaddedOutputConv(plain)(x), plain(x))
+    # wraps only ungrouped float convolutions off the multiple
+    holder = torch.nn.Sequential(
+        torch.nn.Conv2d(8, 150, 1), torch.nn.Conv2d(8, 16, 1),
+        torch.nn.Conv2d(8, 6, 3, groups=2), torch.nn.Sequential(
+            torch.nn.Conv2d(8, 7, 1)))
+    assert pad_conv_outputs(holder) == 2
+    assert isinstance(holder[0], PaddedOutputConv)
+    assert isinstance(holder[3][0], PaddedOutputConv)
+    assert type(holder[1]) is torch.nn.Conv2d
+    assert pad_conv_outputs(holder) == 0  # not wrapped twice
+    with pytest.raises(ValueError, match='groups=2'):
+        PaddedOutputConv(holder[2])
+
+
+def test_optimize_heads_pads_the_class_conv():
+    from mmbhvit.deploy.mmseg_backend import PaddedOutputConv
+    _, binary = _demo_pair()
+    model = optimize_heads(copy.deepcopy(binary), pack_binary=False)
+    seg = model.decode_head.conv_seg
+    classes = binary.decode_head.conv_seg.out_channels
+    assert classes % 8  # the demo's 5 classes
+    assert isinstance(seg, PaddedOutputConv)
+    assert seg.out_channels == classes
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        out = model(x, mode='tensor')
+        ref = binary.eval()(x, mode='tensor')
+    assert out.shape == ref.shape
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)

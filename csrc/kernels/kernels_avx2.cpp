@@ -26,7 +26,7 @@
    "popcount core (AND): vpshufb, both bit planes in registers, epilogue "  \
    "fused (float, LSQ 2 planes); AVX2 planes",                             \
    "AVX2 compare + movemask", "auto-vectorised (AVX2)",                    \
-   "popcount core: vpshufb, taps accumulated, 8 pixels per weight load",   \
+   "popcount core: vpshufb, window rows as taps, 8 pixels per weight load",   \
    "popcount core: vpshufb, 8 outputs x 4 pixels per load (NCHW)"}
 #include "../core/kernels.inc.h"
 #pragma GCC pop_options

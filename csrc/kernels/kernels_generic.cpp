@@ -12,6 +12,6 @@
    "scalar popcount core, 4 taps accumulated",                             \
    "scalar popcount core, 4 query rows", "scalar popcount core (AND)",     \
    "scalar", "auto-vectorised (baseline)",                                \
-   "scalar popcount core, taps accumulated, 8 pixels per weight row",      \
+   "scalar popcount core, window rows as taps, 8 pixels per weight row",      \
    "scalar popcount core, 8 outputs per pixel row (NCHW)"}
 #include "../core/kernels.inc.h"

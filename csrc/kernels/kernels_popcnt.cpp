@@ -18,7 +18,7 @@
    "scalar popcount core: POPCNT per word, 4 query rows",           \
    "scalar popcount core (AND): POPCNT per word",                   \
    "scalar", "auto-vectorised (SSE4.2)",                                  \
-   "scalar popcount core (POPCNT), taps accumulated, 8 pixels per weight row", \
+   "scalar popcount core (POPCNT), window rows as taps, 8 pixels per row", \
    "scalar popcount core (POPCNT), 8 outputs per pixel row (NCHW)"}
 #include "../core/kernels.inc.h"
 #pragma GCC pop_options
