@@ -156,9 +156,11 @@ def kernel_cases(dtype):
     attention('attn stage3 4x53x256 h4', 4, 53, 256, 4)
     attention('attn stage4 1x50x512 h8', 1, 50, 512, 8)
     # binary heads: UPerNet's fpn_bottleneck (4 x 512 -> 512; at 512x512 it
-    # runs at 128x128, here at 32x32) and a Semantic FPN 3x3 (128 -> 128)
+    # runs at 128x128, here at 32x32), a Semantic FPN 3x3 (128 -> 128) and
+    # the FPN neck's first 3x3 as at 512x512 (256 -> 256 at 1/4)
     conv('head conv3x3 32x32 2048->512', 32, 32, 2048, 512)
     conv('head conv3x3 64x64 128->128', 64, 64, 128, 128)
+    conv('head conv3x3 128x128 256->256', 128, 128, 256, 256)
     return cases
 
 

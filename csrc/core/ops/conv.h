@@ -28,37 +28,23 @@ constexpr int kMaxConvTaps = 49;  // k <= 7
 constexpr int kConvPixels = 8;     // interior pixels per weight load
 
 // The taps of the pixels x0 .. x0 + nk - 1 of row y of image n (all with
-// the same valid columns); returns how many there are.
+// the same valid columns); returns how many there are. rows (interior
+// pixels only): one tap per window row inside the map, k * words words
+// long, else one per window position inside the map.
 inline int conv_taps(const uint64_t* bits, const uint64_t* wt, int64_t n,
                      int64_t y, int64_t x0, int64_t h, int64_t w, int k,
-                     int64_t words, int64_t cp, Tap* taps) {
+                     int64_t words, int64_t cp, bool rows, Tap* taps) {
   const int pad = k / 2;
   int nt = 0;
   for (int ky = 0; ky < k; ++ky) {
     const int64_t yy = y + ky - pad;
     if (yy < 0 || yy >= h) continue;
-    for (int kx = 0; kx < k; ++kx) {
+    for (int kx = 0; kx < (rows ? 1 : k); ++kx) {
       const int64_t xx = x0 + kx - pad;
       if (xx < 0 || xx >= w) continue;
       taps[nt++] = Tap{bits + ((n * h + yy) * w + xx) * words,
                        wt + (ky * k + kx) * words * cp};
     }
-  }
-  return nt;
-}
-
-// The taps of a tile of interior pixels starting at x0 of row y: one per
-// window row inside the map, k * words words long.
-inline int conv_row_taps(const uint64_t* bits, const uint64_t* wt, int64_t n,
-                         int64_t y, int64_t x0, int64_t h, int64_t w, int k,
-                         int64_t words, int64_t cp, Tap* taps) {
-  const int pad = k / 2;
-  int nt = 0;
-  for (int ky = 0; ky < k; ++ky) {
-    const int64_t yy = y + ky - pad;
-    if (yy < 0 || yy >= h) continue;
-    taps[nt++] = Tap{bits + ((n * h + yy) * w + x0 - pad) * words,
-                     wt + ky * k * words * cp};
   }
   return nt;
 }
@@ -80,19 +66,12 @@ void conv(const ConvParams<T>& p, int64_t begin, int64_t end) {
       int nk = 1;
       if (inside)
         while (nk < kConvPixels && x + nk + pad < Wd) ++nk;
-      int nt;
-      int32_t full;
-      if (inside) {
-        nt = conv_row_taps(p.bits, p.wt, n, y, x, H, Wd, p.k, W, CP, taps);
-        popcount_rows<BitOp::kXor>(nk, taps, nt, p.k * W, W, CP, cout,
-                                   acc.ptr, CP);
-        full = int32_t(nt * p.k * cin);
-      } else {
-        nt = conv_taps(p.bits, p.wt, n, y, x, H, Wd, p.k, W, CP, taps);
-        popcount_rows<BitOp::kXor>(nk, taps, nt, W, W, CP, cout, acc.ptr,
-                                   CP);
-        full = int32_t(nt * cin);
-      }
+      const int nt =
+          conv_taps(p.bits, p.wt, n, y, x, H, Wd, p.k, W, CP, inside, taps);
+      const int span = inside ? p.k : 1;  // window positions per tap
+      popcount_rows<BitOp::kXor>(nk, taps, nt, span * W, W, CP, cout,
+                                 acc.ptr, CP);
+      const int32_t full = int32_t(nt * span * cin);
       for (int j = 0; j < nk; ++j) {
         const int64_t pix = (n * H + y) * Wd + x + j;
         proj_token(acc.ptr + j * CP, p.x + pix * cin, cin, cout, p.a, p.b,
