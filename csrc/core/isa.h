@@ -45,6 +45,13 @@
 #define MMBHVIT_NOALIAS_LOOP
 #endif
 
+// A small kernel whose results must stay in registers in its caller.
+#if defined(__GNUC__)
+#define MMBHVIT_ALWAYS_INLINE __attribute__((always_inline))
+#else
+#define MMBHVIT_ALWAYS_INLINE
+#endif
+
 #if MMBHVIT_AVX512 || MMBHVIT_AVX2
 #include <immintrin.h>
 #endif

@@ -140,7 +140,7 @@ inline void popcount_accumulate(const Tap* taps, int ntaps, int64_t words,
 // <= 31), the two 64-bit-lane halves interleaved into 32-bit lanes and put
 // in order with one vpermd.
 template <BitOp OP, int NK, bool kFold>
-inline void count8(const Tap* taps, int ntaps, int64_t words, int64_t xs,
+MMBHVIT_ALWAYS_INLINE inline void count8(const Tap* taps, int ntaps, int64_t words, int64_t xs,
                    int64_t ldw, int64_t o, __m256i* out) {
   const __m256i zero = _mm256_setzero_si256();
   __m256i part[NK][2];
