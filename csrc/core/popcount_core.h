@@ -85,6 +85,7 @@ inline void popcount_accumulate(const Tap* taps, int ntaps, int64_t words,
   popcount_scalar<OP, NK>(taps, ntaps, words, xs, ldw, n, acc, lda);
 }
 constexpr bool kHasLanes = false;
+constexpr bool kDenseLaneInput = false;
 inline void popcount_lanes(const Tap*, int, int, int64_t, int32_t*) {}
 }  // namespace
 }  // namespace MMBHVIT_NS

@@ -190,28 +190,42 @@ MMBHVIT_ALWAYS_INLINE inline void count8(const Tap* taps, int ntaps, int64_t wor
 }
 
 // Lane path (see popcount_core_avx512.h), per 256-bit half u of the
-// 512-bit vectors: lane j <-> output u * 256 / cg + j. The byte counts are
-// summed over the taps first (ntaps <= 9 here: at most 9 x 8 < 256 per
-// byte), then pairwise into the lanes once (vpmaddubsw, then vpmaddwd for
-// 32 bits); NH halves per pass share the tap pointers.
-template <int NH>
-inline void avx2_lanes(const Tap* taps, int ntaps, int cg, int64_t u0,
-                       int32_t* acc) {
+// 512-bit vectors: lane j <-> output u * 256 / cg + j, all of one channel
+// group (cg = 16: the half is group u; cg = 32: group u / 4). The input is
+// dense (kDenseLaneInput): per pixel one 32-bit word per group (a 16-bit
+// group twice), broadcast into the lanes by the load, so a tap reads 4
+// words of input instead of nvec vectors of expanded lanes. The byte
+// counts are summed over the taps first (ntaps <= 9 here: at most 9 x 8 <
+// 256 per byte), then pairwise into the lanes once (vpmaddubsw, then
+// vpmaddwd for 32 bits); NH halves per pass share the tap pointers.
+constexpr bool kDenseLaneInput = true;
+
+template <int CG, int NH>
+inline void avx2_lanes(const Tap* taps, int ntaps, int64_t u0, int32_t* acc) {
+  // the group word of each half: the same one for the 4 halves of a 32-bit
+  // group (u0 % 4 == 0 there)
+  constexpr int kGroups = CG == 16 ? NH : 1;
+  static_assert(CG == 16 || NH % 4 == 0, "32-bit groups span 4 halves");
+  const int64_t g0 = CG == 16 ? u0 : u0 / 4;
   __m256i bytes[NH];
   for (int h = 0; h < NH; ++h) bytes[h] = _mm256_setzero_si256();
   for (int t = 0; t < ntaps; ++t) {
-    const __m256i* xp = reinterpret_cast<const __m256i*>(taps[t].x) + u0;
+    const int32_t* xp = reinterpret_cast<const int32_t*>(taps[t].x) + g0;
     const __m256i* wp = reinterpret_cast<const __m256i*>(taps[t].w) + u0;
+    __m256i xv[kGroups];
+    for (int g = 0; g < kGroups; ++g)
+      xv[g] = _mm256_broadcastd_epi32(_mm_loadu_si32(xp + g));
     for (int h = 0; h < NH; ++h)
       bytes[h] = _mm256_add_epi8(
-          bytes[h], popcount_bytes(_mm256_xor_si256(_mm256_loadu_si256(xp + h),
-                                                    _mm256_loadu_si256(wp + h))));
+          bytes[h],
+          popcount_bytes(_mm256_xor_si256(
+              xv[CG == 16 ? h : 0], _mm256_loadu_si256(wp + h))));
   }
   const __m256i ones8 = _mm256_set1_epi8(1);
   for (int h = 0; h < NH; ++h) {
     const int64_t u = u0 + h;
     const __m256i pairs = _mm256_maddubs_epi16(bytes[h], ones8);
-    if (cg == 16) {
+    if (CG == 16) {
       int32_t* a = acc + u * 16;
       _mm256_storeu_si256(reinterpret_cast<__m256i*>(a),
                           _mm256_cvtepu16_epi32(_mm256_castsi256_si128(pairs)));
@@ -228,9 +242,14 @@ inline void avx2_lanes(const Tap* taps, int ntaps, int cg, int64_t u0,
 constexpr bool kHasLanes = true;
 inline void popcount_lanes(const Tap* taps, int ntaps, int cg, int64_t nvec,
                            int32_t* acc) {
+  // 2 nvec halves: a multiple of 4 for 32-bit groups (4 halves per group)
   int64_t u = 0;
-  for (; u + 4 <= 2 * nvec; u += 4) avx2_lanes<4>(taps, ntaps, cg, u, acc);
-  for (; u < 2 * nvec; u += 2) avx2_lanes<2>(taps, ntaps, cg, u, acc);
+  if (cg == 16) {
+    for (; u + 4 <= 2 * nvec; u += 4) avx2_lanes<16, 4>(taps, ntaps, u, acc);
+    for (; u < 2 * nvec; u += 2) avx2_lanes<16, 2>(taps, ntaps, u, acc);
+  } else {
+    for (; u < 2 * nvec; u += 4) avx2_lanes<32, 4>(taps, ntaps, u, acc);
+  }
 }
 
 }  // namespace

@@ -117,6 +117,7 @@ inline void avx512_lanes(const Tap* taps, int ntaps, int cg, int64_t v0,
 }
 
 constexpr bool kHasLanes = true;
+constexpr bool kDenseLaneInput = false;  // expanded lanes
 inline void popcount_lanes(const Tap* taps, int ntaps, int cg, int64_t nvec,
                            int32_t* acc) {
   int64_t v = 0;

@@ -87,6 +87,7 @@ inline void popcount_accumulate(const Tap* taps, int ntaps, int64_t words,
 // 16-bit lanes (and again into 32-bit lanes for cg = 32); a 512-bit vector
 // is four 128-bit registers, lane j of register r is output r * 128/cg + j.
 constexpr bool kHasLanes = true;
+constexpr bool kDenseLaneInput = false;  // expanded lanes
 inline void popcount_lanes(const Tap* taps, int ntaps, int cg, int64_t nvec,
                            int32_t* acc) {
   for (int64_t r = 0; r < 4 * nvec; ++r) {

@@ -36,10 +36,18 @@ bool msgdc_lanes(int lane_bits, int64_t c) {
          c / 4 == lane_bits && 512 % c == 0;
 }
 
-// item = pixel: dense sign bits of the pixel, then per 512-bit block v the
-// input lanes of outputs v * 512/cg + j: lane j holds the cg bits of the
-// group of that output. A 64-bit word holds 64/cg lanes of one group, so it
-// is the group's bits repeated.
+// Words of lane-path input per pixel: the dense group words
+// (kDenseLaneInput: one 32-bit word per group, a 16-bit group twice), or
+// nvec expanded 512-bit vectors.
+inline int64_t lane_input_words(int64_t nvec, int64_t groups) {
+  return kDenseLaneInput ? (groups + 1) / 2 : nvec * 8;
+}
+
+// item = pixel: dense sign bits of the pixel, then either its group words
+// (kDenseLaneInput) or, per 512-bit block v, the input lanes of outputs
+// v * 512/cg + j: lane j holds the cg bits of the group of that output. A
+// 64-bit word holds 64/cg lanes of one group, so it is the group's bits
+// repeated.
 template <typename T>
 void msgdc_expand(const ExpandParams<T>& p, int64_t begin, int64_t end) {
   const int64_t C = p.c, cg = p.cg, nl = 512 / cg, nvec = p.nvec;
@@ -48,6 +56,23 @@ void msgdc_expand(const ExpandParams<T>& p, int64_t begin, int64_t end) {
   const uint64_t repeat = cg == 16 ? 0x0001000100010001ull
                                    : 0x0000000100000001ull;
   const uint64_t mask = (uint64_t(1) << cg) - 1;
+  if (kDenseLaneInput) {
+    uint64_t dense[8];
+    const int64_t nw = lane_input_words(nvec, groups);
+    for (int64_t pix = begin; pix < end; ++pix) {
+      pack_row(p.x + pix * C, p.thr, p.in_scale, p.in_bias, C, dense);
+      uint64_t* out = p.expanded + pix * nw;
+      for (int64_t k = 0; k < nw; ++k) out[k] = 0;
+      for (int64_t g = 0; g < groups; ++g) {
+        const int64_t sh = g * cg;
+        // a 32-bit word: the group's bits once (cg = 32) or twice (16)
+        const uint64_t word =
+            (((dense[sh >> 6] >> (sh & 63)) & mask) * repeat) & 0xffffffffull;
+        out[g >> 1] |= word << (32 * (g & 1));
+      }
+    }
+    return;
+  }
   // bit offset (g * cg) of the group of each output word (lane shapes:
   // C = 4 cg <= 128, so nvec = C cg / 512 <= 8)
   int64_t shift[64];
@@ -69,6 +94,78 @@ void msgdc_expand(const ExpandParams<T>& p, int64_t begin, int64_t end) {
   }
 }
 
+// The epilogue of one pixel for three dilations (below): the generic loop,
+// or 8 channels per step with the vectors interleaved (AVX2 / AVX-512,
+// float; same float operations in the same order).
+template <typename T>
+struct MsgdcEpilogue {
+  explicit MsgdcEpilogue(const MsgdcParams<T>&) {}
+  bool fused() const { return false; }
+  void run(const int32_t*, int64_t, const int32_t*, const T*, T*, T*) const {}
+};
+
+#if MMBHVIT_AVX2 || MMBHVIT_AVX512
+template <>
+struct MsgdcEpilogue<float> {
+  static constexpr int kVectors = 13;  // a, b, slope x 3, out, norm affine
+  Scratch<float> v;
+  int64_t c;
+  bool ok;
+  explicit MsgdcEpilogue(const MsgdcParams<float>& p)
+      : v(p.ndil == 3 && p.c % 8 == 0 ? kVectors * p.c : 0),
+        c(p.c),
+        ok(p.ndil == 3 && p.c % 8 == 0) {
+    if (!ok) return;
+    const float* src[kVectors] = {
+        p.a[0],      p.b[0],       p.slope[0],   p.a[1],     p.b[1],
+        p.slope[1],  p.a[2],       p.b[2],       p.slope[2], p.out_scale,
+        p.out_bias,  p.n2_scale,   p.n2_bias};
+    for (int64_t o = 0; o < c; o += 8)
+      for (int j = 0; j < kVectors; ++j)
+        for (int i = 0; i < 8; ++i) v.ptr[kVectors * o + 8 * j + i] = src[j][o + i];
+  }
+  bool fused() const { return ok; }
+
+  // prelu(D a + b) of one dilation; prm: its a, b, slope
+  static inline __m256 branch(__m256i count, __m256i full, const float* prm) {
+    const __m256 d = _mm256_cvtepi32_ps(
+        _mm256_sub_epi32(full, _mm256_add_epi32(count, count)));
+    __m256 z = _mm256_mul_ps(d, _mm256_loadu_ps(prm));
+    z = _mm256_add_ps(z, _mm256_loadu_ps(prm + 8));
+    const __m256 neg = _mm256_mul_ps(z, _mm256_loadu_ps(prm + 16));
+    return _mm256_blendv_ps(
+        neg, z, _mm256_cmp_ps(z, _mm256_setzero_ps(), _CMP_GT_OQ));
+  }
+
+  // acc: the counts of dilation di at acc + di * cs
+  void run(const int32_t* acc, int64_t cs, const int32_t* full,
+           const float* xin, float* h, float* hn) const {
+    const __m256i f0 = _mm256_set1_epi32(full[0]);
+    const __m256i f1 = _mm256_set1_epi32(full[1]);
+    const __m256i f2 = _mm256_set1_epi32(full[2]);
+    const float* prm = v.ptr;
+    for (int64_t o = 0; o < c; o += 8, prm += 8 * kVectors) {
+      const __m256i* a = reinterpret_cast<const __m256i*>(acc + o);
+      __m256 sm = branch(_mm256_loadu_si256(a), f0, prm);
+      sm = _mm256_add_ps(
+          sm, branch(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(
+                         acc + cs + o)),
+                     f1, prm + 24));
+      sm = _mm256_add_ps(
+          sm, branch(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(
+                         acc + 2 * cs + o)),
+                     f2, prm + 48));
+      __m256 t = _mm256_mul_ps(sm, _mm256_loadu_ps(prm + 72));
+      t = _mm256_add_ps(t, _mm256_loadu_ps(prm + 80));
+      const __m256 hv = _mm256_add_ps(_mm256_loadu_ps(xin + o), t);
+      _mm256_storeu_ps(h + o, hv);
+      const __m256 u = _mm256_mul_ps(hv, _mm256_loadu_ps(prm + 88));
+      _mm256_storeu_ps(hn + o, _mm256_add_ps(u, _mm256_loadu_ps(prm + 96)));
+    }
+  }
+};
+#endif
+
 template <typename T>
 void msgdc(const MsgdcParams<T>& p, int64_t begin, int64_t end) {
   const int64_t H = p.h, Wd = p.w, C = p.c, G = p.groups, cg = p.cg,
@@ -79,6 +176,8 @@ void msgdc(const MsgdcParams<T>& p, int64_t begin, int64_t end) {
   Scratch<int32_t> acc(kMaxDilations * CS);
   const bool lanes = p.lane_bits != 0;
   const int ndil = p.ndil;
+  const MsgdcEpilogue<T> epilogue(p);
+  const int64_t lane_words = lane_input_words(p.nvec, G);
   for (int64_t pix = begin; pix < end; ++pix) {
     const int64_t n = pix / (H * Wd), yx = pix % (H * Wd);
     const int64_t y = yx / Wd, x = yx % Wd;
@@ -98,7 +197,7 @@ void msgdc(const MsgdcParams<T>& p, int64_t begin, int64_t end) {
           const int64_t q = (n * H + yy) * Wd + xx;
           const int64_t tap = ky * 3 + kx;
           if (lanes)
-            taps[nv] = Tap{p.expanded + q * p.nvec * 8,
+            taps[nv] = Tap{p.expanded + q * lane_words,
                            p.wx[di] + tap * p.nvec * 8};
           else
             taps[nv] = Tap{p.bits + q * pix_words, p.wt[di] + tap * wg * CP};
@@ -132,7 +231,9 @@ void msgdc(const MsgdcParams<T>& p, int64_t begin, int64_t end) {
     const T* __restrict b0 = p.b[0];
     const T* __restrict s0 = p.slope[0];
     const int32_t f0 = full[0];
-    if (ndil == 3) {
+    if (epilogue.fused()) {
+      epilogue.run(ac0, CS, full, xin, h, hn);
+    } else if (ndil == 3) {
       const int32_t* __restrict ac1 = acc.ptr + CS;
       const int32_t* __restrict ac2 = acc.ptr + 2 * CS;
       const T* __restrict a1 = p.a[1];
