@@ -108,7 +108,10 @@ struct MsgdcParams {
   int64_t nvec;                        // ceil(c / (512 / cg))
   const uint64_t* expanded;            // (n, h, w, nvec, 8): lane j of
                                        // vector v = input bits of the group
-                                       // of output v * 512 / cg + j
+                                       // of output v * 512 / cg + j; or,
+                                       // where the core's kDenseLaneInput,
+                                       // (n, h, w, groups / 2): one 32-bit
+                                       // word per group (msgdc_expand)
   const uint64_t* wx[kMaxDilations];   // (9, nvec, 8): lane j of vector v
                                        // = weights of output v * 512/cg + j
 };

@@ -140,8 +140,10 @@ inline void popcount_accumulate(const Tap* taps, int ntaps, int64_t words,
 // <= 31), the two 64-bit-lane halves interleaved into 32-bit lanes and put
 // in order with one vpermd.
 template <BitOp OP, int NK, bool kFold>
-MMBHVIT_ALWAYS_INLINE inline void count8(const Tap* taps, int ntaps, int64_t words, int64_t xs,
-                   int64_t ldw, int64_t o, __m256i* out) {
+MMBHVIT_ALWAYS_INLINE inline void count8(const Tap* taps, int ntaps,
+                                         int64_t words, int64_t xs,
+                                         int64_t ldw, int64_t o,
+                                         __m256i* out) {
   const __m256i zero = _mm256_setzero_si256();
   __m256i part[NK][2];
   __m256i total[NK];  // 32-bit lanes, interleaved order (kFold only)

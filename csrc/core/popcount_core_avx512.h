@@ -65,8 +65,10 @@ inline void popcount_accumulate(const Tap* taps, int ntaps, int64_t words,
 // weights) for NK rows, kept in registers for a fused epilogue (see
 // popcount_core_avx2.h; kFold is meaningless here).
 template <BitOp OP, int NK, bool kFold>
-MMBHVIT_ALWAYS_INLINE inline void count8(const Tap* taps, int ntaps, int64_t words, int64_t xs,
-                   int64_t ldw, int64_t o, __m256i* out) {
+MMBHVIT_ALWAYS_INLINE inline void count8(const Tap* taps, int ntaps,
+                                         int64_t words, int64_t xs,
+                                         int64_t ldw, int64_t o,
+                                         __m256i* out) {
   __m512i s[NK];
   for (int k = 0; k < NK; ++k) s[k] = _mm512_setzero_si512();
   for (int t = 0; t < ntaps; ++t) {

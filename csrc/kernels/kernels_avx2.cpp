@@ -16,7 +16,8 @@
 #define MMBHVIT_PATHS                                                      \
   {"popcount core: vpshufb nibble table, 8 outputs x 4 tokens per weight "  \
    "load, counts in registers, epilogue fused (float)",                    \
-   "lane core: vpshufb per (output, tap) lane, bytes summed over taps, "    \
+   "lane core: group word broadcast, vpshufb per (output, tap) lane, "      \
+   "bytes summed over taps, "                                              \
    "vpmaddubsw once (16/32-channel groups); else popcount core: vpshufb, "  \
    "taps accumulated; one epilogue pass for all dilations",                \
    "popcount core: vpshufb, 4 taps accumulated, 8 outputs in registers, "   \

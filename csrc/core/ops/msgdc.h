@@ -117,12 +117,13 @@ struct MsgdcEpilogue<float> {
         ok(p.ndil == 3 && p.c % 8 == 0) {
     if (!ok) return;
     const float* src[kVectors] = {
-        p.a[0],      p.b[0],       p.slope[0],   p.a[1],     p.b[1],
-        p.slope[1],  p.a[2],       p.b[2],       p.slope[2], p.out_scale,
-        p.out_bias,  p.n2_scale,   p.n2_bias};
+        p.a[0],     p.b[0],    p.slope[0], p.a[1],    p.b[1],
+        p.slope[1], p.a[2],    p.b[2],     p.slope[2], p.out_scale,
+        p.out_bias, p.n2_scale, p.n2_bias};
     for (int64_t o = 0; o < c; o += 8)
       for (int j = 0; j < kVectors; ++j)
-        for (int i = 0; i < 8; ++i) v.ptr[kVectors * o + 8 * j + i] = src[j][o + i];
+        for (int i = 0; i < 8; ++i)
+          v.ptr[kVectors * o + 8 * j + i] = src[j][o + i];
   }
   bool fused() const { return ok; }
 
