@@ -185,3 +185,23 @@ def test_binary_classifier_forward_is_one_graph_for_torch_compile():
     report = torch._dynamo.explain(lambda x: model(x, mode='tensor'))(x)
     assert report.graph_break_count == 0, report.break_reasons
     assert report.graph_count == 1
+
+
+def test_benchmark_modules_splits_both_steps(capsys):
+    """``--modules`` times every block part per stage, the forward and the
+    backward of both steps: each label once per step, the parts within the
+    forward, the stages of the tiny arch all present."""
+    bench = load_tool('analysis_tools/benchmark_train_step.py')
+    records = bench.main(['--modules', '--arch', 'tiny', '--batch', '1',
+                          '--size', '64', '--repeats', '2', '--warmup', '0'])
+    for bits in (1, 32):
+        rec = records[bits]
+        assert {'MSGDC s1', 'MSGDC s2', 'MSMHA s3', 'MSMHA s4',
+                'BinaryFFN s4', 'ConvStem', 'PatchMerging'} <= set(rec)
+        assert all(len(v) == 2 for v in rec.values())  # warm-up dropped
+        parts = [sum(v[i] for k, v in rec.items()
+                     if k not in ('forward', 'backward')) for i in range(2)]
+        assert all(0 < p <= f for p, f in zip(parts, rec['forward']))
+        assert all(b > 0 for b in rec['backward'])
+    out = capsys.readouterr().out
+    assert 'MSMHA s3' in out and 'backward' in out

@@ -34,6 +34,11 @@ which one the layer takes: the evidence for the rules of
 (``torch.profiler`` self CPU time), the ops whose time differs most
 between the two first.
 
+``--modules`` instead splits the 1-bit and 32-bit steps by wall clock:
+forward per block part and stage (forward hooks), the whole forward, and
+the backward (step minus forward), medians over ``--repeats`` interleaved
+steps: where the two steps differ without the profiler's per-op overhead.
+
 ``--official-repo`` additionally times the official implementation
 (IMRL/BHViT, a local clone; it needs ``transformers`` and ``timm``
 importable, e.g. via ``--extra-path``) on the same configuration.
@@ -277,6 +282,69 @@ def profile_ops(models, x, target, repeats: int, warmup: int,
     print(f'{"total":<56} {a:9.1f} {b:9.1f} {a - b:+9.1f}')
 
 
+MODULE_KINDS = ('ConvStem', 'MSGDC', 'MSMHA', 'BinaryFFN', 'ShiftBranches',
+                'PatchMerging')
+
+
+def module_times(models, x, target, repeats: int, warmup: int) -> dict:
+    """``{bits: {label: [seconds per step]}}``: wall-clock forward time of
+    each block part per stage (labels like ``'BinaryFFN s1'``, the parts of
+    :data:`MODULE_KINDS`), of the whole forward (``'forward'``) and the
+    rest of the step (``'backward'``: loss and backward), for the 1-bit and
+    32-bit classifiers, steps interleaved."""
+    records = {}
+    for bits, clf in models.items():
+        rec = records[bits] = {}
+        current = {}
+        for si, stage in enumerate(clf.backbone.stages):
+            for m in stage.modules():
+                m._bench_stage = si + 1
+        for m in clf.modules():
+            kind = type(m).__name__
+            if kind not in MODULE_KINDS:
+                continue
+            label = kind + (f' s{m._bench_stage}'
+                            if hasattr(m, '_bench_stage') else '')
+
+            def pre(mod, args, label=label):
+                current[label] = time.perf_counter()
+
+            def post(mod, args, out, label=label, rec=rec):
+                rec[label][-1] += time.perf_counter() - current[label]
+
+            m.register_forward_pre_hook(pre)
+            m.register_forward_hook(post)
+            rec.setdefault(label, [])
+        rec['forward'], rec['backward'] = [], []
+    for i in range(warmup + repeats):
+        for bits, clf in models.items():
+            rec = records[bits]
+            for times in rec.values():
+                times.append(0.)
+            start = time.perf_counter()
+            out = clf(x, mode='tensor')
+            mid = time.perf_counter()
+            torch.nn.functional.cross_entropy(out, target).backward()
+            clf.zero_grad(set_to_none=True)
+            rec['forward'][-1] = mid - start
+            rec['backward'][-1] = time.perf_counter() - mid
+            if i < warmup:
+                for times in rec.values():
+                    times.pop()
+    return records
+
+
+def print_module_times(records) -> None:
+    labels = list(records[1])
+    print(f'wall clock per step (ms, medians), '
+          f'{torch.get_num_threads()} threads')
+    print(f'{"part":<22} {"1-bit":>9} {"32-bit":>9} {"diff":>9}')
+    for label in labels:
+        a = statistics.median(records[1][label]) * 1e3
+        b = statistics.median(records[32][label]) * 1e3
+        print(f'{label:<22} {a:9.1f} {b:9.1f} {a - b:+9.1f}')
+
+
 def ratio_pairs(names):
     """The comparisons worth a ratio: every 1-bit mmbhvit case against its
     32-bit counterpart and the official 1-bit code, every compiled case
@@ -339,6 +407,10 @@ def main(argv=None):
                         help='instead of timing, profile the 1-bit and '
                         '32-bit steps op by op (torch.profiler self CPU '
                         'time; --repeats steps after --warmup)')
+    parser.add_argument('--modules', action='store_true',
+                        help='instead of whole steps, split the 1-bit and '
+                        '32-bit steps by wall clock: forward per block part '
+                        'and stage, forward, backward')
     parser.add_argument('--official-repo', default=None)
     parser.add_argument('--extra-path', default=None,
                         help='a directory prepended to sys.path (e.g. where '
@@ -359,6 +431,14 @@ def main(argv=None):
         print(f'CPU: {cpu_description()}')
         time_pointwise(clf, x, args.repeats, args.warmup)
         return None
+    if args.modules:
+        print(f'CPU: {cpu_description()}')
+        models = {bits: build_classifier(_backbone_cfg(args.arch, bits),
+                                         1000).train() for bits in (1, 32)}
+        records = module_times(models, x, target, args.repeats,
+                               max(args.warmup, 1))
+        print_module_times(records)
+        return records
     if args.profile:
         print(f'CPU: {cpu_description()}')
         profile_ops({bits: build_classifier(_backbone_cfg(args.arch, bits),
