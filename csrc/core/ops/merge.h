@@ -92,14 +92,8 @@ inline bool merge_fused(const MergeParams<float>& p, int64_t begin,
       __m256i cnt;
       count8<BitOp::kXor, 1, false>(taps, 4, W, W, CP, o, &cnt);
       const float* po = prm.ptr + 4 * o;
-      const __m256 d = _mm256_cvtepi32_ps(
-          _mm256_sub_epi32(full, _mm256_add_epi32(cnt, cnt)));
-      __m256 z = _mm256_mul_ps(d, _mm256_loadu_ps(po));
-      z = _mm256_add_ps(z, _mm256_loadu_ps(po + 8));
-      z = _mm256_add_ps(z, _mm256_loadu_ps(avg.ptr + so));
-      const __m256 neg = _mm256_mul_ps(z, _mm256_loadu_ps(po + 16));
-      z = _mm256_blendv_ps(neg, z,
-                           _mm256_cmp_ps(z, _mm256_setzero_ps(), _CMP_GT_OQ));
+      __m256 z = binary_prelu8<true>(cnt, full, po, po + 8, avg.ptr + so,
+                                     po + 16);
       z = _mm256_add_ps(z, _mm256_loadu_ps(po + 24));
       _mm256_storeu_ps(yo + o, _mm256_add_ps(z, _mm256_loadu_ps(pos + o)));
     }

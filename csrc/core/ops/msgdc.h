@@ -129,13 +129,8 @@ struct MsgdcEpilogue<float> {
 
   // prelu(D a + b) of one dilation; prm: its a, b, slope
   static inline __m256 branch(__m256i count, __m256i full, const float* prm) {
-    const __m256 d = _mm256_cvtepi32_ps(
-        _mm256_sub_epi32(full, _mm256_add_epi32(count, count)));
-    __m256 z = _mm256_mul_ps(d, _mm256_loadu_ps(prm));
-    z = _mm256_add_ps(z, _mm256_loadu_ps(prm + 8));
-    const __m256 neg = _mm256_mul_ps(z, _mm256_loadu_ps(prm + 16));
-    return _mm256_blendv_ps(
-        neg, z, _mm256_cmp_ps(z, _mm256_setzero_ps(), _CMP_GT_OQ));
+    return binary_prelu8<false>(count, full, prm, prm + 8, nullptr,
+                                prm + 16);
   }
 
   // acc: the counts of dilation di at acc + di * cs

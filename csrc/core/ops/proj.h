@@ -156,14 +156,8 @@ static_assert(__BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__,
 template <bool kSc, bool kRes>
 inline __m256 epilogue8(__m256i count, __m256i full, const float* prm,
                         const float* sc, const float* res) {
-  const __m256 d = _mm256_cvtepi32_ps(
-      _mm256_sub_epi32(full, _mm256_add_epi32(count, count)));
-  __m256 z = _mm256_mul_ps(d, _mm256_loadu_ps(prm));
-  z = _mm256_add_ps(z, _mm256_loadu_ps(prm + 8));
-  if (kSc) z = _mm256_add_ps(z, _mm256_loadu_ps(sc));
-  const __m256 neg = _mm256_mul_ps(z, _mm256_loadu_ps(prm + 16));
-  z = _mm256_blendv_ps(neg, z,
-                       _mm256_cmp_ps(z, _mm256_setzero_ps(), _CMP_GT_OQ));
+  const __m256 z =
+      binary_prelu8<kSc>(count, full, prm, prm + 8, sc, prm + 16);
   __m256 v = _mm256_mul_ps(z, _mm256_loadu_ps(prm + 24));
   v = _mm256_add_ps(v, _mm256_loadu_ps(prm + 32));
   if (kRes) v = _mm256_add_ps(_mm256_loadu_ps(res), v);
