@@ -155,6 +155,53 @@ torch::Tensor sign_ste_forward(const torch::Tensor& x,
   return out;
 }
 
+// The window pass of sign(x + b) with the bias gradient summed in it (the
+// sum of the window terms d). Each element is written as d, or, given a
+// shortcut gradient gs, d + gs[n, c / ratio] (ratio 1) or
+// d + gs[n, c / ratio] / ratio. Returns grad_bias.
+template <typename scalar_t>
+torch::Tensor shifted_window(const Layout& l, const scalar_t* px,
+                             const scalar_t* pg, const scalar_t* pb,
+                             scalar_t* po, const torch::Tensor& x,
+                             const scalar_t* gs, int64_t ratio) {
+  const int64_t groups = l.c / ratio;
+  const scalar_t r = static_cast<scalar_t>(ratio);
+  ChannelSums<scalar_t, 1> sums(l);
+  for_planes(l, [&](int64_t p, int64_t ch) {
+    const scalar_t b = pb[ch];
+    const int64_t o = p * l.s;
+    const scalar_t* sp =
+        gs == nullptr ? nullptr
+                      : gs + ((p / l.c) * groups + ch / ratio) * l.s;
+    typename ChannelSums<scalar_t, 1>::Lanes acc;
+    if (sp == nullptr) {
+      for_lanes(l.s, [&](int64_t i, int j) {
+        const scalar_t d = sign_window(px[o + i] + b, pg[o + i]);
+        po[o + i] = d;
+        acc.v[0][j] += d;
+      });
+    } else if (ratio == 1) {
+      for_lanes(l.s, [&](int64_t i, int j) {
+        const scalar_t d = sign_window(px[o + i] + b, pg[o + i]);
+        po[o + i] = d + sp[i];
+        acc.v[0][j] += d;
+      });
+    } else {
+      for_lanes(l.s, [&](int64_t i, int j) {
+        const scalar_t d = sign_window(px[o + i] + b, pg[o + i]);
+        po[o + i] = d + sp[i] / r;
+        acc.v[0][j] += d;
+      });
+    }
+    sums.put(p, acc);
+  });
+  torch::Tensor gb = torch::empty({l.c}, x.options());
+  scalar_t* pgb = gb.data_ptr<scalar_t>();
+  for (int64_t ch = 0; ch < l.c; ++ch)
+    pgb[ch] = static_cast<scalar_t>(sums.total(ch, 0));
+  return gb;
+}
+
 // Returns [grad_x] or, with a bias, [grad_x, grad_bias] (grad_bias: the
 // per-channel sum of grad_x).
 std::vector<torch::Tensor> sign_ste_backward(
@@ -178,26 +225,47 @@ std::vector<torch::Tensor> sign_ste_backward(
       });
       return;
     }
-    const scalar_t* pb = bias->data_ptr<scalar_t>();
-    ChannelSums<scalar_t, 1> sums(l);
-    for_planes(l, [&](int64_t p, int64_t ch) {
-      const scalar_t b = pb[ch];
-      const int64_t o = p * l.s;
-      typename ChannelSums<scalar_t, 1>::Lanes acc;
-      for_lanes(l.s, [&](int64_t i, int j) {
-        const scalar_t d = sign_window(px[o + i] + b, pg[o + i]);
-        po[o + i] = d;
-        acc.v[0][j] += d;
-      });
-      sums.put(p, acc);
-    });
-    torch::Tensor gb = torch::empty({l.c}, x.options());
-    scalar_t* pgb = gb.data_ptr<scalar_t>();
-    for (int64_t ch = 0; ch < l.c; ++ch)
-      pgb[ch] = static_cast<scalar_t>(sums.total(ch, 0));
-    result.push_back(gb);
+    result.push_back(shifted_window<scalar_t>(
+        l, px, pg, bias->data_ptr<scalar_t>(), po, x, nullptr, 1));
   });
   return result;
+}
+
+// The backward of x feeding both sign(x + b) and a shortcut that is x
+// itself (ratio 1) or the mean of groups of `ratio` consecutive channels
+// (channel c in group c / ratio): [grad_x, grad_bias] with
+//   grad_x = window(x + b) * grad + shortcut_grad[group] (/ ratio),
+//   grad_bias = sum of the window term alone,
+// the values of the two gradients added by autograd (the mean's backward
+// divides by ratio, one rounding, then the sum, one rounding), in one pass
+// instead of three.
+std::vector<torch::Tensor> sign_shortcut_backward(
+    const torch::Tensor& grad, const torch::Tensor& x,
+    const torch::Tensor& bias, const torch::Tensor& shortcut_grad,
+    int64_t ratio) {
+  const Layout l = nchw_layout(x, "x");
+  check_channel_vector(bias, x, l.c, "bias");
+  check_same(grad, x, "grad");
+  TORCH_CHECK(ratio >= 1 && l.c % ratio == 0, "ratio must divide the ",
+              l.c, " channels, got ", ratio);
+  std::vector<int64_t> want = x.sizes().vec();
+  want[1] = l.c / ratio;
+  TORCH_CHECK(shortcut_grad.scalar_type() == x.scalar_type() &&
+                  shortcut_grad.sizes() == want,
+              "shortcut_grad must be ", x.scalar_type(), " ",
+              c10::IntArrayRef(want), ", got ",
+              shortcut_grad.scalar_type(), " ", shortcut_grad.sizes());
+  const torch::Tensor g = grad.contiguous();
+  const torch::Tensor gs = shortcut_grad.contiguous();
+  torch::Tensor out = torch::empty_like(x);
+  torch::Tensor gb;
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "sign_shortcut_backward", [&] {
+    gb = shifted_window<scalar_t>(
+        l, x.data_ptr<scalar_t>(), g.data_ptr<scalar_t>(),
+        bias.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), x,
+        gs.data_ptr<scalar_t>(), ratio);
+  });
+  return {out, gb};
 }
 
 // --------------------------------------------------------------------------
@@ -365,6 +433,13 @@ void register_training_ops(pybind11::module& m) {
         "[grad * max(2 - 2|x + bias|, 0)] (the SignSTE window), and with a "
         "bias its per-channel sum",
         py::arg("grad"), py::arg("x"), py::arg("bias") = py::none(),
+        py::call_guard<py::gil_scoped_release>());
+  m.def("sign_shortcut_backward", &sign_shortcut_backward,
+        "[grad_x, grad_bias] of x feeding sign(x + bias) (grad: its "
+        "gradient) and a shortcut, x itself (ratio 1) or the mean of "
+        "groups of ratio channels (shortcut_grad: its gradient)",
+        py::arg("grad"), py::arg("x"), py::arg("bias"),
+        py::arg("shortcut_grad"), py::arg("ratio"),
         py::call_guard<py::gil_scoped_release>());
   m.def("rprelu_forward", &rprelu_forward,
         "prelu(x - bias_in, slope) + bias_out, all per channel (dim 1)",

@@ -8,8 +8,11 @@ import math
 import pytest
 import torch
 
-from mmbhvit.models.binary import (CentredSignSTE, RPReLU, ShiftedSignSTE,
-                                   SignSTE, binarize_weight)
+from mmbhvit.models.backbones.bhvit import BinaryResidualProj
+from mmbhvit.models.binary import (CentredSignSTE, RPReLU,
+                                   ShiftedSignShortcut, ShiftedSignSTE,
+                                   SignSTE, binarize_weight, sign_ste,
+                                   sign_ste_with_shortcut)
 from mmbhvit.models.binary import fused
 from mmbhvit.models.binary.fused import fused_kernels
 
@@ -73,6 +76,102 @@ def test_sign_ste_fused_is_bit_identical(dtype, with_bias):
         torch.testing.assert_close(grads[1], ref_grads[1], equal_nan=True)
     assert set(out[0, 0, 0, :9].tolist()) == {1., -1., 0.}
     assert (grads[0] == 0).any() and (grads[0] != 0).any()
+
+
+def _composed_shortcut(x, b, ratio):
+    """``(sign(x + b), shortcut(x))`` as two separate consumers of x."""
+    if ratio == 1:
+        return sign_ste(x, b), x
+    n, c = x.shape[:2]
+    return sign_ste(x, b), x.view(n, c // ratio, ratio,
+                                  *x.shape[2:]).mean(dim=2)
+
+
+@pytest.mark.parametrize('dtype', DTYPES)
+@pytest.mark.parametrize('ratio', [1, 4])
+def test_sign_with_shortcut_one_pass_is_bit_identical(dtype, ratio):
+    """x read by sign(x + b) and by a shortcut (identity or group mean):
+    values, shortcut and the input gradient (window term + the shortcut's
+    gradient, / ratio for the mean) equal to the two consumers composed,
+    bit for bit, with the window's edges, zeros and non-finite values; the
+    shift's gradient is the window term's sum alone (to summation order).
+    Unused shortcut: the plain window's gradient."""
+    torch.manual_seed(0)
+    b = torch.randn(8, dtype=dtype) * 0.3
+    x = _special(torch.randn(2, 8, 5, 9, dtype=dtype) * 1.2, b)
+    grads = (torch.randn_like(x),
+             torch.randn(2, 8 // ratio, 5, 9, dtype=dtype) * 3)
+    results = []
+    for fn in (sign_ste_with_shortcut, _composed_shortcut):
+        xl, bl = x.clone().requires_grad_(), b.clone().requires_grad_()
+        outs = fn(xl, bl, ratio)
+        torch.autograd.backward(outs, grads)
+        results.append(([o.detach() for o in outs], xl.grad, bl.grad,
+                         outs[0].grad_fn))
+    (q, s), gx, gb, node = results[0]
+    (q_ref, s_ref), gx_ref, gb_ref, _ = results[1]
+    assert type(node).__name__ == ShiftedSignShortcut.__name__ + 'Backward'
+    _assert_same(q, q_ref)
+    _assert_same(s, s_ref)
+    _assert_same(gx, gx_ref)
+    torch.testing.assert_close(gb, gb_ref, equal_nan=True)
+    # only the sign consumed: the window's gradient, no shortcut term
+    xl, bl = x.clone().requires_grad_(), b.clone().requires_grad_()
+    sign_ste_with_shortcut(xl, bl, ratio)[0].backward(grads[0])
+    xr = x.clone().requires_grad_()
+    ShiftedSignSTE.apply(xr, b).backward(grads[0])
+    _assert_same(xl.grad, xr.grad)
+
+
+@pytest.mark.parametrize('width', [(16, 16), (32, 8), (8, 32)])
+def test_residual_projection_reads_its_input_once_when_it_can(width):
+    """BinaryResidualProj takes ShiftedSignShortcut where its shortcut is
+    the identity or a mean (not when it expands, not with a hook on its
+    convolution, not for 32-bit activations, not without gradients); the
+    outputs are the same and every gradient equal to round-off."""
+    torch.manual_seed(0)
+    cin, cout = width
+    proj = BinaryResidualProj(cin, cout, dict(type='BN')).double()
+    with torch.no_grad():
+        for p in proj.parameters():
+            p.add_(torch.randn_like(p) * 0.2)
+    x = torch.randn(3, cin, 6, 5, dtype=torch.float64)
+    grad = torch.randn(3, cout, 6, 5, dtype=torch.float64)
+
+    def run(compose):
+        proj.zero_grad()
+        xl = x.clone().requires_grad_()
+        handle = (proj.conv.register_forward_hook(lambda *a: None)
+                  if compose else None)
+        try:
+            names = set()
+            y = proj(xl)
+            stack = [y.grad_fn]
+            while stack:  # the node names of the graph
+                node = stack.pop()
+                if node is not None and type(node).__name__ not in names:
+                    names.add(type(node).__name__)
+                    stack.extend(f for f, _ in node.next_functions)
+            y.backward(grad)
+        finally:
+            if handle is not None:
+                handle.remove()
+        return (y.detach(), xl.grad,
+                {n: p.grad.clone() for n, p in proj.named_parameters()},
+                'ShiftedSignShortcutBackward' in names)
+
+    y, gx, gp, fused_ran = run(compose=False)
+    y_ref, gx_ref, gp_ref, ref_ran = run(compose=True)
+    assert fused_ran == (cout <= cin) and not ref_ran
+    assert torch.equal(y, y_ref)
+    torch.testing.assert_close(gx, gx_ref, rtol=1e-12, atol=1e-15)
+    for name in gp:
+        torch.testing.assert_close(gp[name], gp_ref[name], rtol=1e-12,
+                                   atol=1e-15)
+    with torch.no_grad():
+        assert proj._fused_input(x) is None
+    full = BinaryResidualProj(cin, cout, dict(type='BN'), act_bits=32)
+    assert full._fused_input(x.float().requires_grad_()) is None
 
 
 @pytest.mark.parametrize('dtype', DTYPES)
@@ -250,6 +349,11 @@ def test_kernels_refuse_bad_input_by_name():
         ops.rprelu_backward(x, x, torch.zeros(3), torch.zeros(3).double())
     with pytest.raises(RuntimeError, match='grad must match the saved'):
         ops.sign_ste_backward(x[:1], x)
+    with pytest.raises(RuntimeError, match='ratio must divide the 3'):
+        ops.sign_shortcut_backward(x, x, torch.zeros(3), x, 2)
+    with pytest.raises(RuntimeError, match=r'shortcut_grad must be Float '
+                       r'\[2, 3, 4, 4\]'):
+        ops.sign_shortcut_backward(x, x, torch.zeros(3), x[:, :1], 1)
     with pytest.raises(RuntimeError, match='mean must hold 2 contiguous'):
         ops.centred_sign_backward(x, x, torch.zeros(3))
     with pytest.raises(RuntimeError, match='scale must hold 2 contiguous'):

@@ -62,6 +62,7 @@ import torch  # noqa: E402
 
 import mmbhvit  # noqa: E402,F401
 from mmbhvit.models import BHViT  # noqa: E402
+from mmbhvit.models.backbones.bhvit import BinaryResidualProj  # noqa: E402
 from mmbhvit.models.binary import BinaryConv2d, SignSTE  # noqa: E402
 from mmbhvit.models.binary import fused  # noqa: E402
 from mmbhvit.models.binary.fused import fused_kernels  # noqa: E402
@@ -141,6 +142,8 @@ def use_composed_quantizers(model) -> None:
         if isinstance(m, BinaryConv2d) and m.is_binary and not m.recu:
             m.quantized_weight = types.MethodType(_composed_weight, m)
             m.quantize_input = types.MethodType(_composed_input, m)
+        if isinstance(m, BinaryResidualProj):  # sign and shortcut apart
+            m._fused_input = lambda x: None
 
 
 def train_step(module, forward, x, target) -> None:

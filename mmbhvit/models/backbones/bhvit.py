@@ -31,7 +31,7 @@ from ...registry import register_model
 from ..checkpoint import load_pretrained
 from ..binary import (BinaryConv2d, GSBAttentionBinarizer, LayerScale,
                       LearnableBias, LSQAttentionQuantizer, RPReLU,
-                      sign_ste)
+                      sign_ste, sign_ste_with_shortcut)
 from ..finite import check_finite_input, is_tracing
 from ..layout import (ChannelLayerNorm, pad_to_multiple, resize_pos_embed,
                       tracing_shapes, window_partition, window_reverse,
@@ -87,8 +87,27 @@ class BinaryResidualProj(nn.Module):
         return y + x
 
     def forward(self, x: Tensor) -> Tensor:
+        pair = self._fused_input(x)
+        if pair is not None:  # same values, one backward pass over x
+            xq, shortcut = pair
+            return self.act(self.norm(self.conv.forward_quantized(xq)) +
+                            shortcut)
         y = self.norm(self.conv(x, self.shift))  # conv(sign(shift(x)))
         return self.act(self.add_shortcut(y, x))
+
+    def _fused_input(self, x: Tensor) -> Optional[Tuple[Tensor, Tensor]]:
+        """``(sign(shift(x)), shortcut(x))`` from one autograd Function
+        (:func:`~mmbhvit.models.binary.sign_ste_with_shortcut`) when
+        training a 1-bit layer whose shortcut is the identity or a mean,
+        and nothing watches the convolution's own call (its forward
+        hooks); else None."""
+        conv = self.conv
+        if (conv.act_bits != 1 or not torch.is_grad_enabled()
+                or self.out_channels > self.in_channels
+                or conv._forward_hooks or conv._forward_pre_hooks):
+            return None
+        return sign_ste_with_shortcut(
+            x, self.shift.bias, self.in_channels // self.out_channels)
 
 
 class BinaryFFN(nn.Module):

@@ -3,7 +3,9 @@
 
 The activation sign with its straight-through window
 (:class:`~mmbhvit.models.binary.SignSTE`,
-:class:`~mmbhvit.models.binary.ShiftedSignSTE`), RPReLU
+:class:`~mmbhvit.models.binary.ShiftedSignSTE`, and
+:class:`~mmbhvit.models.binary.quantizers.ShiftedSignShortcut` with the
+residual that reads the same input), RPReLU
 (:class:`~mmbhvit.models.binary.RPReLUFunction`) and the weight binarizer
 (:class:`~mmbhvit.models.binary.CentredSignSTE`) run on every binary layer
 in every training step. Composed from PyTorch ops they make several passes
@@ -42,7 +44,8 @@ from torch import Tensor
 
 _OPS_NAMES = ('sign_ste_forward', 'sign_ste_backward', 'rprelu_forward',
               'rprelu_backward', 'centred_sign_forward',
-              'centred_sign_backward', 'sign_product')
+              'centred_sign_backward', 'sign_product',
+              'sign_shortcut_backward')
 _DTYPES = (torch.float32, torch.float64)
 
 _state = dict(loaded=False, ops=None, reason=None,

@@ -19,7 +19,7 @@ nothing (float32 results are bit-identical).
 """
 import functools
 import math
-from typing import Callable, Dict, Optional, Type
+from typing import Callable, Dict, Optional, Tuple, Type
 
 import torch
 from torch import Tensor
@@ -318,6 +318,66 @@ class ShiftedSignSTE(QuantizerFunction):
             dims = (0, ) + tuple(range(2, grad_x.dim()))
             grad_b = grad_x.sum(dim=dims)
         return grad_x, grad_b
+
+
+class ShiftedSignShortcut(QuantizerFunction):
+    r""":class:`ShiftedSignSTE` of ``x`` together with a shortcut of the
+    same ``x``: returns ``(sign(x + b), shortcut(x))``, the shortcut being
+    ``x`` itself (``ratio`` 1) or the mean over groups of ``ratio``
+    consecutive channels (``x.view(n, c // ratio, ratio, ...).mean(2)``).
+
+    This is what a binary projection with a residual reads from its input
+    (:class:`~mmbhvit.models.backbones.bhvit.BinaryResidualProj` when its
+    width stays or shrinks). Composed, the backward of ``x`` takes three
+    passes over an activation-sized tensor: the window, the mean's
+    gradient (``grad / ratio`` broadcast over the group) and autograd's sum
+    of the two. Here it is one pass of the compiled kernel
+    (``sign_shortcut_backward``): the same values (each of the three
+    operations rounds once, in the same order), and the shift's gradient
+    (the sum of the window term alone) from the same pass, summed in a
+    fixed order as in :class:`ShiftedSignSTE`.
+
+    Only built for the compiled kernels: :func:`sign_ste_with_shortcut`
+    returns None where they cannot run, and callers compose the two.
+
+    Autocast: runs in the incoming dtype, as :class:`ShiftedSignSTE`.
+    """
+    precision = 1
+
+    @staticmethod
+    @amp_forward()
+    def forward(ctx, x: Tensor, bias: Tensor, ratio: int):
+        ctx.ops = fused.ops_for(x, bias)
+        ctx.ratio = ratio
+        ctx.save_for_backward(x, bias)
+        xq = ctx.ops.sign_ste_forward(x, bias)
+        if ratio == 1:
+            return xq, x.view_as(x)
+        n, c = x.shape[:2]
+        return xq, x.view(n, c // ratio, ratio, *x.shape[2:]).mean(dim=2)
+
+    @staticmethod
+    @amp_backward
+    def backward(ctx, grad: Tensor, grad_shortcut: Optional[Tensor]):
+        x, bias = ctx.saved_tensors
+        if grad_shortcut is None:  # the shortcut is not used
+            grad_x, grad_b = ctx.ops.sign_ste_backward(grad, x, bias)
+        else:
+            grad_x, grad_b = ctx.ops.sign_shortcut_backward(
+                grad, x, bias, grad_shortcut, ctx.ratio)
+        return grad_x, grad_b if ctx.needs_input_grad[1] else None, None
+
+
+def sign_ste_with_shortcut(x: Tensor, bias: Tensor, ratio: int
+                           ) -> Optional[Tuple[Tensor, Tensor]]:
+    """``(sign(x + bias), shortcut(x))`` as :class:`ShiftedSignShortcut`
+    (one backward pass for both), or None where its compiled kernel cannot
+    take ``x`` (not built, switched off, tracing, not CPU float32/64
+    contiguous, ...: :func:`~mmbhvit.models.binary.fused.ops_for`)."""
+    ops = fused.ops_for(x, bias)
+    if ops is None or x.shape[1] % ratio:
+        return None
+    return ShiftedSignShortcut.apply(x, bias, ratio)
 
 
 class CentredSignSTE(QuantizerFunction):
