@@ -360,3 +360,20 @@ def test_kernels_refuse_bad_input_by_name():
         ops.centred_sign_forward(x, torch.zeros(3), torch.zeros(2))
     with pytest.raises(RuntimeError, match='weight must not be empty'):
         ops.centred_sign_forward(torch.zeros(0, 4), *[torch.zeros(0)] * 2)
+
+
+def test_sign_shortcut_benchmark_runs_and_checks_its_forms(capsys):
+    """tools/analysis_tools/benchmark_sign_shortcut.py: both forms on a
+    small map (mean and identity shortcuts), their gradients checked equal
+    first; a ratio that does not divide the channels is refused by name."""
+    from _helpers import load_tool
+    tool = load_tool('analysis_tools/benchmark_sign_shortcut.py')
+    for ratio in ('4', '1'):
+        assert tool.main(['--batch', '2', '--channels', '16', '--size', '5',
+                          '7', '--ratio', ratio, '--repeats', '2',
+                          '--warmup', '0', '--default-malloc']) == 0
+        out = capsys.readouterr().out
+        assert 'one pass   median' in out and 'apart      median' in out
+        assert 'equal gradients' in out
+    assert tool.main(['--channels', '6', '--ratio', '4']) == 1
+    assert '--ratio must divide --channels (6)' in capsys.readouterr().err

@@ -49,12 +49,13 @@ def test_compile_hook_compiles_the_backbone_in_place():
 def test_benchmark_compares_each_case_with_its_counterparts():
     bench = load_tool('analysis_tools/benchmark_train_step.py')
     names = ['mmbhvit 1-bit', 'mmbhvit 32-bit', 'mmbhvit 1-bit compiled',
-             'official 1-bit']
+             'official 1-bit', 'mmbhvit 1-bit apart']
     assert list(bench.ratio_pairs(names)) == [
         ('mmbhvit 1-bit', 'mmbhvit 32-bit'),
         ('mmbhvit 1-bit', 'official 1-bit'),
         ('mmbhvit 1-bit compiled', 'official 1-bit'),
         ('mmbhvit 1-bit compiled', 'mmbhvit 1-bit'),
+        ('mmbhvit 1-bit apart', 'mmbhvit 1-bit'),
     ]
 
 
@@ -139,9 +140,23 @@ def test_benchmark_profile_lists_the_binary_only_ops(capsys):
     assert rows[-1][1][0] > 0 and rows[-1][1][1] > 0
 
 
+def _node_names(node) -> set:
+    """Class names of the autograd nodes reachable from ``node``."""
+    names, stack, seen = set(), [node], set()
+    while stack:
+        node = stack.pop()
+        if node is None or id(node) in seen:
+            continue
+        seen.add(id(node))
+        names.add(type(node).__name__)
+        stack.extend(f for f, _ in node.next_functions)
+    return names
+
+
 def test_composed_quantizers_give_the_fused_values_and_gradients():
     """The benchmark's ``--composed`` baseline (the quantizers as composed
-    before their fusion) computes the same model: equal logits and
+    before their fusion) and ``--apart`` (the residual projections' sign
+    and shortcut as two consumers) compute the same model: equal logits and
     gradients on a reduced BHViT in float64."""
     from mmbhvit.testing.parity import build_classifier
     bench = load_tool('analysis_tools/benchmark_train_step.py')
@@ -153,13 +168,22 @@ def test_composed_quantizers_give_the_fused_values_and_gradients():
         5).double().train()
     composed = copy.deepcopy(fused)
     bench.use_composed_quantizers(composed)
+    apart = copy.deepcopy(fused)  # --apart: sign and shortcut separate
+    bench.separate_sign_and_shortcut(apart)
     x = torch.randn(2, 3, 64, 64, dtype=torch.float64)
-    grads = []
-    for model in (fused, composed):
+    grads, nodes = [], []
+    for model in (fused, composed, apart):
         out = model(x, mode='tensor')
+        nodes.append(_node_names(out.grad_fn))
         out.square().sum().backward()
         grads.append({n: p.grad for n, p in model.named_parameters()
                       if p.grad is not None})
+    shortcut_node = 'ShiftedSignShortcutBackward'
+    assert [shortcut_node in n for n in nodes] == [True, False, False]
+    assert 'ShiftedSignSTEBackward' in nodes[2]
+    for name in grads[0]:  # the shortcut apart: gradients to round-off
+        torch.testing.assert_close(grads[0][name], grads[2][name],
+                                   rtol=1e-12, atol=1e-12, msg=name)
     torch.testing.assert_close(fused(x, mode='tensor'),
                                composed(x, mode='tensor'), rtol=0, atol=0)
     assert grads[0].keys() == grads[1].keys() and len(grads[0]) > 50

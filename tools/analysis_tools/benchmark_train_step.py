@@ -17,6 +17,11 @@ before their fusion into :class:`~mmbhvit.models.binary.ShiftedSignSTE` and
 :class:`~mmbhvit.models.binary.CentredSignSTE` (same weights, values and
 gradients): the gain of the fused Functions, measured in the same run.
 
+``--apart`` adds the 1-bit classifier whose residual projections read
+their input as two consumers (the sign and the shortcut, three backward
+passes over it) instead of one
+:class:`~mmbhvit.models.binary.ShiftedSignShortcut` (one pass).
+
 ``--compile`` adds the same two classifiers wrapped in ``torch.compile``
 (default inductor backend; the first step, which compiles forward and
 backward, is timed separately and reported as the compile time).
@@ -142,7 +147,16 @@ def use_composed_quantizers(model) -> None:
         if isinstance(m, BinaryConv2d) and m.is_binary and not m.recu:
             m.quantized_weight = types.MethodType(_composed_weight, m)
             m.quantize_input = types.MethodType(_composed_input, m)
-        if isinstance(m, BinaryResidualProj):  # sign and shortcut apart
+    separate_sign_and_shortcut(model)
+
+
+def separate_sign_and_shortcut(model) -> None:
+    """Make the residual projections of ``model`` read their input as two
+    consumers, the sign (:class:`ShiftedSignSTE`) and the shortcut, as
+    before :class:`~mmbhvit.models.binary.ShiftedSignShortcut` (same values;
+    ``--apart`` times it)."""
+    for m in model.modules():
+        if isinstance(m, BinaryResidualProj):
             m._fused_input = lambda x: None
 
 
@@ -363,8 +377,8 @@ def ratio_pairs(names):
             others.append('official 32-bit')
         if a.endswith(' compiled'):
             others.append(a[:-len(' compiled')])
-        if a.endswith(' composed'):
-            others = [a[:-len(' composed')]]
+        if a.endswith(' composed') or a.endswith(' apart'):
+            others = [a.rsplit(' ', 1)[0]]
         if a.endswith(' unfused'):
             others.append(a[:-len(' unfused')])
         for b in others:
@@ -390,6 +404,10 @@ def main(argv=None):
                         help='also time the 1-bit classifier with the '
                         'quantizers as composed before their fusion (same '
                         'weights)')
+    parser.add_argument('--apart', action='store_true',
+                        help='also time the 1-bit classifier with the sign '
+                        'and the shortcut of its residual projections as '
+                        'two consumers of the input (same weights)')
     parser.add_argument('--unfused', action='store_true',
                         help='also time both classifiers with the one-pass '
                         'CPU kernels of sign/STE and RPReLU, the integer and '
@@ -474,6 +492,11 @@ def main(argv=None):
         clf = copy.deepcopy(models[1])
         use_composed_quantizers(clf)
         entries['mmbhvit 1-bit composed'] = (
+            clf, lambda x, m=clf: m(x, mode='tensor'))
+    if args.apart:
+        clf = copy.deepcopy(models[1])
+        separate_sign_and_shortcut(clf)
+        entries['mmbhvit 1-bit apart'] = (
             clf, lambda x, m=clf: m(x, mode='tensor'))
     if args.official_repo:
         for bits in (1, 32):
