@@ -188,6 +188,42 @@ def test_kernel_benchmark_cases_run():
         assert macs > 0 and all(torch.isfinite(o).all() for o in outs), name
 
 
+@pytest.mark.skipif(not HAS_EXT, reason='packed-bit C++ kernels not built')
+def test_kernel_benchmark_against_another_build(tmp_path, capsys):
+    """``--kernels --against SO --ops ...``: the selected ops timed with this
+    build and another one (here a copy of it) in the same rounds, then the
+    paired ratio per op; a missing file, a file that is not an extension
+    and a filter that matches nothing are refused by name."""
+    import shutil
+    sys.path.insert(0, osp.join(ROOT, 'tools', 'deployment'))
+    try:
+        import benchmark_binary
+    finally:
+        sys.path.pop(0)
+    ext = deploy_ops.load_extension()
+    copy = tmp_path / 'before_binary_ops.so'
+    shutil.copy(ext.__file__, copy)
+    rows = benchmark_binary.benchmark_kernels(
+        ['generic'], (1, ), rounds=2, min_time=0.0,
+        ops=['q/k/v', 'attn stage4'], against=str(copy))
+    out = capsys.readouterr().out
+    names = {'proj q/k/v stage3 212x256', 'attn stage4 1x50x512 h8 q.k',
+             'attn stage4 1x50x512 h8 context'}
+    assert {r[0] for r in rows} == names and len(rows) == 2 * len(names)
+    assert f'against build: {copy}' in out
+    ratios = out.split('this / against')[1].splitlines()[1:]
+    assert {line[:32].strip() for line in ratios} == names
+    assert all(float(line.split()[-1]) > 0 for line in ratios)
+    with pytest.raises(SystemExit, match='no such file'):
+        benchmark_binary.benchmark_kernels(against=str(tmp_path / 'x.so'))
+    (tmp_path / 'bad.so').write_text('not a library')
+    with pytest.raises(SystemExit, match='not a loadable build'):
+        benchmark_binary.benchmark_kernels(against=str(tmp_path / 'bad.so'))
+    with pytest.raises(SystemExit, match='no kernel case matches'):
+        benchmark_binary.benchmark_kernels(['generic'], (1, ),
+                                           ops=['no such op'])
+
+
 def test_fallback_warns_once_with_the_fix(monkeypatch):
     monkeypatch.setattr(deploy_ops, '_EXT_TRIED', True)
     monkeypatch.setattr(deploy_ops, '_EXT', None)

@@ -21,6 +21,10 @@ Examples::
     # this CPU runs, 1 and 2 threads, binary MACs per second and the
     # fraction of this CPU's AVX2 popcount peak
     python tools/deployment/benchmark_binary.py --kernels
+    # a kernel change, side by side in one process: this build against a
+    # copy of the extension saved before the change, MLP ops only
+    python tools/deployment/benchmark_binary.py --kernels --sets avx2 \
+        --threads 1 --ops ffn --against /tmp/before.so
 
 Results and their discussion: docs/deployment.md.
 """
@@ -166,14 +170,45 @@ def kernel_cases(dtype):
     return cases
 
 
+def load_other_build(path: str):
+    """Another build of the extension (e.g. a copy of
+    ``mmbhvit/_binary_ops*.so`` made before a change) as a second module
+    beside the installed one, for a side-by-side timing in one process."""
+    import importlib.util
+    if not osp.isfile(path):
+        raise SystemExit(f'--against {path}: no such file')
+    spec = importlib.util.spec_from_file_location('mmbhvit._binary_ops',
+                                                  path)
+    if spec is None:  # not an extension module's file name
+        raise SystemExit(f'--against {path}: not a compiled extension '
+                         '(expected a _binary_ops*.so file)')
+    try:
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+    except ImportError as e:
+        raise SystemExit(f'--against {path}: not a loadable build of '
+                         f'mmbhvit._binary_ops for this Python and torch '
+                         f'({e})') from None
+    for name in ('set_isa', 'isa', 'available_isas'):
+        if not hasattr(module, name):
+            raise SystemExit(f'--against {path}: the module has no {name}, '
+                             'not a build of the packed-bit kernels')
+    return module
+
+
 def benchmark_kernels(sets=None, threads=(1, 2), rounds=15, min_time=0.02,
-                      clock='wall'):
+                      clock='wall', ops=None, against=None):
     """Interleaved timings: every round times every (threads, set, op) once
     (the median of the rounds is reported), so drift and other load on the
     cores spread over all candidates alike. ``clock='cpu'`` times the
     process's CPU time instead of the wall clock (for 1 thread: the time the
     kernels actually ran, whatever else shares the cores; with more threads
-    it also counts threads waiting at the end of a parallel region)."""
+    it also counts threads waiting at the end of a parallel region).
+    ``ops``: only the ops whose name contains one of these strings.
+    ``against``: the path of another build of the extension, timed in the
+    same rounds (alternating first with this one); its rows are marked and
+    the paired ratio (median over rounds of this build / that one) per op
+    follows."""
     import time
 
     import torch
@@ -187,9 +222,22 @@ def benchmark_kernels(sets=None, threads=(1, 2), rounds=15, min_time=0.02,
         from mmbhvit.deploy.ops import extension_error
         raise SystemExit(f'the packed-bit kernels are not built: '
                          f'{extension_error()}')
+    builds = {'this': ext}
+    if against is not None:
+        builds['against'] = load_other_build(against)
     sets = sets or ext.available_isas()
-    old_set, old_threads = ext.isa(), torch.get_num_threads()
+    for s in sets:
+        for label, b in builds.items():
+            if s not in b.available_isas():
+                raise SystemExit(f'kernel set {s!r} is not available in '
+                                 f'the {label} build')
+    old_sets = {label: b.isa() for label, b in builds.items()}
+    old_threads = torch.get_num_threads()
     cases = kernel_cases(torch.float32)
+    if ops:
+        cases = [c for c in cases if any(o in c[0] for o in ops)]
+        if not cases:
+            raise SystemExit(f'--ops {ops}: no kernel case matches')
     hz = ext.cpu_clock_hz()
     peak = avx2_peak_per_cycle() * hz
     times = {}
@@ -204,22 +252,27 @@ def benchmark_kernels(sets=None, threads=(1, 2), rounds=15, min_time=0.02,
             call(ext)
             reps[name] = max(1, int(min_time / max(time.perf_counter() - t0,
                                                    1e-6)))
-        for _ in range(rounds):
+        for r in range(rounds):
+            order = list(builds) if r % 2 == 0 else list(builds)[::-1]
             for nt in threads:
                 torch.set_num_threads(nt)
                 for s in sets:
-                    ext.set_isa(s)
-                    for name, _, call in cases:
-                        n = reps[name]
-                        t0 = timer()
-                        for _ in range(n):
-                            call(ext)
-                        dt = (timer() - t0) / n
-                        if clock == 'cpu':
-                            dt /= nt  # CPU seconds of nt threads
-                        times.setdefault((name, s, nt), []).append(dt)
+                    for label in order:
+                        b = builds[label]
+                        b.set_isa(s)
+                        for name, _, call in cases:
+                            n = reps[name]
+                            t0 = timer()
+                            for _ in range(n):
+                                call(b)
+                            dt = (timer() - t0) / n
+                            if clock == 'cpu':
+                                dt /= nt  # CPU seconds of nt threads
+                            times.setdefault((name, s, nt, label),
+                                             []).append(dt)
     finally:
-        ext.set_isa(old_set)
+        for label, b in builds.items():
+            b.set_isa(old_sets[label])
         torch.set_num_threads(old_threads)
     print(f'CPU: {cpu_description()}')
     print(f'clock (dependent-add chain): {hz / 1e9:.2f} GHz; AVX2 '
@@ -235,16 +288,32 @@ def benchmark_kernels(sets=None, threads=(1, 2), rounds=15, min_time=0.02,
     print(head)
     print('-' * len(head))
     rows = []
-    for name, macs, _ in cases:
-        for s in sets:
-            for nt in threads:
-                ts = sorted(times[(name, s, nt)])
-                t = ts[len(ts) // 2]
-                rate = macs / t
-                frac = rate / (peak * nt) if peak else float('nan')
-                rows.append((name, s, nt, t, rate, frac))
-                print(f'{name:32s} {s:8s} {nt:3d} {t * 1e6:9.1f} '
-                      f'{rate / 1e9:8.1f} {frac:11.0%}')
+    for label in builds:
+        if against is not None:
+            print(f'{label} build: ' + (ext.__file__ if label == 'this'
+                                        else against))
+        for name, macs, _ in cases:
+            for s in sets:
+                for nt in threads:
+                    ts = sorted(times[(name, s, nt, label)])
+                    t = ts[len(ts) // 2]
+                    rate = macs / t
+                    frac = rate / (peak * nt) if peak else float('nan')
+                    rows.append((name, s, nt, t, rate, frac))
+                    print(f'{name:32s} {s:8s} {nt:3d} {t * 1e6:9.1f} '
+                          f'{rate / 1e9:8.1f} {frac:11.0%}')
+    if against is not None:
+        print('this / against, median over the rounds of the per-round '
+              'ratio (drift between rounds does not move it):')
+        for name, _, _ in cases:
+            for s in sets:
+                for nt in threads:
+                    pairs = sorted(
+                        a / b for a, b in zip(times[(name, s, nt, 'this')],
+                                              times[(name, s, nt,
+                                                     'against')]))
+                    print(f'{name:32s} {s:8s} {nt:3d} '
+                          f'{pairs[len(pairs) // 2]:9.3f}')
     return rows
 
 
@@ -260,9 +329,17 @@ def main_kernels(argv):
     parser.add_argument('--clock', choices=('wall', 'cpu'), default='wall',
                         help='wall clock (latency; default) or the process '
                         "CPU time (robust to other jobs on the cores)")
+    parser.add_argument('--ops', nargs='*', default=None,
+                        help='only the ops whose name contains one of these '
+                        "strings (e.g. 'ffn stage1')")
+    parser.add_argument('--against', default=None, metavar='SO',
+                        help='another build of the extension (a copy of '
+                        'mmbhvit/_binary_ops*.so from before a change), '
+                        'timed in the same process and rounds; prints the '
+                        'paired ratio per op')
     args = parser.parse_args(argv)
     benchmark_kernels(args.sets, tuple(args.threads), args.rounds,
-                      clock=args.clock)
+                      clock=args.clock, ops=args.ops, against=args.against)
     return 0
 
 
