@@ -20,6 +20,7 @@
 #include <ATen/Parallel.h>
 
 #include <cmath>
+#include <type_traits>
 #include <vector>
 
 namespace mmbhvit {
@@ -155,11 +156,15 @@ torch::Tensor sign_ste_forward(const torch::Tensor& x,
   return out;
 }
 
+// What shifted_window adds to each window term: nothing, the shortcut's
+// gradient (identity shortcut), or that divided by the group size (mean).
+enum ShortcutGrad { kNoShortcut, kIdentityGrad, kMeanGrad };
+
 // The window pass of sign(x + b) with the bias gradient summed in it (the
 // sum of the window terms d). Each element is written as d, or, given a
-// shortcut gradient gs, d + gs[n, c / ratio] (ratio 1) or
-// d + gs[n, c / ratio] / ratio. Returns grad_bias.
-template <typename scalar_t>
+// shortcut gradient gs (kS), d + gs[n, c / ratio] (kIdentityGrad) or
+// d + gs[n, c / ratio] / ratio (kMeanGrad). Returns grad_bias.
+template <ShortcutGrad kS, typename scalar_t>
 torch::Tensor shifted_window(const Layout& l, const scalar_t* px,
                              const scalar_t* pg, const scalar_t* pb,
                              scalar_t* po, const torch::Tensor& x,
@@ -171,28 +176,19 @@ torch::Tensor shifted_window(const Layout& l, const scalar_t* px,
     const scalar_t b = pb[ch];
     const int64_t o = p * l.s;
     const scalar_t* sp =
-        gs == nullptr ? nullptr
-                      : gs + ((p / l.c) * groups + ch / ratio) * l.s;
+        kS == kNoShortcut ? nullptr
+                          : gs + ((p / l.c) * groups + ch / ratio) * l.s;
     typename ChannelSums<scalar_t, 1>::Lanes acc;
-    if (sp == nullptr) {
-      for_lanes(l.s, [&](int64_t i, int j) {
-        const scalar_t d = sign_window(px[o + i] + b, pg[o + i]);
+    for_lanes(l.s, [&](int64_t i, int j) {
+      const scalar_t d = sign_window(px[o + i] + b, pg[o + i]);
+      if constexpr (kS == kNoShortcut)
         po[o + i] = d;
-        acc.v[0][j] += d;
-      });
-    } else if (ratio == 1) {
-      for_lanes(l.s, [&](int64_t i, int j) {
-        const scalar_t d = sign_window(px[o + i] + b, pg[o + i]);
+      else if constexpr (kS == kIdentityGrad)
         po[o + i] = d + sp[i];
-        acc.v[0][j] += d;
-      });
-    } else {
-      for_lanes(l.s, [&](int64_t i, int j) {
-        const scalar_t d = sign_window(px[o + i] + b, pg[o + i]);
+      else
         po[o + i] = d + sp[i] / r;
-        acc.v[0][j] += d;
-      });
-    }
+      acc.v[0][j] += d;
+    });
     sums.put(p, acc);
   });
   torch::Tensor gb = torch::empty({l.c}, x.options());
@@ -225,7 +221,7 @@ std::vector<torch::Tensor> sign_ste_backward(
       });
       return;
     }
-    result.push_back(shifted_window<scalar_t>(
+    result.push_back(shifted_window<kNoShortcut, scalar_t>(
         l, px, pg, bias->data_ptr<scalar_t>(), po, x, nullptr, 1));
   });
   return result;
@@ -260,10 +256,16 @@ std::vector<torch::Tensor> sign_shortcut_backward(
   torch::Tensor out = torch::empty_like(x);
   torch::Tensor gb;
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "sign_shortcut_backward", [&] {
-    gb = shifted_window<scalar_t>(
-        l, x.data_ptr<scalar_t>(), g.data_ptr<scalar_t>(),
-        bias.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), x,
-        gs.data_ptr<scalar_t>(), ratio);
+    const auto run = [&](auto kind) {
+      gb = shifted_window<decltype(kind)::value, scalar_t>(
+          l, x.data_ptr<scalar_t>(), g.data_ptr<scalar_t>(),
+          bias.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), x,
+          gs.data_ptr<scalar_t>(), ratio);
+    };
+    if (ratio == 1)
+      run(std::integral_constant<ShortcutGrad, kIdentityGrad>{});
+    else
+      run(std::integral_constant<ShortcutGrad, kMeanGrad>{});
   });
   return {out, gb};
 }

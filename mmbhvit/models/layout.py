@@ -133,6 +133,13 @@ def wrap_depthwise_conv(x: Tensor, kernel: Tensor, bias: Tensor,
                     groups=x.shape[1])
 
 
+def channel_group_mean(x: Tensor, ratio: int) -> Tensor:
+    """Mean over groups of ``ratio`` consecutive channels (dim 1): ``(N, C,
+    ...)`` → ``(N, C / ratio, ...)``."""
+    n, c = x.shape[:2]
+    return x.view(n, c // ratio, ratio, *x.shape[2:]).mean(dim=2)
+
+
 def window_partition(x: Tensor, size: int) -> Tensor:
     """``(B, C, H, W)`` → ``(B * nH * nW, C, size * size)``; H, W must be
     multiples of ``size``. Windows are ordered batch-major, then row-major."""

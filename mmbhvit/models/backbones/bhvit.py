@@ -33,9 +33,9 @@ from ..binary import (BinaryConv2d, GSBAttentionBinarizer, LayerScale,
                       LearnableBias, LSQAttentionQuantizer, RPReLU,
                       sign_ste, sign_ste_with_shortcut)
 from ..finite import check_finite_input, is_tracing
-from ..layout import (ChannelLayerNorm, pad_to_multiple, resize_pos_embed,
-                      tracing_shapes, window_partition, window_reverse,
-                      wrap_depthwise_conv)
+from ..layout import (ChannelLayerNorm, channel_group_mean, pad_to_multiple,
+                      resize_pos_embed, tracing_shapes, window_partition,
+                      window_reverse, wrap_depthwise_conv)
 
 
 def _norm(norm_cfg: dict, channels: int) -> nn.Module:
@@ -83,7 +83,7 @@ class BinaryResidualProj(nn.Module):
             return y.view(b, self.out_channels, h, w)
         if self.out_channels < self.in_channels:
             ratio = self.in_channels // self.out_channels
-            return y + x.view(b, self.out_channels, ratio, h, w).mean(dim=2)
+            return y + channel_group_mean(x, ratio)
         return y + x
 
     def forward(self, x: Tensor) -> Tensor:

@@ -24,6 +24,7 @@ from typing import Callable, Dict, Optional, Tuple, Type
 import torch
 from torch import Tensor
 
+from ..layout import channel_group_mean
 from . import fused
 
 _QUANTIZER_FUNCTIONS: Dict[str, Type['QuantizerFunction']] = {}
@@ -324,7 +325,8 @@ class ShiftedSignShortcut(QuantizerFunction):
     r""":class:`ShiftedSignSTE` of ``x`` together with a shortcut of the
     same ``x``: returns ``(sign(x + b), shortcut(x))``, the shortcut being
     ``x`` itself (``ratio`` 1) or the mean over groups of ``ratio``
-    consecutive channels (``x.view(n, c // ratio, ratio, ...).mean(2)``).
+    consecutive channels (:func:`~mmbhvit.models.layout.channel_group_mean`,
+    as the composed shortcut).
 
     This is what a binary projection with a residual reads from its input
     (:class:`~mmbhvit.models.backbones.bhvit.BinaryResidualProj` when its
@@ -353,8 +355,7 @@ class ShiftedSignShortcut(QuantizerFunction):
         xq = ctx.ops.sign_ste_forward(x, bias)
         if ratio == 1:
             return xq, x.view_as(x)
-        n, c = x.shape[:2]
-        return xq, x.view(n, c // ratio, ratio, *x.shape[2:]).mean(dim=2)
+        return xq, channel_group_mean(x, ratio)
 
     @staticmethod
     @amp_backward
