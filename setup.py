@@ -53,7 +53,8 @@ EXT_NAME = 'mmbhvit._binary_ops'
 KERNEL_SETS = ('avx512', 'avx2', 'popcnt', 'neon', 'generic')
 EXT_SOURCES = [osp.join('csrc', 'binary_ops.cpp'),
                osp.join('csrc', 'training_ops.cpp'),
-               osp.join('csrc', 'core', 'dispatch.cpp')] + [
+               osp.join('csrc', 'core', 'dispatch.cpp'),
+               osp.join('csrc', 'core', 'nibble_lut.cpp')] + [
                    osp.join('csrc', 'kernels', f'kernels_{k}.cpp')
                    for k in KERNEL_SETS
                ]
@@ -128,8 +129,13 @@ def binary_ops_extension():
     else:
         # -ffp-contract=off: one rounding per float operation, as in the
         # PyTorch fallback; ISA-specific code is selected at run time.
+        # -fvisibility=hidden: only the module's init function is exported,
+        # so two builds loaded in one process (benchmark_binary --against)
+        # each run their own kernels and keep their own kernel-set choice
+        # (exported, the second build's calls bound to the first's).
         flags = ['-O3', '-g0', '-fopenmp', '-ffp-contract=off',
-                 '-fno-trapping-math']
+                 '-fno-trapping-math', '-fvisibility=hidden',
+                 '-fvisibility-inlines-hidden']
         link = ['-fopenmp']
     ext = CppExtension(
         EXT_NAME,

@@ -16,6 +16,7 @@
 #include <vector>
 
 #include "core/dispatch.h"
+#include "core/nibble_lut.h"
 #include "core/runner.h"
 
 namespace mmbhvit {
@@ -123,11 +124,28 @@ ProjArgs proj_args(const std::vector<torch::Tensor>& t, int64_t cout,
   return ProjArgs{t[0], t[1], t[2], t[3], t[4], t[5], t[6], cout, shortcut};
 }
 
+// The nibble table of a projection's transposed weights (nibble_lut.h), or
+// an empty tensor when the shape does not take one.
+torch::Tensor nibble_lut(const torch::Tensor& wt, int64_t cin, int64_t cout) {
+  TORCH_CHECK(wt.device().is_cpu() && wt.dim() == 2 && wt.is_contiguous(),
+              "wt must be a contiguous 2-d CPU tensor");
+  TORCH_CHECK(wt.scalar_type() == torch::kInt64, "wt must be int64");
+  TORCH_CHECK(wt.size(0) == words_for(cin) && wt.size(1) >= cout,
+              "wt of shape ", wt.sizes(), " does not hold ", cin, " -> ",
+              cout, " weights");
+  if (!nibble_lut_fits(cin, cout)) return torch::empty({0}, torch::kInt8);
+  torch::Tensor lut =
+      torch::empty({nibble_lut_bytes(cin, cout)}, torch::kInt8);
+  build_nibble_lut(wptr(wt), cin, cout, wt.size(1), lut.data_ptr<int8_t>());
+  return lut;
+}
+
 torch::Tensor ffn(const torch::Tensor& x, const torch::Tensor& residual,
                   const std::vector<torch::Tensor>& expand, int64_t hidden,
                   int64_t expand_shortcut,
                   const std::vector<torch::Tensor>& reduce,
-                  int64_t reduce_shortcut) {
+                  int64_t reduce_shortcut,
+                  const c10::optional<torch::Tensor>& expand_lut) {
   check_float(x, x, "x");
   const int64_t c = x.size(-1);
   const int64_t tokens = c > 0 ? x.numel() / c : 0;
@@ -136,12 +154,25 @@ torch::Tensor ffn(const torch::Tensor& x, const torch::Tensor& residual,
   check_proj(x, c, e);
   check_proj(x, hidden, r);
   check_tokens_like(residual, x, "residual");
+  const int8_t* lut = nullptr;
+  if (expand_lut.has_value() && expand_lut->numel() > 0) {
+    const torch::Tensor& t = *expand_lut;
+    TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == torch::kInt8 &&
+                    t.is_contiguous(),
+                "expand_lut must be a contiguous int8 CPU tensor");
+    TORCH_CHECK(nibble_lut_fits(c, hidden) &&
+                    t.numel() == nibble_lut_bytes(c, hidden),
+                "expand_lut of ", t.numel(), " bytes is not the nibble "
+                "table of a ", c, " -> ", hidden, " expansion");
+    lut = t.data_ptr<int8_t>();
+  }
   torch::Tensor y = torch::empty_like(x);
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "mmbhvit_ffn", [&] {
     FfnParams<scalar_t> p{};
     p.expand = proj_params<scalar_t>(e, c);
     p.expand.x = ptr<scalar_t>(x);
     p.expand.tokens = tokens;
+    if (lut != nullptr) p.expand.lut = lut;
     p.reduce = proj_params<scalar_t>(r, hidden);
     p.reduce.tokens = tokens;
     p.reduce.residual = ptr<scalar_t>(residual);
@@ -795,8 +826,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("ffn", &ffn, "binary MLP (expand, reduce, + residual), fused",
         py::arg("x"), py::arg("residual"), py::arg("expand"),
         py::arg("hidden"), py::arg("expand_shortcut"), py::arg("reduce"),
-        py::arg("reduce_shortcut"),
+        py::arg("reduce_shortcut"), py::arg("expand_lut") = py::none(),
         py::call_guard<py::gil_scoped_release>());
+  m.def("nibble_lut", &nibble_lut,
+        "nibble table of a projection's weights for the AVX2 MLP "
+        "expansion (empty when the shape takes none)",
+        py::arg("wt"), py::arg("cin"), py::arg("cout"));
   m.def("msgdc", &msgdc, "MSGDC token mixer + residual (+ next norm)",
         py::arg("x"), py::arg("in_scale"), py::arg("in_bias"), py::arg("thr"),
         py::arg("groups"), py::arg("dilations"), py::arg("wts"),

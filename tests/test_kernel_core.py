@@ -214,6 +214,16 @@ def test_kernel_benchmark_against_another_build(tmp_path, capsys):
     ratios = out.split('this / against')[1].splitlines()[1:]
     assert {line[:32].strip() for line in ratios} == names
     assert all(float(line.split()[-1]) > 0 for line in ratios)
+    # the copy is a module of its own with its own kernel-set choice (the
+    # same module, or shared C++ state, would time one build twice)
+    other = benchmark_binary.load_other_build(str(copy), ext)
+    assert other is not ext and other.__name__ != ext.__name__
+    mine = ext.isa()
+    other.set_isa('generic')
+    try:
+        assert ext.isa() == mine and other.isa() == 'generic'
+    finally:
+        other.set_isa(mine)
     with pytest.raises(SystemExit, match='no such file'):
         benchmark_binary.benchmark_kernels(against=str(tmp_path / 'x.so'))
     (tmp_path / 'bad.so').write_text('not a library')
@@ -222,6 +232,40 @@ def test_kernel_benchmark_against_another_build(tmp_path, capsys):
     with pytest.raises(SystemExit, match='no kernel case matches'):
         benchmark_binary.benchmark_kernels(['generic'], (1, ),
                                            ops=['no such op'])
+
+
+def test_against_refuses_builds_that_are_not_separate():
+    """Two "builds" that are one module, or whose kernel-set choice follows
+    each other (exported C++ symbols bound across the two), are refused by
+    name instead of timing one build twice."""
+    sys.path.insert(0, osp.join(ROOT, 'tools', 'deployment'))
+    try:
+        import benchmark_binary
+    finally:
+        sys.path.pop(0)
+
+    class Build:
+        def __init__(self, state):
+            self.state = state
+
+        def isa(self):
+            return self.state['isa']
+
+        def set_isa(self, name):
+            self.state['isa'] = name
+
+        def available_isas(self):
+            return ['avx2', 'generic']
+
+    shared = {'isa': 'avx2'}
+    this = Build(shared)
+    with pytest.raises(SystemExit, match='installed module itself'):
+        benchmark_binary.check_separate_builds(this, this, 'x.so')
+    with pytest.raises(SystemExit, match='share their kernel state'):
+        benchmark_binary.check_separate_builds(this, Build(shared), 'x.so')
+    assert shared['isa'] == 'avx2'  # the probe is undone
+    benchmark_binary.check_separate_builds(this, Build({'isa': 'avx2'}),
+                                           'x.so')
 
 
 def test_fallback_warns_once_with_the_fix(monkeypatch):
@@ -285,3 +329,48 @@ def test_info_command():
     else:
         assert 'NOT available' in out and '--no-build-isolation' in out
         assert training.group(1).startswith('NOT available')
+
+
+@pytest.mark.parametrize('c,ratio,tokens', [(64, 8, 133), (128, 8, 70),
+                                            (192, 4, 5)])
+def test_mlp_nibble_table_gives_the_same_numbers(c, ratio, tokens):
+    """The AVX2 MLP expansion read from the nibble table (blocks of 64
+    tokens, reduction tiles of 4, both with remainders here) gives the
+    popcount path's numbers bit for bit, and the other kernel sets ignore
+    the table; shapes without a table get an empty one, a table of the
+    wrong size is refused by name."""
+    from mmbhvit.deploy.ops import kernel_words
+    from mmbhvit.deploy.packing import pack_bits
+    ext = deploy_ops.load_extension()
+    if ext is None or 'avx2' not in ext.available_isas():
+        pytest.skip('needs the AVX2 kernels')
+    g = torch.Generator().manual_seed(c + tokens)
+    hid = c * ratio
+
+    def args(cin, cout):
+        w = pack_bits(torch.rand(cout, cin, generator=g) > 0.5)
+        return [0.3 * torch.randn(cin, generator=g),
+                kernel_words(w, 1, cin)[0]] + [
+                    torch.randn(cout, generator=g) for _ in range(5)]
+
+    x = torch.randn(tokens, c, generator=g)
+    res = torch.randn(tokens, c, generator=g)
+    e, r = args(c, hid), args(hid, c)
+    lut = ext.nibble_lut(e[1], c, hid)
+    assert lut.dtype == torch.int8 and lut.numel() == 4 * c * hid
+    mine = ext.isa()
+    try:
+        ext.set_isa('avx2')
+        plain = ext.ffn(x, res, e, hid, 2, r, 3)
+        table = ext.ffn(x, res, e, hid, 2, r, 3, lut)
+        ext.set_isa('generic')
+        generic = ext.ffn(x, res, e, hid, 2, r, 3, lut)
+    finally:
+        ext.set_isa(mine)
+    assert torch.isfinite(plain).all()
+    assert torch.equal(table, plain) and torch.equal(generic, plain)
+    for cin in (96, 256):  # not a multiple of 64 / sums beyond int8
+        w = kernel_words(pack_bits(torch.ones(64, cin) > 0), 1, cin)[0]
+        assert ext.nibble_lut(w, cin, 64).numel() == 0
+    with pytest.raises(RuntimeError, match='not the nibble table'):
+        ext.ffn(x, res, e, hid, 2, r, 3, lut[:-32])

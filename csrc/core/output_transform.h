@@ -52,21 +52,29 @@ inline T binary_prelu(int32_t full, int32_t count, T a, T b, T extra,
 }
 
 #if MMBHVIT_AVX2 || MMBHVIT_AVX512
-// binary_prelu for 8 neighbouring outputs in a register (float): a, b,
-// slope (and extra) point at their 8 values. The fused epilogues of the ops
-// call this, so the vector code keeps the scalar order above.
+// binary_prelu for 8 neighbouring outputs in a register (float), from their
+// int32 dot products: a, b, slope (and extra) point at their 8 values. The
+// fused epilogues of the ops call this, so the vector code keeps the scalar
+// order above.
 template <bool kExtra>
-inline __m256 binary_prelu8(__m256i count, __m256i full, const float* a,
-                            const float* b, const float* extra,
-                            const float* slope) {
-  const __m256 d = _mm256_cvtepi32_ps(
-      _mm256_sub_epi32(full, _mm256_add_epi32(count, count)));
-  __m256 z = _mm256_mul_ps(d, _mm256_loadu_ps(a));
+inline __m256 binary_prelu8_dot(__m256i dot, const float* a, const float* b,
+                                const float* extra, const float* slope) {
+  __m256 z = _mm256_mul_ps(_mm256_cvtepi32_ps(dot), _mm256_loadu_ps(a));
   z = _mm256_add_ps(z, _mm256_loadu_ps(b));
   if (kExtra) z = _mm256_add_ps(z, _mm256_loadu_ps(extra));
   const __m256 neg = _mm256_mul_ps(z, _mm256_loadu_ps(slope));
   return _mm256_blendv_ps(neg, z,
                           _mm256_cmp_ps(z, _mm256_setzero_ps(), _CMP_GT_OQ));
+}
+
+// The same from popcounts: dot = full - 2 count.
+template <bool kExtra>
+inline __m256 binary_prelu8(__m256i count, __m256i full, const float* a,
+                            const float* b, const float* extra,
+                            const float* slope) {
+  return binary_prelu8_dot<kExtra>(
+      _mm256_sub_epi32(full, _mm256_add_epi32(count, count)), a, b, extra,
+      slope);
 }
 #endif
 

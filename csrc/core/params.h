@@ -55,6 +55,9 @@ struct ProjParams {
   int shortcut;
   const T* residual;    // (tokens, cout) or nullptr
   T* y;                 // (tokens, cout)
+  // the nibble table of wt (nibble_lut.h) or nullptr; taken by the AVX2
+  // MLP expansion, ignored elsewhere
+  const int8_t* lut;
 };
 
 // Binary MLP of a block: expand (x -> hidden, tile shortcut), then reduce

@@ -87,8 +87,17 @@ def kernel_cases(dtype):
         hid = c * ratio
         x, res = rand(tokens, c), rand(tokens, c)
         e, r = proj_args(c, hid), proj_args(hid, c)
-        cases.append((name, tokens * 2 * c * hid, lambda ext: ext.ffn(
-            x, res, e, hid, 2, r, 3)))
+        luts = {}  # the engine's nibble table, per build (older: none)
+
+        def call(ext):
+            if ext not in luts:
+                luts[ext] = (ext.nibble_lut(e[1], c, hid)
+                             if hasattr(ext, 'nibble_lut') else None)
+            if luts[ext] is None:
+                return ext.ffn(x, res, e, hid, 2, r, 3)
+            return ext.ffn(x, res, e, hid, 2, r, 3, luts[ext])
+
+        cases.append((name, tokens * 2 * c * hid, call))
 
     def proj(name, tokens, cin, cout):
         x = rand(tokens, cin)
@@ -170,15 +179,23 @@ def kernel_cases(dtype):
     return cases
 
 
-def load_other_build(path: str):
+#: the name the other build is imported under: not the installed module's
+#: (Python hands back the already loaded module for the same name)
+OTHER_BUILD_MODULE = 'mmbhvit_against_build._binary_ops'
+
+
+def load_other_build(path: str, this=None):
     """Another build of the extension (e.g. a copy of
     ``mmbhvit/_binary_ops*.so`` made before a change) as a second module
-    beside the installed one, for a side-by-side timing in one process."""
+    beside the installed one (``this``), for a side-by-side timing in one
+    process. Refused unless the two are separate: distinct modules whose
+    kernel-set choice does not follow each other (a build that exports its
+    C++ symbols, i.e. one from before mmbhvit hid them, can bind the other's
+    calls to its own kernels)."""
     import importlib.util
     if not osp.isfile(path):
         raise SystemExit(f'--against {path}: no such file')
-    spec = importlib.util.spec_from_file_location('mmbhvit._binary_ops',
-                                                  path)
+    spec = importlib.util.spec_from_file_location(OTHER_BUILD_MODULE, path)
     if spec is None:  # not an extension module's file name
         raise SystemExit(f'--against {path}: not a compiled extension '
                          '(expected a _binary_ops*.so file)')
@@ -193,7 +210,33 @@ def load_other_build(path: str):
         if not hasattr(module, name):
             raise SystemExit(f'--against {path}: the module has no {name}, '
                              'not a build of the packed-bit kernels')
+    if this is not None:
+        check_separate_builds(this, module, path)
     return module
+
+
+def check_separate_builds(this, other, path: str) -> None:
+    """SystemExit unless ``other`` keeps its own kernel-set choice: set to
+    another set than ``this`` runs, ``this`` must not follow."""
+    if other is this:
+        raise SystemExit(f'--against {path}: Python returned the installed '
+                         'module itself, the comparison would time one '
+                         'build twice')
+    mine, theirs = this.isa(), other.isa()
+    probe = next((s for s in other.available_isas() if s != mine), None)
+    if probe is None:
+        return  # one kernel set: nothing to tell apart, nothing to mix up
+    other.set_isa(probe)
+    followed = this.isa() == probe
+    other.set_isa(theirs)
+    this.set_isa(mine)
+    if followed:
+        raise SystemExit(
+            f'--against {path}: the two builds share their kernel state '
+            '(one of them exports its C++ symbols, built before mmbhvit '
+            'compiled with -fvisibility=hidden), so one build\'s kernels '
+            'would run for both; rebuild the older one from a commit that '
+            'hides them')
 
 
 def benchmark_kernels(sets=None, threads=(1, 2), rounds=15, min_time=0.02,
@@ -224,7 +267,7 @@ def benchmark_kernels(sets=None, threads=(1, 2), rounds=15, min_time=0.02,
                          f'{extension_error()}')
     builds = {'this': ext}
     if against is not None:
-        builds['against'] = load_other_build(against)
+        builds['against'] = load_other_build(against, ext)
     sets = sets or ext.available_isas()
     for s in sets:
         for label, b in builds.items():

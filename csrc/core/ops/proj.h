@@ -6,6 +6,7 @@
 
 #include <cstdint>
 
+#include "../nibble_lut.h"
 #include "../output_transform.h"
 #include "../popcount_core.h"
 
@@ -146,6 +147,10 @@ template <typename T>
 inline bool ffn_fused(const FfnParams<T>&, int64_t, int64_t) {
   return false;
 }
+template <typename T>
+inline bool ffn_nibbles(const FfnParams<T>&, int64_t, int64_t) {
+  return false;
+}
 
 #if MMBHVIT_AVX2 || MMBHVIT_AVX512
 static_assert(__BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__,
@@ -153,15 +158,21 @@ static_assert(__BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__,
 
 // prelu(D a + b (+ sc)) * ps + pb (+ res) for outputs o .. o + 7; prm:
 // a, b, slope, ps, pb of these outputs, 8 floats each (EpiParams)
+// (epilogue8_dot: from the int32 dot products D instead of the counts)
 template <bool kSc, bool kRes>
-inline __m256 epilogue8(__m256i count, __m256i full, const float* prm,
-                        const float* sc, const float* res) {
-  const __m256 z =
-      binary_prelu8<kSc>(count, full, prm, prm + 8, sc, prm + 16);
+inline __m256 epilogue8_dot(__m256i dot, const float* prm, const float* sc,
+                            const float* res) {
+  const __m256 z = binary_prelu8_dot<kSc>(dot, prm, prm + 8, sc, prm + 16);
   __m256 v = _mm256_mul_ps(z, _mm256_loadu_ps(prm + 24));
   v = _mm256_add_ps(v, _mm256_loadu_ps(prm + 32));
   if (kRes) v = _mm256_add_ps(_mm256_loadu_ps(res), v);
   return v;
+}
+template <bool kSc, bool kRes>
+inline __m256 epilogue8(__m256i count, __m256i full, const float* prm,
+                        const float* sc, const float* res) {
+  return epilogue8_dot<kSc, kRes>(
+      _mm256_sub_epi32(full, _mm256_add_epi32(count, count)), prm, sc, res);
 }
 
 // The epilogue vectors of a projection interleaved per block of 8 outputs
@@ -354,6 +365,154 @@ inline bool proj_fused(const ProjParams<float>& p, int64_t begin,
   return true;
 }
 
+#if MMBHVIT_AVX2
+// The group means of 32 neighbouring hidden values (registers v[0..3], 8
+// values each) for groups of r = 4 or 8: the pairwise sums of group_sums
+// with vhaddps, then / r, stored at out (32 / r floats).
+inline void group_means32(const __m256* v, int64_t r, float* out) {
+  const __m256 l2 =
+      _mm256_hadd_ps(_mm256_hadd_ps(v[0], v[1]), _mm256_hadd_ps(v[2], v[3]));
+  // l2: [v0 0-3, v1 0-3, v2 0-3, v3 0-3 | v0 4-7, v1 4-7, v2 4-7, v3 4-7]
+  if (r == 8) {
+    const __m128 s = _mm_add_ps(_mm256_castps256_ps128(l2),
+                                _mm256_extractf128_ps(l2, 1));
+    _mm_storeu_ps(out, _mm_div_ps(s, _mm_set1_ps(8.f)));
+  } else {
+    const __m256 s = _mm256_permutevar8x32_ps(
+        l2, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+    _mm256_storeu_ps(out, _mm256_div_ps(s, _mm256_set1_ps(4.f)));
+  }
+}
+
+// The expansion of NT tokens (rows ew words / c floats / rbs bytes apart)
+// at one block of 32 hidden outputs: table rows summed, epilogue (the NT
+// tokens share the parameter loads), sign bits (4 bytes per token at rb)
+// and group means (32 / r per token at means).
+template <int NT>
+MMBHVIT_ALWAYS_INLINE inline void nibble_expand(
+    const int8_t* table, const uint64_t* xb, int64_t ew, const float* po,
+    const float* sc, int64_t c, const float* thr, int64_t r,
+    unsigned char* rb, int64_t rbs, float* means) {
+  __m128i part[NT][4];
+  for (int t = 0; t < NT; ++t) {
+    __m256i s0 = _mm256_setzero_si256(), s1 = s0;
+    for (int64_t i = 0; i < ew; ++i) {
+      // rows of word i's 16 nibbles: 16 values x 32 bytes apart
+      const uint64_t w = xb[t * ew + i];
+      const int8_t* ti = table + i * 16 * 512;
+      for (int q = 0; q < 16; q += 2) {
+        s0 = _mm256_add_epi8(
+            s0, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(
+                    ti + q * 512 + (w >> (4 * q) & 15) * 32)));
+        s1 = _mm256_add_epi8(
+            s1, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(
+                    ti + (q + 1) * 512 + (w >> (4 * q + 4) & 15) * 32)));
+      }
+    }
+    const __m256i half = _mm256_add_epi8(s0, s1);  // D / 2, int8
+    const __m128i lo = _mm256_castsi256_si128(half);
+    const __m128i hi = _mm256_extracti128_si256(half, 1);
+    part[t][0] = lo;
+    part[t][1] = _mm_srli_si128(lo, 8);
+    part[t][2] = hi;
+    part[t][3] = _mm_srli_si128(hi, 8);
+  }
+  __m256 v[NT][4];
+  for (int j = 0; j < 4; ++j)
+    for (int t = 0; t < NT; ++t) {
+      const __m256i h = _mm256_cvtepi8_epi32(part[t][j]);
+      v[t][j] = epilogue8_dot<true, false>(_mm256_add_epi32(h, h),
+                                           po + 40 * j, sc + t * c + 8 * j,
+                                           nullptr);
+    }
+  for (int t = 0; t < NT; ++t) {
+    uint32_t signs = 0;
+    for (int j = 0; j < 4; ++j)
+      signs |= static_cast<uint32_t>(_mm256_movemask_ps(_mm256_cmp_ps(
+                   v[t][j], _mm256_loadu_ps(thr + 8 * j), _CMP_GT_OQ)))
+               << (8 * j);
+    // sign bits of the 32 outputs: 4 bytes of the row (LE words)
+    __builtin_memcpy(rb + t * rbs, &signs, 4);
+    group_means32(v[t], r, means + t * c);
+  }
+}
+
+// The MLP with its expansion read from the nibble table (nibble_lut.h), in
+// blocks of kLutTokens tokens: per block of 32 hidden outputs, each token
+// adds its cin / 4 table rows (int8, one load-and-add each; a block's rows
+// stay in L1 for all the tokens), the sums widen to int32 and double into
+// the dot products, and the epilogue of proj_tile8 follows. The hidden
+// values themselves are never stored: only their sign bits and the group
+// means the reduction's shortcut takes (hidden / cin = 4 or 8). The
+// reduction then runs per tile of kTokens tokens as in ffn_fused. Same
+// counts, same float operations in the same order.
+constexpr int64_t kLutTokens = 64;
+
+inline bool ffn_nibbles(const FfnParams<float>& p, int64_t begin,
+                        int64_t end) {
+  const ProjParams<float>& e = p.expand;
+  const ProjParams<float>& rd = p.reduce;
+  if (e.lut == nullptr || !nibble_lut_fits(e.cin, e.cout) ||
+      !fused_shape(rd) || e.shortcut != kTile || e.residual != nullptr ||
+      rd.shortcut != kGroupMean ||
+      (e.cout != 4 * e.cin && e.cout != 8 * e.cin))
+    return false;
+  const int64_t c = e.cin, hid = e.cout, ew = e.words, rw = rd.words;
+  const int64_t npos = c / 4, r = hid / c;
+  const EpiParams eprm(e), rprm(rd);
+  Scratch<uint64_t> xbits(kLutTokens * ew);
+  Scratch<uint64_t> rbits(kLutTokens * rw);
+  Scratch<float> means(kLutTokens * c);
+  Scratch<float> rpad(kTokens * c), ypad(kTokens * c);
+  unsigned char* rb8 = reinterpret_cast<unsigned char*>(rbits.ptr);
+  for (int64_t t0 = begin; t0 < end; t0 += kLutTokens) {
+    const int64_t nb = end - t0 < kLutTokens ? end - t0 : kLutTokens;
+    for (int64_t k = 0; k < nb; ++k) {
+      uint64_t* xb = xbits.ptr + k * ew;
+      pack_row(e.x + (t0 + k) * c, e.thr, static_cast<const float*>(nullptr),
+               static_cast<const float*>(nullptr), c, xb);
+    }
+    // whole tiles of kTokens rows for the reduction: rows past nb are 0
+    for (int64_t k = nb; k < (nb + kTokens - 1) / kTokens * kTokens; ++k) {
+      for (int64_t i = 0; i < c; ++i) means.ptr[k * c + i] = 0.f;
+      for (int64_t i = 0; i < rw; ++i) rbits.ptr[k * rw + i] = 0;
+    }
+    for (int64_t o0 = 0; o0 < hid; o0 += 32) {
+      const int8_t* table = e.lut + o0 * npos * 16;
+      const float* po = eprm.v.ptr + 5 * o0;
+      const float* thr = rd.thr + o0;
+      int64_t k = 0;
+      for (; k + 2 <= nb; k += 2)
+        nibble_expand<2>(table, xbits.ptr + k * ew, ew, po,
+                         e.x + (t0 + k) * c + o0 % c, c, thr, r,
+                         rb8 + k * rw * 8 + (o0 >> 3), rw * 8,
+                         means.ptr + k * c + o0 / r);
+      if (k < nb)
+        nibble_expand<1>(table, xbits.ptr + k * ew, ew, po,
+                         e.x + (t0 + k) * c + o0 % c, c, thr, r,
+                         rb8 + k * rw * 8 + (o0 >> 3), rw * 8,
+                         means.ptr + k * c + o0 / r);
+    }
+
+    for (int64_t k0 = 0; k0 < nb; k0 += kTokens) {
+      const int64_t t = t0 + k0;
+      const int nk = int(nb - k0 < kTokens ? nb - k0 : kTokens);
+      const float* res = tile_in(rd.residual, t, nk, c, rpad.ptr);
+      float* y = nk == kTokens ? rd.y + t * c : ypad.ptr;
+      proj_tile_dispatch<false>(rd, rprm.v.ptr, rbits.ptr + k0 * rw,
+                                means.ptr + k0 * c, c, res, y, nullptr,
+                                nullptr, 0);
+      if (nk < kTokens) tile_out(ypad.ptr, nk, c, rd.y + t * c);
+    }
+  }
+  return true;
+}
+#else
+inline bool ffn_nibbles(const FfnParams<float>&, int64_t, int64_t) {
+  return false;
+}
+#endif
+
 inline bool ffn_fused(const FfnParams<float>& p, int64_t begin, int64_t end) {
   const ProjParams<float>& e = p.expand;
   const ProjParams<float>& rd = p.reduce;
@@ -416,7 +575,7 @@ void proj(const ProjParams<T>& p, int64_t begin, int64_t end) {
 // tokens, the hidden activations never leaving the cache
 template <typename T>
 void ffn(const FfnParams<T>& p, int64_t begin, int64_t end) {
-  if (ffn_fused(p, begin, end)) return;
+  if (ffn_nibbles(p, begin, end) || ffn_fused(p, begin, end)) return;
   const ProjParams<T>& e = p.expand;
   const ProjParams<T>& r = p.reduce;
   const int64_t c = e.cin, hid = e.cout;

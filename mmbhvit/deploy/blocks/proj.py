@@ -200,6 +200,14 @@ class PackedFFN(PackedOp):
                                  backend)
         self.reduce = PackedProj(spec.reduce, params.child('reduce'), dtype,
                                  backend)
+        # the expansion's nibble table (4 cin hidden bytes, derived from
+        # the packed weights, never stored): only the AVX2 kernels read it,
+        # so it is built when they are the ones in use; empty when the
+        # shape takes none (cin a multiple of 64, at most 192)
+        self.expand_lut = None
+        if self.ext is not None and self.ext.isa() == 'avx2':
+            e = self.expand
+            self.expand_lut = self.ext.nibble_lut(e.wt, e.cin, e.cout)
 
     def decisions(self, x: Tensor, residual: Tensor):
         return {'expand': self.expand.signs(x),
@@ -210,7 +218,7 @@ class PackedFFN(PackedOp):
             e, r = self.expand, self.reduce
             return self.ext.ffn(x, residual, e.kernel_args(), e.cout,
                                 SHORTCUTS[e.shortcut], r.kernel_args(),
-                                SHORTCUTS[r.shortcut])
+                                SHORTCUTS[r.shortcut], self.expand_lut)
         # .forward: the two projections are one op for hooks
         return self.reduce.forward(self.expand.forward(x), residual)
 
