@@ -374,3 +374,23 @@ def test_mlp_nibble_table_gives_the_same_numbers(c, ratio, tokens):
         assert ext.nibble_lut(w, cin, 64).numel() == 0
     with pytest.raises(RuntimeError, match='not the nibble table'):
         ext.ffn(x, res, e, hid, 2, r, 3, lut[:-32])
+
+
+def test_nibble_table_benchmark_runs_and_checks_its_engines(capsys):
+    """tools/deployment/benchmark_nibble_tables.py on the reduced demo
+    classifier (stage 3: a 64 -> 256 MLP takes a table): the two engines
+    give equal logits, and the run prints both timings and their ratio."""
+    ext = deploy_ops.load_extension()
+    if ext is None or ext.isa() != 'avx2':
+        pytest.skip('the tables are read by the AVX2 kernels only')
+    sys.path.insert(0, osp.join(ROOT, 'tools', 'deployment'))
+    try:
+        import benchmark_nibble_tables as tool
+    finally:
+        sys.path.pop(0)
+    config = osp.join(ROOT, 'configs', 'bhvit', 'bhvit-reduced_demo-cls.py')
+    assert tool.main(['--config', config, '--repeats', '2', '--warmup', '0',
+                      '--size', '64']) == 0
+    out = capsys.readouterr().out
+    assert '2 MLPs with a table' in out and '(equal logits)' in out
+    assert 'with / without, paired:' in out and 'SIMD AVX2' in out

@@ -23,6 +23,7 @@
 #include <vector>
 
 #include "../core/dispatch.h"
+#include "../core/nibble_lut.h"
 #include "../core/runner.h"
 
 using namespace mmbhvit;
@@ -179,6 +180,13 @@ class Runner {
     p.reduce = proj_params<T>("r_", hid, c, int(meta(3)));
     p.reduce.tokens = p.expand.tokens;
     p.reduce.residual = f<T>("residual");
+    // the nibble table, as the engine passes it (read by the AVX2 set)
+    std::vector<int8_t> lut;
+    if (nibble_lut_fits(c, hid)) {
+      lut.resize(static_cast<size_t>(nibble_lut_bytes(c, hid)));
+      build_nibble_lut(p.expand.wt, c, hid, p.expand.cout_pad, lut.data());
+      p.expand.lut = lut.data();
+    }
     std::vector<T> y(static_cast<size_t>(p.expand.tokens * c));
     p.reduce.y = y.data();
     run_ffn(s_, p, Chunks());

@@ -131,18 +131,18 @@ def proj_params(words, t, prefix=''):
     return params
 
 
-def proj_case(c, cin, cout, shortcut, residual):
-    return proj_case_words(c, cin, cout, shortcut, residual)[0]
+def proj_case(c, cin, cout, shortcut, residual, tokens=(3, 7)):
+    return proj_case_words(c, cin, cout, shortcut, residual, tokens)[0]
 
 
-def proj_case_words(c, cin, cout, shortcut, residual):
+def proj_case_words(c, cin, cout, shortcut, residual, tokens=(3, 7)):
     """:func:`proj_case` and the sign bits of its weights."""
     words = c.bits(cout, cin)
-    x = c.rand(3, 7, cin)
+    x = c.rand(*tokens, cin)
     t = dict(x=x, thr=c.rand(cin, scale=0.3))
     for n in PROJ_PARAMS[1:]:
         t[n] = c.rand(cout)
-    res = c.rand(3, 7, cout) if residual else None
+    res = c.rand(*tokens, cout) if residual else None
     op = fallback_op(PackedProj, ProjSpec(cin, cout, shortcut),
                      proj_params(words, t), c.dtype)
     y = op(x, res)
@@ -155,13 +155,13 @@ def proj_case_words(c, cin, cout, shortcut, residual):
     return t, words
 
 
-def ffn_case(c, cin, ratio):
+def ffn_case(c, cin, ratio, tokens=(3, 7)):
     hid = cin * ratio
     shortcuts = ('tile', 'mean') if ratio > 1 else ('identity', 'identity')
-    e, words_e = proj_case_words(c, cin, hid, shortcuts[0], False)
+    e, words_e = proj_case_words(c, cin, hid, shortcuts[0], False, tokens)
     # the reduction's parameters and residual (its x, out and weights are
     # not used: it runs on the expansion's output, with words_r)
-    r = proj_case(c, hid, cin, shortcuts[1], True)
+    r = proj_case(c, hid, cin, shortcuts[1], True, tokens)
     words_r = c.bits(cin, hid)
     spec = FFNSpec(ProjSpec(cin, hid, shortcuts[0]),
                    ProjSpec(hid, cin, shortcuts[1]), layer_scale=False)
@@ -393,12 +393,16 @@ CASES = [
     # the popcount core folds between chunks, also in the middle of a tap;
     # a tile of 8 interior pixels and a masked block of outputs
     ('conv_deep', conv_case, (1, 3, 11, 200, 38, 3)),
+    # an MLP whose expansion the AVX2 kernels read from the nibble table
+    # (64 inputs; 165 tokens: the C++ test's middle chunk of 82 holds a
+    # whole block of 64 tokens, every chunk a partial reduction tile)
+    ('ffn_nibbles', ffn_case, (64, 8, (3, 55))),
 ]
 
 #: the larger cases, in float32 only (the files stay small)
 FLOAT32_ONLY = ('msgdc_words_wide', 'msgdc_lanes32', 'scores_long',
                 'context_lsq7', 'context_gsb', 'conv_chunk', 'conv_none5',
-                'conv_deep')
+                'conv_deep', 'ffn_nibbles')
 
 
 def main(argv=None):
