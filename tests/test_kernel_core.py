@@ -331,13 +331,15 @@ def test_info_command():
         assert training.group(1).startswith('NOT available')
 
 
-@pytest.mark.parametrize('c,ratio,tokens', [(64, 8, 133), (128, 8, 70),
-                                            (192, 4, 5)])
-def test_mlp_nibble_table_gives_the_same_numbers(c, ratio, tokens):
+@pytest.mark.parametrize('c,ratio,tokens,unit', [(64, 8, 133, False),
+                                                 (64, 8, 133, True),
+                                                 (128, 8, 70, True),
+                                                 (192, 4, 5, False)])
+def test_mlp_nibble_table_gives_the_same_numbers(c, ratio, tokens, unit):
     """The AVX2 MLP expansion read from the nibble table (blocks of 64
     tokens, reduction tiles of 4, both with remainders here) gives the
-    popcount path's numbers bit for bit, and the other kernel sets ignore
-    the table; shapes without a table get an empty one, a table of the
+    popcount path's numbers bit for bit (also where post_scale is 1 and
+    its product is left out), and the other kernel sets ignore the table; shapes without a table get an empty one, a table of the
     wrong size is refused by name."""
     from mmbhvit.deploy.ops import kernel_words
     from mmbhvit.deploy.packing import pack_bits
@@ -356,6 +358,8 @@ def test_mlp_nibble_table_gives_the_same_numbers(c, ratio, tokens):
     x = torch.randn(tokens, c, generator=g)
     res = torch.randn(tokens, c, generator=g)
     e, r = args(c, hid), args(hid, c)
+    if unit:  # no LayerScale after the expansion: post_scale 1 (skipped)
+        e[5] = torch.ones(hid)
     lut = ext.nibble_lut(e[1], c, hid)
     assert lut.dtype == torch.int8 and lut.numel() == 4 * c * hid
     mine = ext.isa()

@@ -15,7 +15,8 @@
 #define MMBHVIT_SET_FN kernels_avx2
 #define MMBHVIT_PATHS                                                      \
   {"popcount core: vpshufb nibble table, 8 outputs x 4 tokens per weight "  \
-   "load, counts in registers, epilogue fused (float)",                    \
+   "load, counts in registers, epilogue fused (float); MLP expansions of "  \
+   "64-192 inputs: int8 rows of a per-layer nibble table (float)",         \
    "lane core: group word broadcast, vpshufb per (output, tap) lane, "      \
    "bytes summed over taps, "                                              \
    "vpmaddubsw once (16/32-channel groups); else popcount core: vpshufb, "  \

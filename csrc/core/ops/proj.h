@@ -159,11 +159,12 @@ static_assert(__BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__,
 // prelu(D a + b (+ sc)) * ps + pb (+ res) for outputs o .. o + 7; prm:
 // a, b, slope, ps, pb of these outputs, 8 floats each (EpiParams)
 // (epilogue8_dot: from the int32 dot products D instead of the counts)
-template <bool kSc, bool kRes>
+// (kUnitScale: every post_scale is 1, z * 1 == z is skipped)
+template <bool kSc, bool kRes, bool kUnitScale = false>
 inline __m256 epilogue8_dot(__m256i dot, const float* prm, const float* sc,
                             const float* res) {
   const __m256 z = binary_prelu8_dot<kSc>(dot, prm, prm + 8, sc, prm + 16);
-  __m256 v = _mm256_mul_ps(z, _mm256_loadu_ps(prm + 24));
+  __m256 v = kUnitScale ? z : _mm256_mul_ps(z, _mm256_loadu_ps(prm + 24));
   v = _mm256_add_ps(v, _mm256_loadu_ps(prm + 32));
   if (kRes) v = _mm256_add_ps(_mm256_loadu_ps(res), v);
   return v;
@@ -177,13 +178,19 @@ inline __m256 epilogue8(__m256i count, __m256i full, const float* prm,
 
 // The epilogue vectors of a projection interleaved per block of 8 outputs
 // (a, b, slope, post_scale, post_bias): one pointer in the output loop.
+// unit: every post_scale is 1 (no LayerScale after the RPReLU: the MLP
+// expansions, q/k/v); the nibble-table expansion then leaves out the
+// product z * 1 == z.
 struct EpiParams {
   Scratch<float> v;
+  bool unit = true;
   explicit EpiParams(const ProjParams<float>& p) : v(5 * p.cout) {
     const float* src[5] = {p.a, p.b, p.slope, p.post_scale, p.post_bias};
     for (int64_t o = 0; o < p.cout; o += 8)
       for (int j = 0; j < 5; ++j)
         for (int i = 0; i < 8; ++i) v.ptr[5 * o + 8 * j + i] = src[j][o + i];
+    for (int64_t o = 0; o < p.cout; ++o)
+      unit = unit && p.post_scale[o] == 1.f;
   }
 };
 
@@ -307,14 +314,15 @@ inline void tile_out(const float* pad, int nk, int64_t n, float* dst) {
 }
 
 template <bool kPack>
-inline void proj_tile_dispatch(const ProjParams<float>& p, const float* prm,
-                               const uint64_t* bits, const float* sc,
-                               int64_t scs, const float* res, float* y,
-                               const float* pthr, uint64_t* pbits,
+inline void proj_tile_dispatch(const ProjParams<float>& p,
+                               const EpiParams& prm, const uint64_t* bits,
+                               const float* sc, int64_t scs, const float* res,
+                               float* y, const float* pthr, uint64_t* pbits,
                                int64_t pw) {
   const int64_t n = p.cout;
+  const float* v = prm.v.ptr;
 #define MMBHVIT_TILE(S, R) \
-  proj_tile8<S, R, kPack>(p, prm, bits, sc, scs, res, n, y, n, pthr, pbits, pw)
+  proj_tile8<S, R, kPack>(p, v, bits, sc, scs, res, n, y, n, pthr, pbits, pw)
   if (p.shortcut == kNone)
     res ? MMBHVIT_TILE(kShortNone, true) : MMBHVIT_TILE(kShortNone, false);
   else if (p.shortcut == kTile)
@@ -358,7 +366,7 @@ inline bool proj_fused(const ProjParams<float>& p, int64_t begin,
                static_cast<const float*>(nullptr), cin, bits.ptr + k * W);
     int64_t scs = 0;
     const float* sc = tile_shortcut(p, x, tmp.ptr, means.ptr, &scs);
-    proj_tile_dispatch<false>(p, prm.v.ptr, bits.ptr, sc, scs, res, y,
+    proj_tile_dispatch<false>(p, prm, bits.ptr, sc, scs, res, y,
                               nullptr, nullptr, 0);
     if (nk < kTokens) tile_out(ypad.ptr, nk, cout, p.y + t0 * cout);
   }
@@ -388,7 +396,7 @@ inline void group_means32(const __m256* v, int64_t r, float* out) {
 // at one block of 32 hidden outputs: table rows summed, epilogue (the NT
 // tokens share the parameter loads), sign bits (4 bytes per token at rb)
 // and group means (32 / r per token at means).
-template <int NT>
+template <int NT, bool kUnitScale>
 MMBHVIT_ALWAYS_INLINE inline void nibble_expand(
     const int8_t* table, const uint64_t* xb, int64_t ew, const float* po,
     const float* sc, int64_t c, const float* thr, int64_t r,
@@ -421,9 +429,8 @@ MMBHVIT_ALWAYS_INLINE inline void nibble_expand(
   for (int j = 0; j < 4; ++j)
     for (int t = 0; t < NT; ++t) {
       const __m256i h = _mm256_cvtepi8_epi32(part[t][j]);
-      v[t][j] = epilogue8_dot<true, false>(_mm256_add_epi32(h, h),
-                                           po + 40 * j, sc + t * c + 8 * j,
-                                           nullptr);
+      v[t][j] = epilogue8_dot<true, false, kUnitScale>(
+          _mm256_add_epi32(h, h), po + 40 * j, sc + t * c + 8 * j, nullptr);
     }
   for (int t = 0; t < NT; ++t) {
     uint32_t signs = 0;
@@ -434,6 +441,32 @@ MMBHVIT_ALWAYS_INLINE inline void nibble_expand(
     // sign bits of the 32 outputs: 4 bytes of the row (LE words)
     __builtin_memcpy(rb + t * rbs, &signs, 4);
     group_means32(v[t], r, means + t * c);
+  }
+}
+
+// The expansion of nb tokens (x: nb rows of c floats, their sign bits
+// xbits: ew words each) for every block of 32 hidden outputs: sign bits
+// into rb8 (rows rbs bytes apart), group means into means (rows of c).
+template <bool kUnitScale>
+inline void nibble_block(const int8_t* lut, const float* prm,
+                         const float* thr, const uint64_t* xbits, int64_t ew,
+                         const float* x, int64_t nb, int64_t c, int64_t hid,
+                         unsigned char* rb8, int64_t rbs, float* means) {
+  const int64_t npos = c / 4, r = hid / c;
+  for (int64_t o0 = 0; o0 < hid; o0 += 32) {
+    const int8_t* table = lut + o0 * npos * 16;
+    const float* po = prm + 5 * o0;
+    int64_t k = 0;
+    for (; k + 2 <= nb; k += 2)
+      nibble_expand<2, kUnitScale>(table, xbits + k * ew, ew, po,
+                                   x + k * c + o0 % c, c, thr + o0, r,
+                                   rb8 + k * rbs + (o0 >> 3), rbs,
+                                   means + k * c + o0 / r);
+    if (k < nb)
+      nibble_expand<1, kUnitScale>(table, xbits + k * ew, ew, po,
+                                   x + k * c + o0 % c, c, thr + o0, r,
+                                   rb8 + k * rbs + (o0 >> 3), rbs,
+                                   means + k * c + o0 / r);
   }
 }
 
@@ -458,7 +491,6 @@ inline bool ffn_nibbles(const FfnParams<float>& p, int64_t begin,
       (e.cout != 4 * e.cin && e.cout != 8 * e.cin))
     return false;
   const int64_t c = e.cin, hid = e.cout, ew = e.words, rw = rd.words;
-  const int64_t npos = c / 4, r = hid / c;
   const EpiParams eprm(e), rprm(rd);
   Scratch<uint64_t> xbits(kLutTokens * ew);
   Scratch<uint64_t> rbits(kLutTokens * rw);
@@ -477,29 +509,18 @@ inline bool ffn_nibbles(const FfnParams<float>& p, int64_t begin,
       for (int64_t i = 0; i < c; ++i) means.ptr[k * c + i] = 0.f;
       for (int64_t i = 0; i < rw; ++i) rbits.ptr[k * rw + i] = 0;
     }
-    for (int64_t o0 = 0; o0 < hid; o0 += 32) {
-      const int8_t* table = e.lut + o0 * npos * 16;
-      const float* po = eprm.v.ptr + 5 * o0;
-      const float* thr = rd.thr + o0;
-      int64_t k = 0;
-      for (; k + 2 <= nb; k += 2)
-        nibble_expand<2>(table, xbits.ptr + k * ew, ew, po,
-                         e.x + (t0 + k) * c + o0 % c, c, thr, r,
-                         rb8 + k * rw * 8 + (o0 >> 3), rw * 8,
-                         means.ptr + k * c + o0 / r);
-      if (k < nb)
-        nibble_expand<1>(table, xbits.ptr + k * ew, ew, po,
-                         e.x + (t0 + k) * c + o0 % c, c, thr, r,
-                         rb8 + k * rw * 8 + (o0 >> 3), rw * 8,
-                         means.ptr + k * c + o0 / r);
-    }
-
+    if (eprm.unit)
+      nibble_block<true>(e.lut, eprm.v.ptr, rd.thr, xbits.ptr, ew,
+                         e.x + t0 * c, nb, c, hid, rb8, rw * 8, means.ptr);
+    else
+      nibble_block<false>(e.lut, eprm.v.ptr, rd.thr, xbits.ptr, ew,
+                          e.x + t0 * c, nb, c, hid, rb8, rw * 8, means.ptr);
     for (int64_t k0 = 0; k0 < nb; k0 += kTokens) {
       const int64_t t = t0 + k0;
       const int nk = int(nb - k0 < kTokens ? nb - k0 : kTokens);
       const float* res = tile_in(rd.residual, t, nk, c, rpad.ptr);
       float* y = nk == kTokens ? rd.y + t * c : ypad.ptr;
-      proj_tile_dispatch<false>(rd, rprm.v.ptr, rbits.ptr + k0 * rw,
+      proj_tile_dispatch<false>(rd, rprm, rbits.ptr + k0 * rw,
                                 means.ptr + k0 * c, c, res, y, nullptr,
                                 nullptr, 0);
       if (nk < kTokens) tile_out(ypad.ptr, nk, c, rd.y + t * c);
@@ -540,7 +561,7 @@ inline bool ffn_fused(const FfnParams<float>& p, int64_t begin, int64_t end) {
                                         rbits.ptr, rw);
     int64_t scs = 0;
     const float* sc = tile_shortcut(rd, hidden.ptr, tmp.ptr, means.ptr, &scs);
-    proj_tile_dispatch<false>(rd, rprm.v.ptr, rbits.ptr, sc, scs, res, y,
+    proj_tile_dispatch<false>(rd, rprm, rbits.ptr, sc, scs, res, y,
                               nullptr, nullptr, 0);
     if (nk < kTokens) tile_out(ypad.ptr, nk, c, rd.y + t0 * c);
   }
