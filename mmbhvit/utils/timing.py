@@ -70,3 +70,16 @@ def summarize(times: List[float]) -> Dict[str, float]:
         q1 = q3 = times[0]
     return dict(median=statistics.median(times), min=min(times),
                 max=max(times), q1=q1, q3=q3, iqr=q3 - q1)
+
+
+def median_lines(times: Mapping[Hashable, List[float]],
+                 width: int = 12) -> List[str]:
+    """One line per case of :func:`time_interleaved`'s result: its median
+    and quartiles in ms (``times`` in seconds), names padded to ``width``."""
+    lines = []
+    for name, t in times.items():
+        s = summarize(t)
+        lines.append(f"  {str(name):<{width}} median "
+                     f"{1e3 * s['median']:8.2f} ms (q1 {1e3 * s['q1']:.2f},"
+                     f" q3 {1e3 * s['q3']:.2f})")
+    return lines

@@ -30,7 +30,8 @@ sys.path.insert(0, osp.dirname(osp.dirname(osp.dirname(
 from mmbhvit.models.binary import fused  # noqa: E402
 from mmbhvit.utils.malloc import keep_freed_memory  # noqa: E402
 from mmbhvit.utils.sysinfo import cpu_description  # noqa: E402
-from mmbhvit.utils.timing import summarize, time_interleaved  # noqa: E402
+from mmbhvit.utils.timing import (median_lines,  # noqa: E402
+                                   time_interleaved)
 
 
 def forms(ops, x, bias, grad, grad_shortcut, ratio):
@@ -106,10 +107,7 @@ def main(argv=None) -> int:
           f'{"mean" if args.ratio > 1 else "identity"} shortcut, x '
           f'{"x".join(map(str, shape))}, ratio {args.ratio}, '
           f'{args.repeats} interleaved rounds (equal gradients)')
-    for name, t in times.items():
-        s = summarize(t)
-        print(f"  {name:<10} median {1e3 * s['median']:8.2f} ms "
-              f"(q1 {1e3 * s['q1']:.2f}, q3 {1e3 * s['q3']:.2f})")
+    print('\n'.join(median_lines(times, 10)))
     return 0
 
 

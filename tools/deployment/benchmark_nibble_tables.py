@@ -33,7 +33,8 @@ from mmbhvit.deploy.export import export_model  # noqa: E402
 from mmbhvit.deploy.ops import load_extension, named_ops  # noqa: E402
 from mmbhvit.testing.deploy import calibrate_random_model  # noqa: E402
 from mmbhvit.utils.sysinfo import cpu_description  # noqa: E402
-from mmbhvit.utils.timing import summarize, time_interleaved  # noqa: E402
+from mmbhvit.utils.timing import (median_lines,  # noqa: E402
+                                   time_interleaved)
 
 DEFAULT_CONFIG = 'configs/bhvit/bhvit-small_2xb128_in1k.py'
 
@@ -95,10 +96,7 @@ def main(argv=None) -> int:
     print(f'{args.config}, batch 1, {args.size}x{args.size}: {len(ops)} '
           f'MLPs with a table, {size / 2**20:.2f} MiB; '
           f'{args.repeats} interleaved rounds (equal logits)')
-    for name, t in times.items():
-        s = summarize(t)
-        print(f"  {name:<12} median {1e3 * s['median']:8.2f} ms "
-              f"(q1 {1e3 * s['q1']:.2f}, q3 {1e3 * s['q3']:.2f})")
+    print('\n'.join(median_lines(times, 12)))
     print(f'  with / without, paired: {ratio:.3f}')
     return 0
 

@@ -373,6 +373,14 @@ inline bool proj_fused(const ProjParams<float>& p, int64_t begin,
   return true;
 }
 
+// The MLPs the fused kernels take: a tile-shortcut expansion without a
+// residual, a group-mean reduction, both in whole blocks of 8 outputs.
+inline bool ffn_fused_shape(const FfnParams<float>& p) {
+  return fused_shape(p.expand) && fused_shape(p.reduce) &&
+         p.expand.shortcut == kTile && p.expand.residual == nullptr &&
+         p.reduce.shortcut == kGroupMean;
+}
+
 #if MMBHVIT_AVX2
 // The group means of 32 neighbouring hidden values (registers v[0..3], 8
 // values each) for groups of r = 4 or 8: the pairwise sums of group_sums
@@ -485,9 +493,8 @@ inline bool ffn_nibbles(const FfnParams<float>& p, int64_t begin,
                         int64_t end) {
   const ProjParams<float>& e = p.expand;
   const ProjParams<float>& rd = p.reduce;
-  if (e.lut == nullptr || !nibble_lut_fits(e.cin, e.cout) ||
-      !fused_shape(rd) || e.shortcut != kTile || e.residual != nullptr ||
-      rd.shortcut != kGroupMean ||
+  if (!ffn_fused_shape(p) || e.lut == nullptr ||
+      !nibble_lut_fits(e.cin, e.cout) ||
       (e.cout != 4 * e.cin && e.cout != 8 * e.cin))
     return false;
   const int64_t c = e.cin, hid = e.cout, ew = e.words, rw = rd.words;
@@ -537,9 +544,7 @@ inline bool ffn_nibbles(const FfnParams<float>&, int64_t, int64_t) {
 inline bool ffn_fused(const FfnParams<float>& p, int64_t begin, int64_t end) {
   const ProjParams<float>& e = p.expand;
   const ProjParams<float>& rd = p.reduce;
-  if (!fused_shape(e) || !fused_shape(rd) || e.shortcut != kTile ||
-      e.residual != nullptr || rd.shortcut != kGroupMean)
-    return false;
+  if (!ffn_fused_shape(p)) return false;
   const int64_t c = e.cin, hid = e.cout, ew = e.words, rw = rd.words;
   const EpiParams eprm(e), rprm(rd);
   Scratch<uint64_t> ebits(kTokens * ew);
