@@ -319,15 +319,14 @@ inline void tile_out(const float* pad, int nk, int64_t n, float* dst) {
 }
 
 template <bool kPack>
-inline void proj_tile_dispatch(const ProjParams<float>& p,
-                               const EpiParams& prm, const uint64_t* bits,
-                               const float* sc, int64_t scs, const float* res,
-                               float* y, const float* pthr, uint64_t* pbits,
+inline void proj_tile_dispatch(const ProjParams<float>& p, const float* prm,
+                               const uint64_t* bits, const float* sc,
+                               int64_t scs, const float* res, float* y,
+                               const float* pthr, uint64_t* pbits,
                                int64_t pw) {
   const int64_t n = p.cout;
-  const float* v = prm.v.ptr;
 #define MMBHVIT_TILE(S, R) \
-  proj_tile8<S, R, kPack>(p, v, bits, sc, scs, res, n, y, n, pthr, pbits, pw)
+  proj_tile8<S, R, kPack>(p, prm, bits, sc, scs, res, n, y, n, pthr, pbits, pw)
   if (p.shortcut == kNone)
     res ? MMBHVIT_TILE(kShortNone, true) : MMBHVIT_TILE(kShortNone, false);
   else if (p.shortcut == kTile)
@@ -371,7 +370,7 @@ inline bool proj_fused(const ProjParams<float>& p, int64_t begin,
                static_cast<const float*>(nullptr), cin, bits.ptr + k * W);
     int64_t scs = 0;
     const float* sc = tile_shortcut(p, x, tmp.ptr, means.ptr, &scs);
-    proj_tile_dispatch<false>(p, prm, bits.ptr, sc, scs, res, y,
+    proj_tile_dispatch<false>(p, prm.v.ptr, bits.ptr, sc, scs, res, y,
                               nullptr, nullptr, 0);
     if (nk < kTokens) tile_out(ypad.ptr, nk, cout, p.y + t0 * cout);
   }
@@ -535,7 +534,7 @@ inline bool ffn_nibbles(const FfnParams<float>& p, int64_t begin,
       const int nk = int(nb - k0 < kTokens ? nb - k0 : kTokens);
       const float* res = tile_in(rd.residual, t, nk, c, rpad.ptr);
       float* y = nk == kTokens ? rd.y + t * c : ypad.ptr;
-      proj_tile_dispatch<false>(rd, rprm, rbits.ptr + k0 * rw,
+      proj_tile_dispatch<false>(rd, rprm.v.ptr, rbits.ptr + k0 * rw,
                                 means.ptr + k0 * c, c, res, y, nullptr,
                                 nullptr, 0);
       if (nk < kTokens) tile_out(ypad.ptr, nk, c, rd.y + t * c);
@@ -574,7 +573,7 @@ inline bool ffn_fused(const FfnParams<float>& p, int64_t begin, int64_t end) {
                                         rbits.ptr, rw);
     int64_t scs = 0;
     const float* sc = tile_shortcut(rd, hidden.ptr, tmp.ptr, means.ptr, &scs);
-    proj_tile_dispatch<false>(rd, rprm, rbits.ptr, sc, scs, res, y,
+    proj_tile_dispatch<false>(rd, rprm.v.ptr, rbits.ptr, sc, scs, res, y,
                               nullptr, nullptr, 0);
     if (nk < kTokens) tile_out(ypad.ptr, nk, c, rd.y + t0 * c);
   }
