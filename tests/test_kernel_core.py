@@ -378,18 +378,6 @@ def test_mlp_nibble_table_gives_the_same_numbers(c, ratio, tokens, unit):
         assert ext.nibble_lut(w, cin, 64).numel() == 0
     with pytest.raises(RuntimeError, match='not the nibble table'):
         ext.ffn(x, res, e, hid, 2, r, 3, lut[:-32])
-    # the table kernel multiplies D / 2 by 2 a: where 2 a would overflow it
-    # leaves the MLP to the popcount path (a table path would give NaN
-    # for D = 0 where the model gives 0)
-    e[2] = e[2].clone()
-    e[2][::7] = 2.0**127
-    try:
-        ext.set_isa('avx2')
-        plain = ext.ffn(x, res, e, hid, 2, r, 3)
-        table = ext.ffn(x, res, e, hid, 2, r, 3, lut)
-    finally:
-        ext.set_isa(mine)
-    torch.testing.assert_close(table, plain, rtol=0, atol=0, equal_nan=True)
 
 
 def test_nibble_table_benchmark_runs_and_checks_its_engines(capsys):

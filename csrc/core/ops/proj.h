@@ -181,19 +181,14 @@ inline __m256 epilogue8(__m256i count, __m256i full, const float* prm,
 // unit: every post_scale is 1 (no LayerScale after the RPReLU: the MLP
 // expansions, q/k/v); the nibble-table expansion then leaves out the
 // product z * 1 == z.
-// a_scale: a power of two the a values are multiplied by (exact where the
-// product does not overflow; the caller checks).
 struct EpiParams {
   Scratch<float> v;
   bool unit = true;
-  explicit EpiParams(const ProjParams<float>& p, float a_scale = 1.f)
-      : v(5 * p.cout) {
+  explicit EpiParams(const ProjParams<float>& p) : v(5 * p.cout) {
     const float* src[5] = {p.a, p.b, p.slope, p.post_scale, p.post_bias};
     for (int64_t o = 0; o < p.cout; o += 8)
       for (int j = 0; j < 5; ++j)
-        for (int i = 0; i < 8; ++i)
-          v.ptr[5 * o + 8 * j + i] =
-              j == 0 ? src[j][o + i] * a_scale : src[j][o + i];
+        for (int i = 0; i < 8; ++i) v.ptr[5 * o + 8 * j + i] = src[j][o + i];
     for (int64_t o = 0; o < p.cout; ++o)
       unit = unit && p.post_scale[o] == 1.f;
   }
@@ -437,14 +432,13 @@ MMBHVIT_ALWAYS_INLINE inline void nibble_expand(
     part[t][2] = hi;
     part[t][3] = _mm_srli_si128(hi, 8);
   }
-  // po holds 2 a: (D / 2) * (2 a) is the real number D * a, so its one
-  // rounding gives the same float
   __m256 v[NT][4];
   for (int j = 0; j < 4; ++j)
-    for (int t = 0; t < NT; ++t)
+    for (int t = 0; t < NT; ++t) {
+      const __m256i h = _mm256_cvtepi8_epi32(part[t][j]);
       v[t][j] = epilogue8_dot<true, false, kUnitScale>(
-          _mm256_cvtepi8_epi32(part[t][j]), po + 40 * j, sc + t * c + 8 * j,
-          nullptr);
+          _mm256_add_epi32(h, h), po + 40 * j, sc + t * c + 8 * j, nullptr);
+    }
   for (int t = 0; t < NT; ++t) {
     uint32_t signs = 0;
     for (int j = 0; j < 4; ++j)
@@ -486,8 +480,8 @@ inline void nibble_block(const int8_t* lut, const float* prm,
 // The MLP with its expansion read from the nibble table (nibble_lut.h), in
 // blocks of kLutTokens tokens: per block of 32 hidden outputs, each token
 // adds its cin / 4 table rows (int8, one load-and-add each; a block's rows
-// stay in L1 for all the tokens), the sums (D / 2) widen to int32 and
-// meet 2 a in the epilogue of proj_tile8 (same products). The hidden
+// stay in L1 for all the tokens), the sums widen to int32 and double into
+// the dot products, and the epilogue of proj_tile8 follows. The hidden
 // values themselves are never stored: only their sign bits and the group
 // means the reduction's shortcut takes (hidden / cin = 4 or 8). The
 // reduction then runs per tile of kTokens tokens as in ffn_fused. Same
@@ -502,10 +496,8 @@ inline bool ffn_nibbles(const FfnParams<float>& p, int64_t begin,
       !nibble_lut_fits(e.cin, e.cout) ||
       (e.cout != 4 * e.cin && e.cout != 8 * e.cin))
     return false;
-  for (int64_t o = 0; o < e.cout; ++o)  // 2 a exact (not NaN, no overflow)
-    if (!(__builtin_fabsf(e.a[o]) < 0x1p126f)) return false;
   const int64_t c = e.cin, hid = e.cout, ew = e.words, rw = rd.words;
-  const EpiParams eprm(e, 2.f), rprm(rd);
+  const EpiParams eprm(e), rprm(rd);
   Scratch<uint64_t> xbits(kLutTokens * ew);
   Scratch<uint64_t> rbits(kLutTokens * rw);
   Scratch<float> means(kLutTokens * c);
