@@ -172,7 +172,7 @@ torch::Tensor ffn(const torch::Tensor& x, const torch::Tensor& residual,
     p.expand = proj_params<scalar_t>(e, c);
     p.expand.x = ptr<scalar_t>(x);
     p.expand.tokens = tokens;
-    if (lut != nullptr) p.expand.lut = lut;
+    p.expand.lut = lut;
     p.reduce = proj_params<scalar_t>(r, hidden);
     p.reduce.tokens = tokens;
     p.reduce.residual = ptr<scalar_t>(residual);

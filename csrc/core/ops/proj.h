@@ -178,19 +178,13 @@ inline __m256 epilogue8(__m256i count, __m256i full, const float* prm,
 
 // The epilogue vectors of a projection interleaved per block of 8 outputs
 // (a, b, slope, post_scale, post_bias): one pointer in the output loop.
-// unit: every post_scale is 1 (no LayerScale after the RPReLU: the MLP
-// expansions, q/k/v); the nibble-table expansion then leaves out the
-// product z * 1 == z.
 struct EpiParams {
   Scratch<float> v;
-  bool unit = true;
   explicit EpiParams(const ProjParams<float>& p) : v(5 * p.cout) {
     const float* src[5] = {p.a, p.b, p.slope, p.post_scale, p.post_bias};
     for (int64_t o = 0; o < p.cout; o += 8)
       for (int j = 0; j < 5; ++j)
         for (int i = 0; i < 8; ++i) v.ptr[5 * o + 8 * j + i] = src[j][o + i];
-    for (int64_t o = 0; o < p.cout; ++o)
-      unit = unit && p.post_scale[o] == 1.f;
   }
 };
 
@@ -241,40 +235,33 @@ inline void proj_tile8(const ProjParams<float>& p, const float* prm,
   }
 }
 
+// The group means of 32 neighbouring values (registers v[0..3], 8
+// values each) for groups of r = 4 or 8: the pairwise sums of group_sums
+// with vhaddps, then / r, stored at out (32 / r floats).
+inline void group_means32(const __m256* v, int64_t r, float* out) {
+  const __m256 l2 =
+      _mm256_hadd_ps(_mm256_hadd_ps(v[0], v[1]), _mm256_hadd_ps(v[2], v[3]));
+  // l2: [v0 0-3, v1 0-3, v2 0-3, v3 0-3 | v0 4-7, v1 4-7, v2 4-7, v3 4-7]
+  if (r == 8) {
+    const __m128 s = _mm_add_ps(_mm256_castps256_ps128(l2),
+                                _mm256_extractf128_ps(l2, 1));
+    _mm_storeu_ps(out, _mm_div_ps(s, _mm_set1_ps(8.f)));
+  } else {
+    const __m256 s = _mm256_permutevar8x32_ps(
+        l2, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+    _mm256_storeu_ps(out, _mm256_div_ps(s, _mm256_set1_ps(4.f)));
+  }
+}
+
 // The group means of fused_group_means for r = 4 and r = 8 (float, cout
-// % 8 == 0): the pairwise sums of group_sums ((x0 + x1) + (x2 + x3)) + ...
-// with vhaddps (each lane one add of the same two values), then / r.
+// % 8 == 0), 32 inputs at a time.
 inline void group_means8(const float* x, int64_t cout, int64_t r,
                          float* out) {
-  const __m256 tr = _mm256_set1_ps(float(r));
-  for (int64_t o = 0; o < cout; o += 8) {
-    const float* g = x + o * r;
-    __m256 s;
-    if (r == 8) {
-      // outputs o + j: x[8 j .. 8 j + 7]
-      __m256 l2[2];
-      for (int h = 0; h < 2; ++h) {
-        const float* q = g + h * 32;
-        const __m256 l1a = _mm256_hadd_ps(_mm256_loadu_ps(q),
-                                          _mm256_loadu_ps(q + 8));
-        const __m256 l1b = _mm256_hadd_ps(_mm256_loadu_ps(q + 16),
-                                          _mm256_loadu_ps(q + 24));
-        // [A0123 B0123 C0123 D0123 | A4567 B4567 C4567 D4567]
-        l2[h] = _mm256_hadd_ps(l1a, l1b);
-      }
-      const __m256 lo = _mm256_permute2f128_ps(l2[0], l2[1], 0x20);
-      const __m256 hi = _mm256_permute2f128_ps(l2[0], l2[1], 0x31);
-      s = _mm256_add_ps(lo, hi);
-    } else {  // r == 4: outputs 2 per 8 floats
-      const __m256 l1a = _mm256_hadd_ps(_mm256_loadu_ps(g),
-                                        _mm256_loadu_ps(g + 8));
-      const __m256 l1b = _mm256_hadd_ps(_mm256_loadu_ps(g + 16),
-                                        _mm256_loadu_ps(g + 24));
-      // [o0 o2 o4 o6 | o1 o3 o5 o7]
-      const __m256 l2 = _mm256_hadd_ps(l1a, l1b);
-      s = _mm256_permutevar8x32_ps(l2, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
-    }
-    _mm256_storeu_ps(out + o, _mm256_div_ps(s, tr));
+  for (int64_t i = 0; i < cout * r; i += 32) {
+    const __m256 v[4] = {_mm256_loadu_ps(x + i), _mm256_loadu_ps(x + i + 8),
+                         _mm256_loadu_ps(x + i + 16),
+                         _mm256_loadu_ps(x + i + 24)};
+    group_means32(v, r, out + i / r);
   }
 }
 
@@ -381,24 +368,6 @@ inline bool ffn_fused_shape(const FfnParams<float>& p) {
 }
 
 #if MMBHVIT_AVX2
-// The group means of 32 neighbouring hidden values (registers v[0..3], 8
-// values each) for groups of r = 4 or 8: the pairwise sums of group_sums
-// with vhaddps, then / r, stored at out (32 / r floats).
-inline void group_means32(const __m256* v, int64_t r, float* out) {
-  const __m256 l2 =
-      _mm256_hadd_ps(_mm256_hadd_ps(v[0], v[1]), _mm256_hadd_ps(v[2], v[3]));
-  // l2: [v0 0-3, v1 0-3, v2 0-3, v3 0-3 | v0 4-7, v1 4-7, v2 4-7, v3 4-7]
-  if (r == 8) {
-    const __m128 s = _mm_add_ps(_mm256_castps256_ps128(l2),
-                                _mm256_extractf128_ps(l2, 1));
-    _mm_storeu_ps(out, _mm_div_ps(s, _mm_set1_ps(8.f)));
-  } else {
-    const __m256 s = _mm256_permutevar8x32_ps(
-        l2, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
-    _mm256_storeu_ps(out, _mm256_div_ps(s, _mm256_set1_ps(4.f)));
-  }
-}
-
 // The expansion of NT tokens (rows ew words / c floats / rbs bytes apart)
 // at one block of 32 hidden outputs: table rows summed, epilogue (the NT
 // tokens share the parameter loads), sign bits (4 bytes per token at rb)
@@ -498,6 +467,10 @@ inline bool ffn_nibbles(const FfnParams<float>& p, int64_t begin,
     return false;
   const int64_t c = e.cin, hid = e.cout, ew = e.words, rw = rd.words;
   const EpiParams eprm(e), rprm(rd);
+  // every post_scale 1 (no LayerScale after the expansion's RPReLU): the
+  // product z * 1 == z is left out
+  bool unit = true;
+  for (int64_t o = 0; o < hid; ++o) unit = unit && e.post_scale[o] == 1.f;
   Scratch<uint64_t> xbits(kLutTokens * ew);
   Scratch<uint64_t> rbits(kLutTokens * rw);
   Scratch<float> means(kLutTokens * c);
@@ -515,7 +488,7 @@ inline bool ffn_nibbles(const FfnParams<float>& p, int64_t begin,
       for (int64_t i = 0; i < c; ++i) means.ptr[k * c + i] = 0.f;
       for (int64_t i = 0; i < rw; ++i) rbits.ptr[k * rw + i] = 0;
     }
-    if (eprm.unit)
+    if (unit)
       nibble_block<true>(e.lut, eprm.v.ptr, rd.thr, xbits.ptr, ew,
                          e.x + t0 * c, nb, c, hid, rb8, rw * 8, means.ptr);
     else
