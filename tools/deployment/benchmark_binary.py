@@ -62,7 +62,8 @@ def _visited_taps(size: int, d: int) -> int:
 
 
 def kernel_cases(dtype):
-    """(name, binary MACs, call) at BHViT-small / 224 shapes (batch 1)."""
+    """(name, binary MACs, call) at BHViT-small / 224 shapes (batch 1);
+    float ops (shift branches) have 0 binary MACs."""
     import torch
 
     from mmbhvit.deploy.ops import kernel_words, lane_words
@@ -160,6 +161,16 @@ def kernel_cases(dtype):
         cases.append((name, macs, lambda ext: ext.conv(x, thr, wt, cout, k,
                                                         *v, sc)))
 
+    def shift(name, h, w, c, radii=(1, 2)):
+        from mmbhvit.deploy.blocks.shift import shift_taps
+        taps = shift_taps(radii)
+        x, res = rand(1, h, w, c), rand(1, h, w, c)
+        dy, dx = (torch.tensor([t[i] for t in taps], dtype=torch.int32)
+                  for i in (0, 1))
+        wk, bias = rand(len(taps), c), rand(c)
+        cases.append((name, 0, lambda ext: ext.shift(x, res, dy, dx, wk,
+                                                      bias)))
+
     msgdc('msgdc stage1 56x56x64', 56, 56, 64)
     msgdc('msgdc stage2 28x28x128', 28, 28, 128)
     ffn('ffn stage1 3136x64 r8', 3136, 64, 8)
@@ -172,6 +183,8 @@ def kernel_cases(dtype):
     merge('merge 14x14 256->512', 14, 14, 256, 512)
     attention('attn stage3 4x53x256 h4', 4, 53, 256, 4)
     attention('attn stage4 1x50x512 h8', 1, 50, 512, 8)
+    shift('shift stage1 56x56x64 (float)', 56, 56, 64)
+    shift('shift stage2 28x28x128 (float)', 28, 28, 128)
     # binary heads: UPerNet's fpn_bottleneck (4 x 512 -> 512; at 512x512 it
     # runs at 128x128, here at 32x32), a Semantic FPN 3x3 (128 -> 128) and
     # the FPN neck's first 3x3 as at 512x512 (256 -> 256 at 1/4)
@@ -345,8 +358,11 @@ def benchmark_kernels(sets=None, threads=(1, 2), rounds=15, min_time=0.02,
                     rate = macs / t
                     frac = rate / (peak * nt) if peak else float('nan')
                     rows.append((name, s, nt, t, rate, frac))
+                    rate_s, frac_s = ((f'{rate / 1e9:8.1f}',
+                                       f'{frac:11.0%}') if macs else
+                                      (f'{"-":>8s}', f'{"-":>11s}'))
                     print(f'{name:32s} {s:8s} {nt:3d} {t * 1e6:9.1f} '
-                          f'{rate / 1e9:8.1f} {frac:11.0%}')
+                          f'{rate_s} {frac_s}')
     if against is not None:
         print('this / against, median over the rounds of the per-round '
               'ratio (drift between rounds does not move it):')

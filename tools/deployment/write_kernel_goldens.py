@@ -397,6 +397,12 @@ CASES = [
     # (64 inputs; 165 tokens: the C++ test's middle chunk of 82 holds a
     # whole block of 64 tokens, every chunk a partial reduction tile)
     ('ffn_nibbles', ffn_case, (64, 8, (3, 55))),
+    # the shift kernel's runs of 4 interior pixels (13 columns: two runs
+    # and single border pixels per row; rows split between the chunks) on
+    # blocks of 2 vectors, a single vector and a scalar tail
+    ('shift_runs', shift_case, (2, 4, 13, 29,
+                                [(-2, 0), (-1, 0), (0, -2), (0, -1), (0, 0),
+                                 (0, 1), (0, 2), (1, 0), (2, 0)], True)),
 ]
 
 #: the larger cases, in float32 only (the files stay small)
