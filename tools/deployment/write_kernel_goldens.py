@@ -403,12 +403,15 @@ CASES = [
     ('shift_runs', shift_case, (2, 4, 13, 29,
                                 [(-2, 0), (-1, 0), (0, -2), (0, -1), (0, 0),
                                  (0, 1), (0, 2), (1, 0), (2, 0)], True)),
+    # MSGDC as in stage 1 (16-bit groups, dilations 1, 3, 5) on a map with
+    # pixels whose taps all lie inside it for every dilation
+    ('msgdc_inner', msgdc_case, (1, 12, 13, 64, 4, (1, 3, 5))),
 ]
 
 #: the larger cases, in float32 only (the files stay small)
 FLOAT32_ONLY = ('msgdc_words_wide', 'msgdc_lanes32', 'scores_long',
                 'context_lsq7', 'context_gsb', 'conv_chunk', 'conv_none5',
-                'conv_deep', 'ffn_nibbles')
+                'conv_deep', 'ffn_nibbles', 'msgdc_inner')
 
 
 def main(argv=None):
