@@ -174,18 +174,18 @@ void msgdc(const MsgdcParams<T>& p, int64_t begin, int64_t end) {
   const int ndil = p.ndil;
   const MsgdcEpilogue<T> epilogue(p);
   const int64_t lane_words = lane_input_words(p.nvec, G);
-  // per dilation and tap: the input offset from the pixel's own words and
-  // the weights, for pixels whose 9 taps are all inside the map
+  // per dilation and tap: its weights, and its input's offset from the
+  // pixel's own words (used where all 9 taps lie inside the map)
   const int64_t in_words = lanes ? lane_words : pix_words;
   int64_t inner_off[kMaxDilations][9];
-  const uint64_t* inner_w[kMaxDilations][9];
+  const uint64_t* tap_w[kMaxDilations][9];
   for (int di = 0; di < ndil; ++di)
     for (int tap = 0; tap < 9; ++tap) {
       const int64_t d = p.dil[di], dy = (tap / 3 - 1) * d,
                     dx = (tap % 3 - 1) * d;
       inner_off[di][tap] = (dy * Wd + dx) * in_words;
-      inner_w[di][tap] = lanes ? p.wx[di] + tap * p.nvec * 8
-                               : p.wt[di] + tap * wg * CP;
+      tap_w[di][tap] = lanes ? p.wx[di] + tap * p.nvec * 8
+                             : p.wt[di] + tap * wg * CP;
     }
   const uint64_t* in_base = lanes ? p.expanded : p.bits;
   for (int64_t pix = begin; pix < end; ++pix) {
@@ -202,7 +202,7 @@ void msgdc(const MsgdcParams<T>& p, int64_t begin, int64_t end) {
       if (y >= d && y < H - d && x >= d && x < Wd - d) {
         const uint64_t* xq = in_base + pix * in_words;
         for (int tap = 0; tap < 9; ++tap)
-          taps[tap] = Tap{xq + inner_off[di][tap], inner_w[di][tap]};
+          taps[tap] = Tap{xq + inner_off[di][tap], tap_w[di][tap]};
         nv = 9;
       } else {
         for (int ky = 0; ky < 3; ++ky) {
@@ -213,7 +213,7 @@ void msgdc(const MsgdcParams<T>& p, int64_t begin, int64_t end) {
             if (xx < 0 || xx >= Wd) continue;
             const int64_t tap = ky * 3 + kx;
             taps[nv++] = Tap{in_base + ((n * H + yy) * Wd + xx) * in_words,
-                             inner_w[di][tap]};
+                             tap_w[di][tap]};
           }
         }
       }
