@@ -175,34 +175,34 @@ void msgdc(const MsgdcParams<T>& p, int64_t begin, int64_t end) {
   const MsgdcEpilogue<T> epilogue(p);
   const int64_t lane_words = lane_input_words(p.nvec, G);
   // per dilation and tap: its weights, and its input's offset from the
-  // pixel's own words (used where all 9 taps lie inside the map)
+  // pixel's own words (for the taps inside the map)
   const int64_t in_words = lanes ? lane_words : pix_words;
-  int64_t inner_off[kMaxDilations][9];
+  int64_t tap_off[kMaxDilations][9];
   const uint64_t* tap_w[kMaxDilations][9];
   for (int di = 0; di < ndil; ++di)
     for (int tap = 0; tap < 9; ++tap) {
       const int64_t d = p.dil[di], dy = (tap / 3 - 1) * d,
                     dx = (tap % 3 - 1) * d;
-      inner_off[di][tap] = (dy * Wd + dx) * in_words;
+      tap_off[di][tap] = (dy * Wd + dx) * in_words;
       tap_w[di][tap] = lanes ? p.wx[di] + tap * p.nvec * 8
                              : p.wt[di] + tap * wg * CP;
     }
   const uint64_t* in_base = lanes ? p.expanded : p.bits;
   for (int64_t pix = begin; pix < end; ++pix) {
-    const int64_t n = pix / (H * Wd), yx = pix % (H * Wd);
+    const int64_t yx = pix % (H * Wd);
     const int64_t y = yx / Wd, x = yx % Wd;
+    const uint64_t* xq = in_base + pix * in_words;
     int32_t full[kMaxDilations] = {0, 0, 0, 0};
     for (int di = 0; di < ndil; ++di) {
       const int64_t d = p.dil[di];
       // the valid taps, built in place (no tap-index array read back as a
-      // vector: that stalls on store forwarding); inside the map, from the
-      // offsets above
+      // vector: that stalls on store forwarding); bounds checked only for
+      // pixels within d of the border
       Tap taps[9];
       int nv = 0;
       if (y >= d && y < H - d && x >= d && x < Wd - d) {
-        const uint64_t* xq = in_base + pix * in_words;
         for (int tap = 0; tap < 9; ++tap)
-          taps[tap] = Tap{xq + inner_off[di][tap], tap_w[di][tap]};
+          taps[tap] = Tap{xq + tap_off[di][tap], tap_w[di][tap]};
         nv = 9;
       } else {
         for (int ky = 0; ky < 3; ++ky) {
@@ -211,9 +211,8 @@ void msgdc(const MsgdcParams<T>& p, int64_t begin, int64_t end) {
           for (int kx = 0; kx < 3; ++kx) {
             const int64_t xx = x + (kx - 1) * d;
             if (xx < 0 || xx >= Wd) continue;
-            const int64_t tap = ky * 3 + kx;
-            taps[nv++] = Tap{in_base + ((n * H + yy) * Wd + xx) * in_words,
-                             tap_w[di][tap]};
+            const int tap = ky * 3 + kx;
+            taps[nv++] = Tap{xq + tap_off[di][tap], tap_w[di][tap]};
           }
         }
       }

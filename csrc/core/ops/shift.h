@@ -152,11 +152,9 @@ void shift(const ShiftParams<T>& p, int64_t begin, int64_t end) {
     for (int64_t x = x0; x < x1;) {
       T* out = p.y + (first + x) * C;
       const T* res = p.res != nullptr ? p.res + (first + x) * C : nullptr;
-      const bool inside = x >= in_lo && x < in_hi;
       for (int k = 0; k < p.ntaps; ++k)
-        src[k] = row[k] + (inside ? x + p.dx[k]
-                                  : wrap_index(x, p.dx[k], Wd)) * C;
-      if (inside && x + kRun <= x1 && x + kRun <= in_hi) {
+        src[k] = row[k] + wrap_index(x, p.dx[k], Wd) * C;
+      if (x >= in_lo && x + kRun <= in_hi && x + kRun <= x1) {
         shift_run<T, kRun>(src, p.ntaps, p.wk, C, p.bias, res, out);
         x += kRun;
       } else {
