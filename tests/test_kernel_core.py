@@ -216,7 +216,9 @@ def test_kernel_benchmark_against_another_build(tmp_path, capsys):
     assert f'against build: {copy}' in out
     ratios = out.split('this / against')[1].splitlines()[1:]
     assert {line[:32].strip() for line in ratios} == names
-    assert all(float(line.split()[-1]) > 0 for line in ratios)
+    # 2 rounds: a ratio, no interval
+    assert all(float(line[32:].split()[2]) > 0 and line.endswith(
+        'too few rounds for an interval') for line in ratios), ratios
     # the copy is a module of its own with its own kernel-set choice (the
     # same module, or shared C++ state, would time one build twice)
     other = benchmark_binary.load_other_build(str(copy), ext)
@@ -235,6 +237,28 @@ def test_kernel_benchmark_against_another_build(tmp_path, capsys):
     with pytest.raises(SystemExit, match='no kernel case matches'):
         benchmark_binary.benchmark_kernels(['generic'], (1, ),
                                            ops=['no such op'])
+
+
+def test_median_interval_of_paired_ratios():
+    """The interval around a median ratio: the order statistics of the
+    binomial table (15 rounds: the 4th and 12th values, 96.5 % coverage;
+    5 rounds: none), whatever the order of the values; the verdict says
+    faster / slower only when the interval excludes 1."""
+    sys.path.insert(0, osp.join(ROOT, 'tools', 'deployment'))
+    try:
+        import benchmark_binary as bb
+    finally:
+        sys.path.pop(0)
+    values = [0.80 + 0.01 * i for i in range(15)][::-1]
+    assert bb.median_interval(values) == (values[11], values[3])
+    assert bb.median_interval(values[:5]) is None
+    assert bb.median_interval([1.0] * 6) == (1.0, 1.0)  # 6: 1st and 6th
+    assert bb.median_interval(list(range(100)))[0] == 39  # ranks 40, 61
+    assert bb.median_interval(list(range(100)))[1] == 60
+    assert bb.ratio_verdict((0.9, 0.99)) == 'faster'
+    assert bb.ratio_verdict((1.01, 1.2)) == 'slower'
+    assert bb.ratio_verdict((0.95, 1.02)) == 'no difference shown'
+    assert bb.ratio_verdict(None).startswith('too few')
 
 
 def test_against_refuses_builds_that_are_not_separate():

@@ -54,6 +54,37 @@ def avx2_peak_per_cycle(vector_ports: Optional[int] = None) -> float:
     return 256.0 * vector_ports / AVX2_UOPS_PER_256_BITS
 
 
+def median_interval(values, level: float = 0.95):
+    """A distribution-free interval for the median of ``values`` (i.i.d.
+    rounds): the order statistics ``k`` and ``n + 1 - k`` (1-based) with
+    ``P(Binomial(n, 1/2) < k) <= (1 - level) / 2``, so the interval holds
+    the median with probability >= ``level``. ``None`` with too few values
+    (fewer than 6 for 95 %)."""
+    from math import comb
+    n = len(values)
+    tail, k = 0.0, 0
+    while k < n and tail + comb(n, k) / 2**n <= (1 - level) / 2:
+        tail += comb(n, k) / 2**n
+        k += 1
+    if k == 0:
+        return None
+    s = sorted(values)
+    return s[k - 1], s[n - k]
+
+
+def ratio_verdict(ratio_interval) -> str:
+    """'faster' / 'slower' when the interval of this / against excludes 1,
+    else that the rounds show no difference."""
+    if ratio_interval is None:
+        return 'too few rounds for an interval'
+    lo, hi = ratio_interval
+    if hi < 1:
+        return 'faster'
+    if lo > 1:
+        return 'slower'
+    return 'no difference shown'
+
+
 def _visited_taps(size: int, d: int) -> int:
     """Number of (position, tap) pairs of a 3-tap dilated 1-d window on
     ``size`` positions with zero padding ``d`` that fall inside."""
@@ -365,7 +396,8 @@ def benchmark_kernels(sets=None, threads=(1, 2), rounds=15, min_time=0.02,
                           f'{rate_s} {frac_s}')
     if against is not None:
         print('this / against, median over the rounds of the per-round '
-              'ratio (drift between rounds does not move it):')
+              'ratio (drift between rounds does not move it), its 95 % '
+              'interval (order statistics) and what that shows:')
         for name, _, _ in cases:
             for s in sets:
                 for nt in threads:
@@ -373,8 +405,12 @@ def benchmark_kernels(sets=None, threads=(1, 2), rounds=15, min_time=0.02,
                         a / b for a, b in zip(times[(name, s, nt, 'this')],
                                               times[(name, s, nt,
                                                      'against')]))
+                    ci = median_interval(pairs)
+                    ci_s = (f'{ci[0]:.3f}-{ci[1]:.3f}' if ci else
+                            f'{"-":>11s}')
                     print(f'{name:32s} {s:8s} {nt:3d} '
-                          f'{pairs[len(pairs) // 2]:9.3f}')
+                          f'{pairs[len(pairs) // 2]:9.3f} {ci_s:>11s}  '
+                          f'{ratio_verdict(ci)}')
     return rows
 
 
