@@ -9,6 +9,7 @@
 // reference semantics of every op (its pure-PyTorch fallback).
 #include <torch/extension.h>
 
+#include <ATen/MemoryOverlap.h>
 #include <ATen/Parallel.h>
 
 #include <chrono>
@@ -58,6 +59,25 @@ void check_tokens_like(const torch::Tensor& t, const torch::Tensor& like,
   check_float(t, like, name);
   TORCH_CHECK(t.sizes() == like.sizes(), name, " must be ", like.sizes(),
               ", got ", t.sizes());
+}
+
+// The output of an elementwise-residual op: a new tensor like x, or `out`
+// (e.g. the residual itself, when the caller has no further use for it:
+// the kernels read each residual element before writing the output
+// element at the same place, and the output written over a buffer that was
+// just in cache costs less than a new one). out must not overlap the
+// input read around each output (x), and may overlap `res` only entirely.
+torch::Tensor output_like(const torch::Tensor& x,
+                          const c10::optional<torch::Tensor>& out,
+                          const torch::Tensor* res) {
+  if (!out.has_value()) return torch::empty_like(x);
+  check_tokens_like(*out, x, "out");
+  TORCH_CHECK(at::get_overlap_status(*out, x) == at::MemOverlapStatus::No,
+              "out must not share memory with x (read around each output)");
+  TORCH_CHECK(res == nullptr || at::get_overlap_status(*out, *res) !=
+                                    at::MemOverlapStatus::Partial,
+              "out may be the residual itself, not part of it");
+  return *out;
 }
 
 template <typename T>
@@ -145,7 +165,8 @@ torch::Tensor ffn(const torch::Tensor& x, const torch::Tensor& residual,
                   int64_t expand_shortcut,
                   const std::vector<torch::Tensor>& reduce,
                   int64_t reduce_shortcut,
-                  const c10::optional<torch::Tensor>& expand_lut) {
+                  const c10::optional<torch::Tensor>& expand_lut,
+                  const c10::optional<torch::Tensor>& out) {
   check_float(x, x, "x");
   const int64_t c = x.size(-1);
   const int64_t tokens = c > 0 ? x.numel() / c : 0;
@@ -166,7 +187,7 @@ torch::Tensor ffn(const torch::Tensor& x, const torch::Tensor& residual,
                 "table of a ", c, " -> ", hidden, " expansion");
     lut = t.data_ptr<int8_t>();
   }
-  torch::Tensor y = torch::empty_like(x);
+  torch::Tensor y = output_like(x, out, &residual);
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "mmbhvit_ffn", [&] {
     FfnParams<scalar_t> p{};
     p.expand = proj_params<scalar_t>(e, c);
@@ -632,7 +653,8 @@ torch::Tensor sign_product(const torch::Tensor& x, const torch::Tensor& weight,
 torch::Tensor shift(const torch::Tensor& x,
                     const c10::optional<torch::Tensor>& res,
                     const torch::Tensor& dy, const torch::Tensor& dx,
-                    const torch::Tensor& wk, const torch::Tensor& bias) {
+                    const torch::Tensor& wk, const torch::Tensor& bias,
+                    const c10::optional<torch::Tensor>& out) {
   check_float(x, x, "x");
   TORCH_CHECK(x.dim() == 4, "x must be (N, H, W, C), got ", x.sizes());
   const int64_t n = x.size(0), h = x.size(1), w = x.size(2), c = x.size(3);
@@ -645,7 +667,7 @@ torch::Tensor shift(const torch::Tensor& x,
   check_vec(wk, x, int64_t(ntaps) * c, "wk");
   check_vec(bias, x, c, "bias");
   if (res.has_value()) check_tokens_like(*res, x, "res");
-  torch::Tensor y = torch::empty_like(x);
+  torch::Tensor y = output_like(x, out, res.has_value() ? &*res : nullptr);
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "mmbhvit_shift", [&] {
     ShiftParams<scalar_t> p{};
     p.x = ptr<scalar_t>(x);
@@ -827,6 +849,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("x"), py::arg("residual"), py::arg("expand"),
         py::arg("hidden"), py::arg("expand_shortcut"), py::arg("reduce"),
         py::arg("reduce_shortcut"), py::arg("expand_lut") = py::none(),
+        py::arg("out") = py::none(),
         py::call_guard<py::gil_scoped_release>());
   m.def("nibble_lut", &nibble_lut,
         "nibble table of a projection's weights for the AVX2 MLP "
@@ -870,7 +893,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::call_guard<py::gil_scoped_release>());
   m.def("shift", &shift, "sparse circular depthwise conv + residual",
         py::arg("x"), py::arg("res"), py::arg("dy"), py::arg("dx"),
-        py::arg("wk"), py::arg("bias"),
+        py::arg("wk"), py::arg("bias"), py::arg("out") = py::none(),
         py::call_guard<py::gil_scoped_release>());
   register_training_ops(m);
 }

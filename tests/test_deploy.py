@@ -298,6 +298,49 @@ def test_kernels_match_fallback(isa, dtype):
                 assert torch.equal(a, b), (ch, hw, res is None)
 
 
+@pytest.mark.parametrize('backend', ['cpp', 'torch'])
+def test_residual_ops_write_over_their_residual_when_asked(backend):
+    """The MLP and the shift branches take ``out``: their result written
+    there (over the residual itself, as the engine's blocks ask), the same
+    numbers as into a new tensor, the inputs other than the residual
+    untouched; an ``out`` sharing memory with the input read around each
+    output, or with part of the residual, is refused by name."""
+    if backend == 'cpp' and not HAS_EXT:
+        pytest.skip('packed-bit C++ kernels not built')
+    g = torch.Generator().manual_seed(5)
+    c, ratio = 64, 4
+    spec = deploy_blocks.FFNSpec(_proj_spec(c, c * ratio, 'tile'),
+                                 _proj_spec(c * ratio, c, 'mean'),
+                                 layer_scale=False)
+    t = {**_proj_tensors('f.expand', c, c * ratio, g),
+         **_proj_tensors('f.reduce', c * ratio, c, g)}
+    ffn = _op(deploy_blocks.PackedFFN, spec, t, 'f', torch.float32, backend)
+    ch = 24
+    shift = _op(deploy_blocks.PackedShift,
+                deploy_blocks.ShiftSpec(channels=ch, radii=[1, 2]),
+                {'s.weight': torch.randn(9, ch, generator=g),
+                 's.bias': torch.randn(ch, generator=g)}, 's', torch.float32,
+                backend)
+    for op, x in ((ffn, torch.randn(1, 5, 6, c, generator=g)),
+                  (shift, torch.randn(1, 5, 6, ch, generator=g))):
+        res = torch.randn(x.shape, generator=g)
+        x0, res0 = x.clone(), res.clone()
+        plain = op(x, res)
+        assert torch.equal(res, res0)
+        out = op(x, res, res)
+        assert out.data_ptr() == res.data_ptr() and torch.equal(out, plain)
+        assert torch.equal(x, x0)
+        other = torch.empty_like(x)
+        assert op(x, res0, other) is other and torch.equal(other, plain)
+        if backend == 'cpp':
+            with pytest.raises(RuntimeError, match='share memory with x'):
+                op(x, res0, x)
+            wide = torch.randn(2 * x.numel(), generator=g)
+            with pytest.raises(RuntimeError, match='not part of it'):
+                op(x, wide[:x.numel()].view(x.shape),
+                   wide[x.shape[-1]:x.shape[-1] + x.numel()].view(x.shape))
+
+
 @needs_ext
 @pytest.mark.slow
 def test_every_kernel_set_runs_the_model_exactly(isa):

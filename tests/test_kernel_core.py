@@ -315,23 +315,43 @@ def test_fallback_warns_once_with_the_fix(monkeypatch):
 
 
 def test_extension_from_an_older_source_is_refused_by_name(monkeypatch):
-    """A build that lacks an op the Python side calls is not used at all:
-    the reason names the missing op and says to rebuild."""
+    """A build that lacks an op the Python side calls, or an argument
+    that an op gained later (``out`` of ffn), is not used at all: the
+    reason names what is missing and says to rebuild."""
     import types
-    stale = types.ModuleType('mmbhvit._binary_ops')
-    for name in deploy_ops.ENGINE_OPS:
-        if name != 'proj_norm':
-            setattr(stale, name, lambda *a: None)
-    monkeypatch.setitem(sys.modules, 'mmbhvit._binary_ops', stale)
     import mmbhvit
-    monkeypatch.setattr(mmbhvit, '_binary_ops', stale, raising=False)
-    monkeypatch.setattr(deploy_ops, '_EXT_TRIED', False)
-    monkeypatch.setattr(deploy_ops, '_EXT', None)
-    monkeypatch.setattr(deploy_ops, '_EXT_ERROR', None)
-    assert deploy_ops.load_extension() is None
-    assert 'without proj_norm; rebuild it' in deploy_ops.extension_error()
-    with pytest.raises(RuntimeError, match='without proj_norm'):
-        deploy_ops.resolve_backend('cpp')
+
+    def op(doc):
+        def f(*a):
+            return None
+        f.__doc__ = doc
+        return f
+
+    for lacking, message in (('proj_norm', 'without proj_norm; rebuild it'),
+                             ('ffn.out', r'without ffn\(\.\.\., out=\); '
+                              'rebuild it')):
+        stale = types.ModuleType('mmbhvit._binary_ops')
+        for name in deploy_ops.ENGINE_OPS:
+            if name != lacking:
+                setattr(stale, name, op(f'{name}(x: Tensor, out: Optional['
+                                        'Tensor] = None) -> Tensor'))
+        if lacking == 'ffn.out':
+            stale.ffn = op('ffn(x: Tensor, residual: Tensor) -> Tensor')
+        monkeypatch.setitem(sys.modules, 'mmbhvit._binary_ops', stale)
+        monkeypatch.setattr(mmbhvit, '_binary_ops', stale, raising=False)
+        monkeypatch.setattr(deploy_ops, '_EXT_TRIED', False)
+        monkeypatch.setattr(deploy_ops, '_EXT', None)
+        monkeypatch.setattr(deploy_ops, '_EXT_ERROR', None)
+        assert deploy_ops.load_extension() is None
+        assert re.search(message, deploy_ops.extension_error())
+        with pytest.raises(RuntimeError, match=message):
+            deploy_ops.resolve_backend('cpp')
+    # the real build names the arguments in its signatures
+    if HAS_EXT:
+        monkeypatch.undo()
+        ext = deploy_ops.load_extension()
+        assert deploy_ops.stale_build_reason(ext, deploy_ops.ENGINE_OPS) \
+            is None
 
 
 def test_info_command():

@@ -98,7 +98,15 @@ struct Chunks {
 
 class Runner {
  public:
-  Runner(const KernelSet& s, const Case& c) : s_(s), c_(c) {}
+  // in_place: the ops with a residual (MLP, shift branches) write their
+  // output over a copy of it, as the engine runs them
+  Runner(const KernelSet& s, const Case& c, bool in_place = false)
+      : s_(s), c_(c), in_place_(in_place) {}
+
+  bool takes_in_place() const {
+    const int64_t op = at("op").as<int64_t>()[0];
+    return op == 1 || (op == 6 && meta(0) != 0);
+  }
 
   const Array& at(const char* name) const {
     auto it = c_.find(name);
@@ -187,8 +195,9 @@ class Runner {
       build_nibble_lut(p.expand.wt, c, hid, p.expand.cout_pad, lut.data());
       p.expand.lut = lut.data();
     }
-    std::vector<T> y(static_cast<size_t>(p.expand.tokens * c));
+    std::vector<T> y = output<T>("residual", p.expand.tokens * c);
     p.reduce.y = y.data();
+    if (in_place_) p.reduce.residual = y.data();
     run_ffn(s_, p, Chunks());
     return y;
   }
@@ -335,8 +344,9 @@ class Runner {
     p.dx = at("dx").as<int32_t>();
     p.wk = f<T>("wk");
     p.bias = f<T>("bias");
-    std::vector<T> y(static_cast<size_t>(x.numel()));
+    std::vector<T> y = output<T>("res", x.numel());
     p.y = y.data();
+    if (in_place_) p.res = y.data();
     run_shift(s_, p, Chunks());
     return y;
   }
@@ -407,8 +417,17 @@ class Runner {
     return y;
   }
 
+  // the output buffer: zeros, or (in place) the residual's values
+  template <typename T>
+  std::vector<T> output(const char* residual, int64_t n) const {
+    if (!in_place_) return std::vector<T>(static_cast<size_t>(n));
+    const T* r = f<T>(residual);
+    return std::vector<T>(r, r + n);
+  }
+
   const KernelSet& s_;
   const Case& c_;
+  bool in_place_;
 };
 
 // "" if got equals the expected array exactly, else a description.
@@ -438,11 +457,17 @@ std::string compare(const std::vector<T>& got, const Array& want) {
 
 template <typename T>
 std::string check(const KernelSet& s, const Case& c) {
-  std::vector<std::vector<T>> outs = Runner(s, c).run<T>();
   static const char* const names[2] = {"out", "out_hn"};
-  for (size_t i = 0; i < outs.size() && i < 2; ++i) {
-    std::string r = compare(outs[i], c.at(names[i]));
-    if (!r.empty()) return std::string(names[i]) + ": " + r;
+  for (bool in_place : {false, true}) {
+    const Runner runner(s, c, in_place);
+    if (in_place && !runner.takes_in_place()) break;
+    std::vector<std::vector<T>> outs = runner.run<T>();
+    for (size_t i = 0; i < outs.size() && i < 2; ++i) {
+      std::string r = compare(outs[i], c.at(names[i]));
+      if (!r.empty())
+        return std::string(names[i]) + (in_place ? " (in place)" : "") +
+               ": " + r;
+    }
   }
   return "";
 }

@@ -249,14 +249,16 @@ class Profile:
 
 class Recorder:
     """The binarization decisions of the ops (their ``decisions(*inputs)``)
-    in execution order: ``items`` = ``[(name, tensor)]``."""
+    in execution order: ``items`` = ``[(name, tensor)]``. Taken before each
+    op runs: an op may write its result over an input it is given as
+    ``out`` (:class:`~mmbhvit.deploy.ops.PackedOp`)."""
 
     def __init__(self, root: nn.Module):
         self.items: List[Tuple[str, Tensor]] = []
         self._handles = []
         for name, op in named_ops(root):
             if callable(getattr(op, 'decisions', None)):
-                remove = op.add_hooks(post=lambda op, args, out, name=name:
+                remove = op.add_hooks(pre=lambda op, args, name=name:
                                       self._add(name, op.decisions(*args)))
                 self._handles.append(SimpleNamespace(remove=remove))
 

@@ -56,10 +56,21 @@ ENGINE_OPS = ('proj', 'proj_norm', 'ffn', 'msgdc', 'merge', 'merge_norm',
               'kernel_sets', 'kernel_paths', 'cpu_clock_hz')
 
 
+#: Arguments that some of those ops gained later (a build from before then
+#: lacks them: its signature, in the op's docstring, does not name them).
+ENGINE_OP_ARGS = {'ffn': ('out', ), 'shift': ('out', )}
+
+
 def stale_build_reason(ext, names) -> Optional[str]:
     """Why the extension module ``ext`` cannot serve ops ``names`` (a build
-    from an older source without some of them), or None."""
+    from an older source without some of them, or of their arguments
+    :data:`ENGINE_OP_ARGS`), or None."""
     missing = [n for n in names if not hasattr(ext, n)]
+    missing += [
+        f'{n}(..., {a}=)' for n in names if hasattr(ext, n)
+        for a in ENGINE_OP_ARGS.get(n, ())
+        if f'{a}:' not in (getattr(ext, n).__doc__ or '')
+    ]
     if not missing:
         return None
     return ('mmbhvit._binary_ops was built from an older source, without ' +
@@ -167,6 +178,18 @@ def pad_nhwc(x: Tensor, multiple: int) -> Tensor:
     return pad_to_multiple(x.permute(0, 3, 1, 2), multiple).permute(0, 2, 3, 1)
 
 
+def write_out(y: Tensor, out: Optional[Tensor]) -> Tensor:
+    """The fallbacks' side of the kernels' ``out`` argument: ``y`` copied
+    into ``out`` (which the kernels write directly, possibly over one of
+    their inputs, e.g. the residual), or ``y`` itself without one."""
+    if out is None:
+        return y
+    if out.shape != y.shape or out.dtype != y.dtype:
+        raise ValueError(f'out must be {tuple(y.shape)} {y.dtype}, got '
+                         f'{tuple(out.shape)} {out.dtype}')
+    return out.copy_(y)
+
+
 def prelu(z: Tensor, slope: Tensor) -> Tensor:
     """PReLU with a per-channel slope, as the kernels compute it."""
     return torch.where(z > 0, z, z * slope)
@@ -199,6 +222,10 @@ class PackedOp:
     ``hook(op, args, out)`` after ``forward``), through which the engine
     profiles (each op's ``profile_label``) and records the binarization
     decisions (an op's ``decisions(*args)``); :func:`named_ops` walks them.
+
+    An op whose result adds to a residual may take an ``out`` argument and
+    write its result there, e.g. over that residual (:func:`write_out`):
+    a hook that needs an op's inputs must read them before it runs.
     """
     profile_label = 'other (float)'
 

@@ -132,9 +132,15 @@ def op_roundoff(engine32, engine64, x: Tensor) -> List[Tuple[str, str,
     rows, removers = [], []
 
     def check(path):
+        # the op's inputs as they were before it ran (an op may write its
+        # result over one of them: its ``out`` argument)
+        inputs = []
+
+        def before(op, args):
+            inputs.append(_as_float32(args))
 
         def hook(op, args, out):
-            out32 = ops32[path].forward(*_as_float32(args))
+            out32 = ops32[path].forward(*inputs.pop())
             errs = [
                 diff_stats(b, a)['rms_rel']
                 for a, b in zip(_tensors(out), _tensors(out32))
@@ -142,13 +148,13 @@ def op_roundoff(engine32, engine64, x: Tensor) -> List[Tuple[str, str,
             ]
             rows.append((path, type(op).__name__, max(errs, default=0.0)))
 
-        return hook
+        return before, hook
 
     for path, op in named_ops(engine64):
         if path not in ops32:
             raise ValueError(f'the two engines differ: {path} is missing '
                              'from the float32 one')
-        removers.append(op.add_hooks(post=check(path)))
+        removers.append(op.add_hooks(*check(path)))
     try:
         engine64(x.double())
     finally:

@@ -53,7 +53,7 @@ inline void proj_pass(const int32_t* __restrict pc, int32_t full, int64_t o0,
                       int64_t n, const T* __restrict sc, const T* __restrict a,
                       const T* __restrict b, const T* __restrict slope,
                       const T* __restrict ps, const T* __restrict pb,
-                      const T* __restrict res, T* __restrict y) {
+                      const T* res, T* y) {  // y may be res
   MMBHVIT_NOALIAS_LOOP
   for (int64_t i = 0; i < n; ++i) {
     const int64_t o = o0 + i;

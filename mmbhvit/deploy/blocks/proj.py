@@ -21,7 +21,7 @@ from torch import Tensor, nn
 
 from ...models.backbones.bhvit import BinaryFFN, BinaryResidualProj
 from ..ops import (SHORTCUTS, PackedOp, group_sums, kernel_words, pm1_weight,
-                   prelu)
+                   prelu, write_out)
 from ..packing import bits_to_pm1
 from ..registry import (Folder, Handler, Params, Spec, TensorSpec, as_f64,
                         bits, describe, param, register)
@@ -209,18 +209,23 @@ class PackedFFN(PackedOp):
             e = self.expand
             self.expand_lut = self.ext.nibble_lut(e.wt, e.cin, e.cout)
 
-    def decisions(self, x: Tensor, residual: Tensor):
+    def decisions(self, x: Tensor, residual: Tensor,
+                  out: Optional[Tensor] = None):
         return {'expand': self.expand.signs(x),
                 'reduce': self.reduce.signs(self.expand.forward(x))}
 
-    def forward(self, x: Tensor, residual: Tensor) -> Tensor:
+    def forward(self, x: Tensor, residual: Tensor,
+                out: Optional[Tensor] = None) -> Tensor:
+        """``out``: where to write the result (see :func:`write_out`),
+        e.g. ``residual`` itself when the caller is done with it."""
         if self.ext is not None:
             e, r = self.expand, self.reduce
             return self.ext.ffn(x, residual, e.kernel_args(), e.cout,
                                 SHORTCUTS[e.shortcut], r.kernel_args(),
-                                SHORTCUTS[r.shortcut], self.expand_lut)
+                                SHORTCUTS[r.shortcut], self.expand_lut, out)
         # .forward: the two projections are one op for hooks
-        return self.reduce.forward(self.expand.forward(x), residual)
+        return write_out(
+            self.reduce.forward(self.expand.forward(x), residual), out)
 
 
 @register(BinaryFFN)

@@ -11,7 +11,7 @@ import torch
 from torch import Tensor
 
 from ...models.backbones.bhvit import ShiftBranches
-from ..ops import PackedOp
+from ..ops import PackedOp, write_out
 from ..registry import (Folder, Handler, Params, Spec, TensorSpec, as_f64,
                         param, register)
 
@@ -56,11 +56,16 @@ class PackedShift(PackedOp):
         self.dy_t = torch.tensor(self.dy, dtype=torch.int32)
         self.dx_t = torch.tensor(self.dx, dtype=torch.int32)
 
-    def forward(self, x: Tensor, res: Optional[Tensor] = None) -> Tensor:
+    def forward(self, x: Tensor, res: Optional[Tensor] = None,
+                out: Optional[Tensor] = None) -> Tensor:
+        """``out``: where to write the result (``res`` itself may be given;
+        not ``x``, read around each output), see
+        :func:`~mmbhvit.deploy.ops.write_out`."""
         if self.ext is not None:
             return self.ext.shift(x, res, self.dy_t, self.dx_t, self.weight,
-                                  self.bias)
-        return shift_sum(x, self.dy, self.dx, self.weight, self.bias, res)
+                                  self.bias, out)
+        return write_out(
+            shift_sum(x, self.dy, self.dx, self.weight, self.bias, res), out)
 
 
 def shift_sum(x: Tensor, dy: Sequence[int], dx: Sequence[int],
