@@ -61,18 +61,21 @@ void check_tokens_like(const torch::Tensor& t, const torch::Tensor& like,
               ", got ", t.sizes());
 }
 
-// The output of an elementwise-residual op: a new tensor like x, or `out`
-// (e.g. the residual itself, when the caller has no further use for it:
-// the kernels read each residual element before writing the output
-// element at the same place, and the output written over a buffer that was
-// just in cache costs less than a new one). out must not overlap the
-// input read around each output (x), and may overlap `res` only entirely.
-torch::Tensor output_like(const torch::Tensor& x,
+// The output of an op that adds a residual: a new tensor like `like`, or
+// `out` (e.g. the residual itself, when the caller has no further use for
+// it: the kernels read each residual element before writing the output
+// element at the same place, and an output written over a buffer that was
+// just in cache costs less than a new one). out must not overlap `around`
+// (an input read beyond the output's own element, if any), and may
+// overlap `res` only entirely.
+torch::Tensor output_like(const torch::Tensor& like,
                           const c10::optional<torch::Tensor>& out,
+                          const torch::Tensor* around,
                           const torch::Tensor* res) {
-  if (!out.has_value()) return torch::empty_like(x);
-  check_tokens_like(*out, x, "out");
-  TORCH_CHECK(at::get_overlap_status(*out, x) == at::MemOverlapStatus::No,
+  if (!out.has_value()) return torch::empty_like(like);
+  check_tokens_like(*out, like, "out");
+  TORCH_CHECK(around == nullptr || at::get_overlap_status(*out, *around) ==
+                                       at::MemOverlapStatus::No,
               "out must not share memory with x (read around each output)");
   TORCH_CHECK(res == nullptr || at::get_overlap_status(*out, *res) !=
                                     at::MemOverlapStatus::Partial,
@@ -187,7 +190,7 @@ torch::Tensor ffn(const torch::Tensor& x, const torch::Tensor& residual,
                 "table of a ", c, " -> ", hidden, " expansion");
     lut = t.data_ptr<int8_t>();
   }
-  torch::Tensor y = output_like(x, out, &residual);
+  torch::Tensor y = output_like(x, out, &x, &residual);
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "mmbhvit_ffn", [&] {
     FfnParams<scalar_t> p{};
     p.expand = proj_params<scalar_t>(e, c);
@@ -242,7 +245,8 @@ std::vector<torch::Tensor> proj_impl(
     const torch::Tensor& x, const ProjArgs& args,
     const c10::optional<torch::Tensor>& residual,
     const c10::optional<torch::Tensor>& norm_scale,
-    const c10::optional<torch::Tensor>& norm_bias) {
+    const c10::optional<torch::Tensor>& norm_bias,
+    const c10::optional<torch::Tensor>& out = c10::nullopt) {
   check_float(x, x, "x");
   TORCH_CHECK(x.dim() >= 1, "x must have a channel dimension");
   const int64_t cin = x.size(-1), cout = args.cout;
@@ -256,6 +260,8 @@ std::vector<torch::Tensor> proj_impl(
     TORCH_CHECK(residual->sizes() == y.sizes(), "residual must be ",
                 y.sizes(), ", got ", residual->sizes());
   }
+  if (out.has_value())  // a token's inputs are read before its outputs
+    y = output_like(y, out, &x, residual.has_value() ? &*residual : nullptr);
   const bool norm = norm_scale.has_value();
   TORCH_CHECK(norm == norm_bias.has_value(),
               "norm_scale and norm_bias go together");
@@ -299,9 +305,10 @@ std::vector<torch::Tensor> proj_norm(
     const torch::Tensor& x, const std::vector<torch::Tensor>& params,
     int64_t cout, int64_t shortcut,
     const c10::optional<torch::Tensor>& residual,
-    const torch::Tensor& norm_scale, const torch::Tensor& norm_bias) {
+    const torch::Tensor& norm_scale, const torch::Tensor& norm_bias,
+    const c10::optional<torch::Tensor>& out) {
   return proj_impl(x, proj_args(params, cout, shortcut), residual, norm_scale,
-                   norm_bias);
+                   norm_bias, out);
 }
 
 // ---------------------------------------------------------------------------
@@ -313,7 +320,8 @@ std::vector<torch::Tensor> msgdc(
     const std::vector<torch::Tensor>& bs,
     const std::vector<torch::Tensor>& slopes, const torch::Tensor& out_scale,
     const torch::Tensor& out_bias, const torch::Tensor& n2_scale,
-    const torch::Tensor& n2_bias, const std::vector<torch::Tensor>& lane_wts) {
+    const torch::Tensor& n2_bias, const std::vector<torch::Tensor>& lane_wts,
+    const c10::optional<torch::Tensor>& out) {
   check_float(x, x, "x");
   TORCH_CHECK(x.dim() == 4, "x must be (N, H, W, C), got ", x.sizes());
   const int64_t n = x.size(0), h = x.size(1), w = x.size(2), c = x.size(3);
@@ -341,7 +349,9 @@ std::vector<torch::Tensor> msgdc(
                   lane_wts[i].sizes());
     }
   }
-  torch::Tensor h_out = torch::empty_like(x);
+  // h may be written over x: its bits are packed before any output, then
+  // each pixel reads its own x before writing its h
+  torch::Tensor h_out = output_like(x, out, nullptr, &x);
   torch::Tensor hn_out = torch::empty_like(x);
   for (auto* t : {&in_scale, &in_bias, &thr, &out_scale, &out_bias,
                   &n2_scale, &n2_bias})
@@ -667,7 +677,8 @@ torch::Tensor shift(const torch::Tensor& x,
   check_vec(wk, x, int64_t(ntaps) * c, "wk");
   check_vec(bias, x, c, "bias");
   if (res.has_value()) check_tokens_like(*res, x, "res");
-  torch::Tensor y = output_like(x, out, res.has_value() ? &*res : nullptr);
+  torch::Tensor y =
+      output_like(x, out, &x, res.has_value() ? &*res : nullptr);
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "mmbhvit_shift", [&] {
     ShiftParams<scalar_t> p{};
     p.x = ptr<scalar_t>(x);
@@ -844,6 +855,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "[y, y * norm_scale + norm_bias]",
         py::arg("x"), py::arg("params"), py::arg("cout"), py::arg("shortcut"),
         py::arg("residual"), py::arg("norm_scale"), py::arg("norm_bias"),
+        py::arg("out") = py::none(),
         py::call_guard<py::gil_scoped_release>());
   m.def("ffn", &ffn, "binary MLP (expand, reduce, + residual), fused",
         py::arg("x"), py::arg("residual"), py::arg("expand"),
@@ -861,6 +873,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("a"), py::arg("b"), py::arg("slopes"), py::arg("out_scale"),
         py::arg("out_bias"), py::arg("n2_scale"), py::arg("n2_bias"),
         py::arg("lane_wts") = std::vector<torch::Tensor>(),
+        py::arg("out") = py::none(),
         py::call_guard<py::gil_scoped_release>());
   m.def("merge", &merge, "binary 2x2 stride-2 patch merging",
         py::call_guard<py::gil_scoped_release>());

@@ -171,6 +171,11 @@ def test_kernels_match_fallback(isa, dtype):
         (a1, an), (b1, bn) = (op(x, res, norm) for op in ops)
         assert torch.equal(a1, a) and torch.equal(b1, b)
         assert torch.equal(an, bn) and torch.equal(an, a * norm[0] + norm[1])
+        for op in ops:  # y over the residual, as the attention blocks ask
+            r = res.clone()
+            y, yn = op(x, r, norm, r)
+            assert y.data_ptr() == r.data_ptr()
+            assert torch.equal(y, a) and torch.equal(yn, an)
         with pytest.raises(RuntimeError, match='norm_scale'):
             ops[0](x, res, (norm[0][1:], norm[1]))
     # fused MLP (expand + reduce + residual), as in blocks of ratio 1, 2, 8
@@ -214,6 +219,12 @@ def test_kernels_match_fallback(isa, dtype):
             _op(deploy_blocks.PackedMSGDC, spec, t, 'b', dtype, be)(
                 x, norm1, norm2) for be in ('cpp', 'torch'))
         assert torch.equal(h1, h2) and torch.equal(hn1, hn2), (c, groups)
+        for be in ('cpp', 'torch'):  # h over x, as the blocks ask
+            xc = x.clone()
+            h, hn = _op(deploy_blocks.PackedMSGDC, spec, t, 'b', dtype, be)(
+                xc, norm1, norm2, xc)
+            assert h.data_ptr() == xc.data_ptr()
+            assert torch.equal(h, h1) and torch.equal(hn, hn1), (c, be)
     # binary patch merging (tile shortcut of the 2x2 average)
     for cin, cout in [(32, 64), (64, 128), (20, 40)]:
         t = _proj_tensors('m', cin, cout, g)
@@ -304,7 +315,8 @@ def test_residual_ops_write_over_their_residual_when_asked(backend):
     there (over the residual itself, as the engine's blocks ask), the same
     numbers as into a new tensor, the inputs other than the residual
     untouched; an ``out`` sharing memory with the input read around each
-    output, or with part of the residual, is refused by name."""
+    output, or with part of the residual, is refused by name (MSGDC and
+    the projections with the next norm: in test_kernels_match_fallback)."""
     if backend == 'cpp' and not HAS_EXT:
         pytest.skip('packed-bit C++ kernels not built')
     g = torch.Generator().manual_seed(5)

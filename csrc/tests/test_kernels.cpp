@@ -98,14 +98,15 @@ struct Chunks {
 
 class Runner {
  public:
-  // in_place: the ops with a residual (MLP, shift branches) write their
-  // output over a copy of it, as the engine runs them
+  // in_place: the ops with a residual (projection, MLP, shift branches;
+  // MSGDC's residual is its input) write their output over a copy of it,
+  // as the engine runs them
   Runner(const KernelSet& s, const Case& c, bool in_place = false)
       : s_(s), c_(c), in_place_(in_place) {}
 
   bool takes_in_place() const {
     const int64_t op = at("op").as<int64_t>()[0];
-    return op == 1 || (op == 6 && meta(0) != 0);
+    return op == 1 || op == 2 || ((op == 0 || op == 6) && meta(op ? 0 : 3));
   }
 
   const Array& at(const char* name) const {
@@ -172,8 +173,9 @@ class Runner {
     p.x = f<T>("x");
     p.tokens = at("x").numel() / cin;
     p.residual = meta(3) ? f<T>("residual") : nullptr;
-    std::vector<T> y(static_cast<size_t>(p.tokens * cout));
+    std::vector<T> y = output<T>("residual", p.tokens * cout);
     p.y = y.data();
+    if (in_place_) p.residual = y.data();
     run_proj(s_, p, Chunks());
     return y;
   }
@@ -237,9 +239,10 @@ class Runner {
     p.out_bias = f<T>("out_bias");
     p.n2_scale = f<T>("n2_scale");
     p.n2_bias = f<T>("n2_bias");
-    std::vector<T> h(static_cast<size_t>(x.numel())), hn(h.size());
+    std::vector<T> h = output<T>("x", x.numel()), hn(h.size());
     p.h_out = h.data();
     p.hn_out = hn.data();
+    if (in_place_) p.x = h.data();
     const bool lanes = msgdc_takes_lanes(s_, p.c, p.groups, lane_weights);
     run_msgdc(s_, p, lanes, f<T>("in_scale"), f<T>("in_bias"), f<T>("thr"),
               Chunks());

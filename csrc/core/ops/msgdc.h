@@ -231,8 +231,8 @@ void msgdc(const MsgdcParams<T>& p, int64_t begin, int64_t end) {
       full[di] = int32_t(nv * cg);
     }
     // sum of the dilations' PReLUs (left to right), affine, residual, norm
-    const T* __restrict xin = p.x + pix * C;
-    T* __restrict h = p.h_out + pix * C;
+    const T* xin = p.x + pix * C;  // h may be x: read before written
+    T* h = p.h_out + pix * C;
     T* __restrict hn = p.hn_out + pix * C;
     const T* __restrict os = p.out_scale;
     const T* __restrict ob = p.out_bias;

@@ -7,9 +7,9 @@ r"""A BHViT block (:class:`~mmbhvit.models.backbones.bhvit.BHViTBlock`):
 
 Its own tensors are the two folded norms; the token mixer, the MLP and the
 shift branches are children with their own handlers (any registered mixer
-kind). A mixer op is called ``mixer(x, norm1, norm2)`` with the norms as
-``(scale, bias)`` and returns ``(h, norm2(h))``, so a kernel can fuse the
-norms (MSGDC does).
+kind). A mixer op is called ``mixer(x, norm1, norm2, out)`` with the norms
+as ``(scale, bias)`` and returns ``(h, norm2(h))``, so a kernel can fuse the
+norms (MSGDC does); ``h`` is written into ``out``, here ``x`` itself.
 """
 from dataclasses import dataclass
 from typing import Dict, List, Optional
@@ -70,11 +70,13 @@ class PackedBlock(PackedOp):
             spec.shifts, params.child('shifts'), dtype, backend))
 
     def forward(self, x: Tensor) -> Tensor:
-        h, hn = self.token_mixer(x, self.norm1, self.norm2)
-        # h and the MLP's sum are used once: each result is written over
-        # the buffer it adds to, which is still in cache (a new buffer costs
-        # cache misses on every line written: the shift branches of stage
-        # 1 took ~2x as long that way)
+        """The block's output; ``x`` is overwritten (the engine has no
+        further use for a block's input)."""
+        # x, h and the MLP's sum are each used once more, as the residual
+        # of the next result, which is written over it while it is still in
+        # cache (a new buffer costs cache misses on every line written: the
+        # shift branches of stage 1 took ~2x as long that way)
+        h, hn = self.token_mixer(x, self.norm1, self.norm2, x)
         out = self.ffn(hn, h, h)
         if self.shifts is not None:
             out = self.shifts(hn, out, out)

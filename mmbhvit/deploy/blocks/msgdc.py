@@ -11,14 +11,14 @@ three RPReLU output shifts go into the bias of the summing BatchNorm
 (``out_bias``), the input shifts into the per-convolution ``b``.
 """
 from dataclasses import dataclass
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 import torch.nn.functional as F
 from torch import Tensor
 
 from ...models.backbones.bhvit import MSGDC
 from ..ops import (PackedOp, kernel_words, lane_path_shape, lane_words,
-                   pm1_weight, prelu)
+                   pm1_weight, prelu, write_out)
 from ..packing import bits_to_pm1
 from ..registry import (Folder, Handler, Params, Spec, TensorSpec, as_f64,
                         bits, param, register)
@@ -96,16 +96,20 @@ class PackedMSGDC(PackedOp):
         v = v + norm1[1]
         return v > self.thr
 
-    def decisions(self, x: Tensor, norm1: Affine, norm2: Affine):
+    def decisions(self, x: Tensor, norm1: Affine, norm2: Affine,
+                  out: Optional[Tensor] = None):
         return {'': self.signs(x, norm1)}
 
-    def forward(self, x: Tensor, norm1: Affine, norm2: Affine):
+    def forward(self, x: Tensor, norm1: Affine, norm2: Affine,
+                out: Optional[Tensor] = None):
+        """``(h, norm2(h))``; ``out``: where to write ``h`` (``x`` itself
+        may be given, see :func:`~mmbhvit.deploy.ops.write_out`)."""
         if self.ext is not None:
             return self.ext.msgdc(x, norm1[0], norm1[1], self.thr,
                                   self.groups, self.dilations, self.wt,
                                   self.a, self.b, self.slope, self.out_scale,
                                   self.out_bias, norm2[0], norm2[1],
-                                  self.lane_wt)
+                                  self.lane_wt, out)
         xs = bits_to_pm1(self.signs(x, norm1), self.dtype).permute(0, 3, 1, 2)
         total = None
         for w, d, a, b, sl in zip(self.w, self.dilations, self.a, self.b,
@@ -121,7 +125,7 @@ class PackedMSGDC(PackedOp):
         h = x + t
         hn = h * norm2[0]
         hn = hn + norm2[1]
-        return h.contiguous(), hn.contiguous()
+        return write_out(h.contiguous(), out), hn.contiguous()
 
 
 @register(MSGDC)

@@ -296,12 +296,15 @@ class PackedMSMHA(PackedOp):
         return window_untokens(a, self.out_mix, self.out_rest, n, h, w,
                                s).contiguous()
 
-    def forward(self, x: Tensor, norm1: Affine, norm2: Affine):
+    def forward(self, x: Tensor, norm1: Affine, norm2: Affine,
+                out: Optional[Tensor] = None):
+        """``(h, norm2(h))``; ``out``: where to write ``h`` (``x`` itself
+        may be given)."""
         tok, shape = self.tokens(x, norm1)
         q, k, v = self.q(tok), self.k(tok), self.v(tok)
         probs = torch.softmax(self.scores(q, k), dim=-1)
-        out = self.untokens(self.context(probs, q, k, v), shape)
-        return self.proj(out, x, norm2)  # (h, norm2(h))
+        mixed = self.untokens(self.context(probs, q, k, v), shape)
+        return self.proj(mixed, x, norm2, out)
 
 
 @register(MSMHA)

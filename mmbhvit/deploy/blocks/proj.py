@@ -92,7 +92,8 @@ class PackedProj(PackedOp):
         return x > self.thr
 
     def decisions(self, x: Tensor, residual: Optional[Tensor] = None,
-                  norm: Optional[Affine] = None):
+                  norm: Optional[Affine] = None,
+                  out: Optional[Tensor] = None):
         return {'': self.signs(x)}
 
     def kernel_args(self) -> List[Tensor]:
@@ -100,23 +101,26 @@ class PackedProj(PackedOp):
                 self.post_scale, self.post_bias]
 
     def forward(self, x: Tensor, residual: Optional[Tensor] = None,
-                norm: Optional[Affine] = None):
+                norm: Optional[Affine] = None, out: Optional[Tensor] = None):
         """``y = proj(x) (+ residual)``; with ``norm`` (the next block
         norm's ``(scale, bias)``) the pair ``(y, y * scale + bias)``, the
-        kernels writing the second while ``y`` is in cache."""
+        kernels writing the second while ``y`` is in cache. ``out``: where
+        to write ``y`` (``residual`` itself may be given; see
+        :func:`~mmbhvit.deploy.ops.write_out`)."""
         if norm is not None:
             if self.ext is not None:
                 return tuple(self.ext.proj_norm(
                     x, self.kernel_args(), self.cout,
-                    SHORTCUTS[self.shortcut], residual, norm[0], norm[1]))
-            y = self.forward(x, residual)
+                    SHORTCUTS[self.shortcut], residual, norm[0], norm[1],
+                    out))
+            y = self.forward(x, residual, out=out)
             yn = y * norm[0]
             return y, yn + norm[1]
         if self.ext is not None:
-            return self.ext.proj(x, self.thr, self.wt, self.cout, self.a,
-                                 self.b, self.slope, self.post_scale,
-                                 self.post_bias, SHORTCUTS[self.shortcut],
-                                 residual)
+            return write_out(
+                self.ext.proj(x, self.thr, self.wt, self.cout, self.a, self.b,
+                              self.slope, self.post_scale, self.post_bias,
+                              SHORTCUTS[self.shortcut], residual), out)
         lead = x.shape[:-1]
         d = bits_to_pm1(x > self.thr, self.dtype) @ self.w_t
         z = d * self.a
@@ -133,7 +137,7 @@ class PackedProj(PackedOp):
         y = prelu(z, self.slope)
         y = y * self.post_scale
         y = y + self.post_bias
-        return y if residual is None else residual + y
+        return write_out(y if residual is None else residual + y, out)
 
 
 @register(BinaryResidualProj)
