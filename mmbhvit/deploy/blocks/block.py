@@ -7,10 +7,12 @@ r"""A BHViT block (:class:`~mmbhvit.models.backbones.bhvit.BHViTBlock`):
 
 Its own tensors are the two folded norms; the token mixer, the MLP and the
 shift branches are children with their own handlers (any registered mixer
-kind). A mixer op is called ``mixer(x, norm1, norm2, out)`` with the norms
-as ``(scale, bias)`` and returns ``(h, norm2(h))``, so a kernel can fuse the
-norms (MSGDC does); ``h`` is written into ``out``, here ``x`` itself.
+kind). A mixer op is called ``mixer(x, norm1, norm2)`` with the norms as
+``(scale, bias)`` and returns ``(h, norm2(h))``, so a kernel can fuse the
+norms (MSGDC does); one whose ``forward`` also takes ``out`` is called with
+``out=x`` and writes ``h`` there, over the block's input.
 """
+import inspect
 from dataclasses import dataclass
 from typing import Dict, List, Optional
 
@@ -68,15 +70,20 @@ class PackedBlock(PackedOp):
         self.ffn = build(spec.ffn, params.child('ffn'), dtype, backend)
         self.shifts = (None if spec.shifts is None else build(
             spec.shifts, params.child('shifts'), dtype, backend))
+        self.mixer_takes_out = 'out' in inspect.signature(
+            self.token_mixer.forward).parameters
 
     def forward(self, x: Tensor) -> Tensor:
-        """The block's output; ``x`` is overwritten (the engine has no
-        further use for a block's input)."""
+        """The block's output; ``x`` may be overwritten (the engine has
+        no further use for a block's input)."""
         # x, h and the MLP's sum are each used once more, as the residual
         # of the next result, which is written over it while it is still in
         # cache (a new buffer costs cache misses on every line written: the
         # shift branches of stage 1 took ~2x as long that way)
-        h, hn = self.token_mixer(x, self.norm1, self.norm2, x)
+        if self.mixer_takes_out:
+            h, hn = self.token_mixer(x, self.norm1, self.norm2, x)
+        else:
+            h, hn = self.token_mixer(x, self.norm1, self.norm2)
         out = self.ffn(hn, h, h)
         if self.shifts is not None:
             out = self.shifts(hn, out, out)
