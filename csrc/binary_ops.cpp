@@ -61,19 +61,21 @@ void check_tokens_like(const torch::Tensor& t, const torch::Tensor& like,
               ", got ", t.sizes());
 }
 
-// The output of an op that adds a residual: a new tensor like `like`, or
-// `out` (e.g. the residual itself, when the caller has no further use for
-// it: the kernels read each residual element before writing the output
-// element at the same place, and an output written over a buffer that was
-// just in cache costs less than a new one). out must not overlap `around`
-// (an input read beyond the output's own element, if any), and may
-// overlap `res` only entirely.
-torch::Tensor output_like(const torch::Tensor& like,
-                          const c10::optional<torch::Tensor>& out,
-                          const torch::Tensor* around,
-                          const torch::Tensor* res) {
-  if (!out.has_value()) return torch::empty_like(like);
-  check_tokens_like(*out, like, "out");
+// The output (`sizes`, x's dtype) of an op that adds a residual: a new
+// tensor, or `out` (e.g. the residual itself, when the caller has no
+// further use for it: the kernels read each residual element before
+// writing the output element at the same place, and an output written over
+// a buffer that was just in cache costs less than a new one). out must not
+// overlap `around` (an input read beyond the output's own element, if
+// any), and may overlap `res` only entirely.
+torch::Tensor output_tensor(const torch::Tensor& x, at::IntArrayRef sizes,
+                            const c10::optional<torch::Tensor>& out,
+                            const torch::Tensor* around,
+                            const torch::Tensor* res) {
+  if (!out.has_value()) return torch::empty(sizes, x.options());
+  check_float(*out, x, "out");
+  TORCH_CHECK(out->sizes() == sizes, "out must be ", sizes, ", got ",
+              out->sizes());
   TORCH_CHECK(around == nullptr || at::get_overlap_status(*out, *around) ==
                                        at::MemOverlapStatus::No,
               "out must not share memory with x (read around each output)");
@@ -190,7 +192,7 @@ torch::Tensor ffn(const torch::Tensor& x, const torch::Tensor& residual,
                 "table of a ", c, " -> ", hidden, " expansion");
     lut = t.data_ptr<int8_t>();
   }
-  torch::Tensor y = output_like(x, out, &x, &residual);
+  torch::Tensor y = output_tensor(x, x.sizes(), out, &x, &residual);
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "mmbhvit_ffn", [&] {
     FfnParams<scalar_t> p{};
     p.expand = proj_params<scalar_t>(e, c);
@@ -246,7 +248,7 @@ std::vector<torch::Tensor> proj_impl(
     const c10::optional<torch::Tensor>& residual,
     const c10::optional<torch::Tensor>& norm_scale,
     const c10::optional<torch::Tensor>& norm_bias,
-    const c10::optional<torch::Tensor>& out = c10::nullopt) {
+    const c10::optional<torch::Tensor>& out) {
   check_float(x, x, "x");
   TORCH_CHECK(x.dim() >= 1, "x must have a channel dimension");
   const int64_t cin = x.size(-1), cout = args.cout;
@@ -254,14 +256,14 @@ std::vector<torch::Tensor> proj_impl(
   check_proj(x, cin, args);
   auto out_sizes = x.sizes().vec();
   out_sizes.back() = cout;
-  torch::Tensor y = torch::empty(out_sizes, x.options());
   if (residual.has_value()) {
     check_float(*residual, x, "residual");
-    TORCH_CHECK(residual->sizes() == y.sizes(), "residual must be ",
-                y.sizes(), ", got ", residual->sizes());
+    TORCH_CHECK(residual->sizes() == out_sizes, "residual must be ",
+                out_sizes, ", got ", residual->sizes());
   }
-  if (out.has_value())  // a token's inputs are read before its outputs
-    y = output_like(y, out, &x, residual.has_value() ? &*residual : nullptr);
+  // a token's residual is read before its outputs are written
+  torch::Tensor y = output_tensor(x, out_sizes, out, &x,
+                                  residual.has_value() ? &*residual : nullptr);
   const bool norm = norm_scale.has_value();
   TORCH_CHECK(norm == norm_bias.has_value(),
               "norm_scale and norm_bias go together");
@@ -295,10 +297,11 @@ torch::Tensor proj(const torch::Tensor& x, const torch::Tensor& thr,
                    const torch::Tensor& a, const torch::Tensor& b,
                    const torch::Tensor& slope, const torch::Tensor& post_scale,
                    const torch::Tensor& post_bias, int64_t shortcut,
-                   const c10::optional<torch::Tensor>& residual) {
+                   const c10::optional<torch::Tensor>& residual,
+                   const c10::optional<torch::Tensor>& out) {
   const ProjArgs args{thr, wt, a, b, slope, post_scale, post_bias, cout,
                       shortcut};
-  return proj_impl(x, args, residual, c10::nullopt, c10::nullopt)[0];
+  return proj_impl(x, args, residual, c10::nullopt, c10::nullopt, out)[0];
 }
 
 std::vector<torch::Tensor> proj_norm(
@@ -351,7 +354,7 @@ std::vector<torch::Tensor> msgdc(
   }
   // h may be written over x: its bits are packed before any output, then
   // each pixel reads its own x before writing its h
-  torch::Tensor h_out = output_like(x, out, nullptr, &x);
+  torch::Tensor h_out = output_tensor(x, x.sizes(), out, nullptr, &x);
   torch::Tensor hn_out = torch::empty_like(x);
   for (auto* t : {&in_scale, &in_bias, &thr, &out_scale, &out_bias,
                   &n2_scale, &n2_bias})
@@ -677,8 +680,8 @@ torch::Tensor shift(const torch::Tensor& x,
   check_vec(wk, x, int64_t(ntaps) * c, "wk");
   check_vec(bias, x, c, "bias");
   if (res.has_value()) check_tokens_like(*res, x, "res");
-  torch::Tensor y =
-      output_like(x, out, &x, res.has_value() ? &*res : nullptr);
+  torch::Tensor y = output_tensor(x, x.sizes(), out, &x,
+                                  res.has_value() ? &*res : nullptr);
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "mmbhvit_shift", [&] {
     ShiftParams<scalar_t> p{};
     p.x = ptr<scalar_t>(x);
@@ -848,7 +851,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("x"), py::arg("thr"), py::arg("wt"), py::arg("cout"),
         py::arg("a"), py::arg("b"), py::arg("slope"), py::arg("post_scale"),
         py::arg("post_bias"), py::arg("shortcut"),
-        py::arg("residual") = py::none(),
+        py::arg("residual") = py::none(), py::arg("out") = py::none(),
         py::call_guard<py::gil_scoped_release>());
   m.def("proj_norm", &proj_norm,
         "proj with residual, and the next block norm of its output: "

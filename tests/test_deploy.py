@@ -176,6 +176,9 @@ def test_kernels_match_fallback(isa, dtype):
             y, yn = op(x, r, norm, r)
             assert y.data_ptr() == r.data_ptr()
             assert torch.equal(y, a) and torch.equal(yn, an)
+            r = res.clone()
+            y = op(x, r, None, r)
+            assert y.data_ptr() == r.data_ptr() and torch.equal(y, a)
         with pytest.raises(RuntimeError, match='norm_scale'):
             ops[0](x, res, (norm[0][1:], norm[1]))
     # fused MLP (expand + reduce + residual), as in blocks of ratio 1, 2, 8

@@ -58,8 +58,8 @@ ENGINE_OPS = ('proj', 'proj_norm', 'ffn', 'msgdc', 'merge', 'merge_norm',
 
 #: Arguments that some of those ops gained later (a build from before then
 #: lacks them: its signature, in the op's docstring, does not name them).
-ENGINE_OP_ARGS = {op: ('out', ) for op in ('ffn', 'shift', 'msgdc',
-                                            'proj_norm')}
+ENGINE_OP_ARGS = {op: ('out', ) for op in ('proj', 'proj_norm', 'ffn',
+                                            'msgdc', 'shift')}
 
 
 def stale_build_reason(ext, names) -> Optional[str]:

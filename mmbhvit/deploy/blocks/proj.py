@@ -117,10 +117,10 @@ class PackedProj(PackedOp):
             yn = y * norm[0]
             return y, yn + norm[1]
         if self.ext is not None:
-            return write_out(
-                self.ext.proj(x, self.thr, self.wt, self.cout, self.a, self.b,
-                              self.slope, self.post_scale, self.post_bias,
-                              SHORTCUTS[self.shortcut], residual), out)
+            return self.ext.proj(x, self.thr, self.wt, self.cout, self.a,
+                                 self.b, self.slope, self.post_scale,
+                                 self.post_bias, SHORTCUTS[self.shortcut],
+                                 residual, out)
         lead = x.shape[:-1]
         d = bits_to_pm1(x > self.thr, self.dtype) @ self.w_t
         z = d * self.a
