@@ -539,7 +539,8 @@ torch::Tensor conv(const torch::Tensor& x, const torch::Tensor& thr,
 torch::Tensor attn_scores(const torch::Tensor& q, const torch::Tensor& k,
                           const torch::Tensor& thr_q,
                           const torch::Tensor& thr_k, int64_t heads,
-                          double scale) {
+                          double scale,
+                          const c10::optional<torch::Tensor>& table) {
   check_float(q, q, "q");
   TORCH_CHECK(q.dim() == 3, "q must be (B, T, C), got ", q.sizes());
   check_tokens_like(k, q, "k");
@@ -547,12 +548,26 @@ torch::Tensor attn_scores(const torch::Tensor& q, const torch::Tensor& k,
   TORCH_CHECK(heads >= 1 && c % heads == 0, "channels not divisible by heads");
   check_vec(thr_q, q, c, "thr_q");
   check_vec(thr_k, q, c, "thr_k");
+  const double* tab = nullptr;
+  if (table.has_value()) {
+    const torch::Tensor& tb = *table;
+    TORCH_CHECK(q.scalar_type() == torch::kFloat32,
+                "table: the attention map from a table is float32 only (q is ",
+                q.scalar_type(), ")");
+    TORCH_CHECK(tb.device().is_cpu() && tb.scalar_type() == torch::kFloat64 &&
+                    tb.dim() == 1 && tb.size(0) == c / heads + 1 &&
+                    tb.is_contiguous(),
+                "table must be a contiguous CPU float64 vector of head dim "
+                "+ 1 = ", c / heads + 1, " values, got ", tb.scalar_type(),
+                " ", tb.sizes());
+    tab = tb.data_ptr<double>();
+  }
   torch::Tensor s = torch::empty({b, heads, t, t}, q.options());
   AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "mmbhvit_scores", [&] {
     run_scores(kset(), ptr<scalar_t>(q), ptr<scalar_t>(k),
                ptr<scalar_t>(thr_q), ptr<scalar_t>(thr_k), b, t, c, heads,
                static_cast<scalar_t>(scale), s.data_ptr<scalar_t>(),
-               TorchParallel());
+               TorchParallel(), tab);
   });
   return s;
 }
@@ -824,6 +839,9 @@ std::vector<std::pair<std::string, std::string>> kernel_paths() {
       "conv (heads)", "sign_product (training 1x1)"};
   std::vector<std::pair<std::string, std::string>> out;
   for (int i = 0; i < kNumOps; ++i) out.emplace_back(ops[i], kset().path[i]);
+  // every set: the engine's float32 map from the softmax table
+  out[3].second += "; float32: the softmax taken in the kernel (numerators "
+                   "from a float64 exp table, row sums in float64)";
   return out;
 }
 
@@ -890,7 +908,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("k"), py::arg("a"), py::arg("b"), py::arg("slope"),
         py::arg("post_scale"), py::arg("post_bias"), py::arg("shortcut"),
         py::call_guard<py::gil_scoped_release>());
-  m.def("attn_scores", &attn_scores, "scores of binary queries and keys",
+  m.def("attn_scores", &attn_scores,
+        "scores of binary queries and keys (with table: their softmax, "
+        "float32)",
+        py::arg("q"), py::arg("k"), py::arg("thr_q"), py::arg("thr_k"),
+        py::arg("heads"), py::arg("scale"), py::arg("table") = py::none(),
         py::call_guard<py::gil_scoped_release>());
   m.def("attn_context", &attn_context,
         "context of a bit-plane attention map with binary values",

@@ -170,6 +170,57 @@ def test_every_set_agrees_through_python():
 
 
 @pytest.mark.skipif(not HAS_EXT, reason='packed-bit C++ kernels not built')
+def test_attention_map_from_the_softmax_table():
+    """float32 ``attn_scores(..., table=)``: the attention map, equal bit
+    for bit to its fallback on every kernel set (rows of 1-130 keys, 1-8
+    heads, 1-2 words per head), rows summing to 1, and closer to the
+    float64 softmax than float32 ``torch.softmax`` of the same scores;
+    the row sums are the left-to-right sums the kernels take. A float64
+    query or a table of the wrong length is refused by name."""
+    from mmbhvit.deploy.blocks.msmha import softmax_table, table_softmax
+    from mmbhvit.deploy.packing import bits_to_pm1
+    ext = deploy_ops.load_extension()
+    g = torch.Generator().manual_seed(3)
+    old = ext.isa()
+    try:
+        for b, t, c, h in ((4, 53, 256, 4), (1, 50, 512, 8), (3, 7, 24, 3),
+                           (2, 130, 96, 1), (1, 1, 8, 2), (2, 33, 320, 2)):
+            q, k = (torch.randn(b, t, c, generator=g) for _ in range(2))
+            tq, tk = (0.3 * torch.randn(c, generator=g) for _ in range(2))
+            d = c // h
+            table = softmax_table(d, d**-0.5)
+            qs, ks = (bits_to_pm1(x > thr, torch.float32).view(
+                b, t, h, d).transpose(1, 2) for x, thr in ((q, tq), (k, tk)))
+            dots = qs @ ks.transpose(-2, -1)
+            ref = table_softmax(dots, table)
+            e = table[((dots.amax(-1, keepdim=True) - dots) / 2).long()]
+            total = torch.zeros(e.shape[:-1], dtype=torch.float64)
+            for j in range(t):
+                total = total + e[..., j]
+            assert torch.equal(e.cumsum(-1)[..., -1], total)
+            for s in ext.available_isas():
+                ext.set_isa(s)
+                out = ext.attn_scores(q, k, tq, tk, h, d**-0.5, table)
+                assert torch.equal(out, ref), (s, b, t, c, h)
+            assert torch.allclose(ref.double().sum(-1),
+                                  torch.ones(b, h, t, dtype=torch.float64),
+                                  atol=1e-6)
+            p64 = torch.softmax(dots.double() * d**-0.5, -1)
+            aten = torch.softmax(dots * d**-0.5, -1)
+            if t > 1:
+                err = ((ref.double() - p64) / p64).pow(2).mean().sqrt()
+                err_aten = ((aten.double() - p64) / p64).pow(2).mean().sqrt()
+                assert err < 0.7 * err_aten, (err, err_aten)
+        with pytest.raises(RuntimeError, match='float32 only'):
+            ext.attn_scores(q.double(), k.double(), tq.double(), tk.double(),
+                            h, d**-0.5, table)
+        with pytest.raises(RuntimeError, match='head dim \\+ 1'):
+            ext.attn_scores(q, k, tq, tk, h, d**-0.5, table[:-1])
+    finally:
+        ext.set_isa(old)
+
+
+@pytest.mark.skipif(not HAS_EXT, reason='packed-bit C++ kernels not built')
 def test_kernel_benchmark_cases_run():
     """Every op of ``benchmark_binary.py --kernels`` runs once and gives
     finite outputs (the benchmark itself is not a test)."""
@@ -211,6 +262,7 @@ def test_kernel_benchmark_against_another_build(tmp_path, capsys):
         ops=['q/k/v', 'attn stage4'], against=str(copy))
     out = capsys.readouterr().out
     names = {'proj q/k/v stage3 212x256', 'attn stage4 1x50x512 h8 q.k',
+             'attn stage4 1x50x512 h8 map',
              'attn stage4 1x50x512 h8 context'}
     assert {r[0] for r in rows} == names and len(rows) == 2 * len(names)
     assert f'against build: {copy}' in out
@@ -316,8 +368,9 @@ def test_fallback_warns_once_with_the_fix(monkeypatch):
 
 def test_extension_from_an_older_source_is_refused_by_name(monkeypatch):
     """A build that lacks an op the Python side calls, or an argument
-    that an op gained later (``out`` of ffn), is not used at all: the
-    reason names what is missing and says to rebuild."""
+    that an op gained later (``out`` of ffn, ``table`` of attn_scores), is
+    not used at all: the reason names what is missing and says to
+    rebuild."""
     import types
     import mmbhvit
 
@@ -329,14 +382,21 @@ def test_extension_from_an_older_source_is_refused_by_name(monkeypatch):
 
     for lacking, message in (('proj_norm', 'without proj_norm; rebuild it'),
                              ('ffn.out', r'without ffn\(\.\.\., out=\); '
+                              'rebuild it'),
+                             ('attn_scores.table',
+                              r'without attn_scores\(\.\.\., table=\); '
                               'rebuild it')):
         stale = types.ModuleType('mmbhvit._binary_ops')
         for name in deploy_ops.ENGINE_OPS:
             if name != lacking:
                 setattr(stale, name, op(f'{name}(x: Tensor, out: Optional['
+                                        'Tensor] = None, table: Optional['
                                         'Tensor] = None) -> Tensor'))
         if lacking == 'ffn.out':
             stale.ffn = op('ffn(x: Tensor, residual: Tensor) -> Tensor')
+        if lacking == 'attn_scores.table':
+            stale.attn_scores = op('attn_scores(q: Tensor, k: Tensor, '
+                                   'scale: float) -> Tensor')
         monkeypatch.setitem(sys.modules, 'mmbhvit._binary_ops', stale)
         monkeypatch.setattr(mmbhvit, '_binary_ops', stale, raising=False)
         monkeypatch.setattr(deploy_ops, '_EXT_TRIED', False)

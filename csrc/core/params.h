@@ -175,6 +175,9 @@ struct ScoreParams {
   int64_t b, t, heads, wd, t_pad, d;
   T scale;
   T* s;                   // (b, heads, t, t)
+  // float only: exp(-2 n scale), n = 0 .. d (float64); s is then the
+  // softmax of the scores (table_softmax), not the scores
+  const double* table = nullptr;
 };
 
 // Sign bits (x > thr) of queries/keys/values, per head. head_pack: channel

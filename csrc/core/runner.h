@@ -161,7 +161,8 @@ void run_conv(const KernelSet& s, ConvParams<T> p, const T* thr, PF&& pf) {
 template <typename T, typename PF>
 void run_scores(const KernelSet& s, const T* q, const T* kk, const T* thr_q,
                 const T* thr_k, int64_t b, int64_t t, int64_t c,
-                int64_t heads, T scale, T* s_out, PF&& pf) {
+                int64_t heads, T scale, T* s_out, PF&& pf,
+                const double* table = nullptr) {
   const Kernels<T>& k = kernels_of<T>(s);
   const int64_t d = c / heads, wd = words_of(d), t_pad = (t + 7) / 8 * 8;
   std::vector<uint64_t> qbits(static_cast<size_t>(b * heads * t * wd));
@@ -195,6 +196,7 @@ void run_scores(const KernelSet& s, const T* q, const T* kk, const T* thr_q,
   p.d = d;
   p.scale = scale;
   p.s = s_out;
+  p.table = table;
   pf(b * heads * t, grain_for(wd * t_pad + t),
      [&](int64_t i, int64_t e) { k.scores(p, i, e); });
 }

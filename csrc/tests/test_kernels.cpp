@@ -289,9 +289,13 @@ class Runner {
     const Array& q = at("q");
     const int64_t b = q.dims[0], t = q.dims[1], c = q.dims[2], h = meta(0);
     std::vector<T> s(static_cast<size_t>(b * h * t * t));
+    // a table: the float32 attention map instead of the scores
+    const double* table = has("table") ? at("table").as<double>() : nullptr;
+    if (table != nullptr && sizeof(T) != sizeof(float))
+      throw std::string("the attention map from a table is float32 only");
     run_scores(s_, q.as<T>(), f<T>("k"), f<T>("thr_q"), f<T>("thr_k"), b, t,
                c, h, static_cast<T>(at("scale").as<double>()[0]), s.data(),
-               Chunks());
+               Chunks(), table);
     return s;
   }
 

@@ -60,6 +60,7 @@ ENGINE_OPS = ('proj', 'proj_norm', 'ffn', 'msgdc', 'merge', 'merge_norm',
 #: lacks them: its signature, in the op's docstring, does not name them).
 ENGINE_OP_ARGS = {op: ('out', ) for op in ('proj', 'proj_norm', 'ffn',
                                             'msgdc', 'shift')}
+ENGINE_OP_ARGS['attn_scores'] = ('table', )
 
 
 def stale_build_reason(ext, names) -> Optional[str]:

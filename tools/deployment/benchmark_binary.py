@@ -97,6 +97,7 @@ def kernel_cases(dtype):
     float ops (shift branches) have 0 binary MACs."""
     import torch
 
+    from mmbhvit.deploy.blocks.msmha import softmax_table
     from mmbhvit.deploy.ops import kernel_words, lane_words
     from mmbhvit.deploy.packing import pack_bits
 
@@ -169,6 +170,20 @@ def kernel_cases(dtype):
         cases.append((name + ' q.k', windows * heads * t * t * d,
                       lambda ext: ext.attn_scores(q, k, thr[0], thr[1],
                                                   heads, d**-0.5)))
+        if dtype == torch.float32:
+            # the attention map as the engine computes it with this build:
+            # from the softmax table, or (a build without it) ATen's softmax
+            table = softmax_table(d, d**-0.5)
+
+            def attention_map(ext):
+                if 'table:' in (ext.attn_scores.__doc__ or ''):
+                    return ext.attn_scores(q, k, thr[0], thr[1], heads,
+                                           d**-0.5, table)
+                return torch.softmax(ext.attn_scores(
+                    q, k, thr[0], thr[1], heads, d**-0.5), -1)
+
+            cases.append((name + ' map',
+                          windows * heads * t * t * d, attention_map))
         p = torch.softmax(rand(windows, heads, t, t, scale=3.0), -1)
         step = (0.05 + 0.25 * torch.rand(heads, generator=g)).to(dtype)
         zero = (torch.rand(heads, generator=g) - 0.5).to(dtype)

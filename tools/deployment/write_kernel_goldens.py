@@ -269,7 +269,9 @@ def sign_product_case(c, n, cin, cout, h, w, with_bias):
     return t
 
 
-def scores_case(c, b, tk, ch, nh):
+def scores_case(c, b, tk, ch, nh, table=False):
+    """The scores, or with ``table`` (float32) the attention map from the
+    softmax table."""
     q, k = c.rand(b, tk, ch), c.rand(b, tk, ch)
     t = dict(q=q, k=k, thr_q=c.rand(ch, scale=0.3),
              thr_k=c.rand(ch, scale=0.3))
@@ -277,7 +279,12 @@ def scores_case(c, b, tk, ch, nh):
                      dict(q_thr=t['thr_q'], k_thr=t['thr_k']), c.dtype)
     t['scale'] = torch.tensor([op.scale], dtype=torch.float64)
     t['meta'] = torch.tensor([nh])
-    t['out'] = op(q, k)
+    if table:
+        assert op.table is not None, 'the table is float32 only'
+        t['table'] = op.table
+        t['out'] = op(q, k)
+    else:
+        t['out'] = op.dots(q, k) * op.scale
     return t
 
 
@@ -406,12 +413,16 @@ CASES = [
     # MSGDC as in stage 1 (16-bit groups, dilations 1, 3, 5) on a map with
     # pixels whose taps all lie inside it for every dilation
     ('msgdc_inner', msgdc_case, (1, 12, 13, 64, 4, (1, 3, 5))),
+    # the float32 attention map from the softmax table: rows of 37 keys
+    # (a partial block of 8), groups of 4 rows and a single one, rows
+    # split between the test's chunks
+    ('scores_table', scores_case, (2, 37, 96, 2, True)),
 ]
 
 #: the larger cases, in float32 only (the files stay small)
 FLOAT32_ONLY = ('msgdc_words_wide', 'msgdc_lanes32', 'scores_long',
                 'context_lsq7', 'context_gsb', 'conv_chunk', 'conv_none5',
-                'conv_deep', 'ffn_nibbles', 'msgdc_inner')
+                'conv_deep', 'ffn_nibbles', 'msgdc_inner', 'scores_table')
 
 
 def main(argv=None):

@@ -66,9 +66,48 @@ void token_pack(const HeadPackParams<T>& p, int64_t begin, int64_t end) {
   }
 }
 
+// The float32 attention map straight from the counts (ScoreParams::table):
+// NK rows of t counts (cs apart); with c0 a row's smallest count (its largest
+// score), e_j = table[c_j - c0] = exp(-2 (c_j - c0) scale) in float64, and
+// p_j = float(e_j * (1 / sum_j e_j)), the sum taken left to right; the NK
+// rows' sums run side by side.
+template <int NK>
+inline void table_softmax(const int32_t* cnt, int64_t cs, int64_t t,
+                          const double* table, float* p, int64_t ps) {
+  int64_t c0[NK];  // 64-bit, so the compiler may fold -c0 into the base
+  double sum[NK];
+  for (int k = 0; k < NK; ++k) {
+    const int32_t* c = cnt + k * cs;
+    int32_t m = c[0];
+    for (int64_t j = 1; j < t; ++j) m = c[j] < m ? c[j] : m;
+    c0[k] = m;
+    sum[k] = 0.0;
+  }
+  for (int64_t j = 0; j < t; ++j)
+    for (int k = 0; k < NK; ++k) sum[k] += table[cnt[k * cs + j] - c0[k]];
+  for (int k = 0; k < NK; ++k) {
+    const double inv = 1.0 / sum[k];
+    const int32_t* c = cnt + k * cs;
+    float* pk = p + k * ps;
+    for (int64_t j = 0; j < t; ++j)
+      pk[j] = static_cast<float>(table[c[j] - c0[k]] * inv);
+  }
+}
+
+inline void table_softmax_rows(int nk, const int32_t* cnt, int64_t cs,
+                               int64_t t, const double* table, float* p) {
+  switch (nk) {
+    case 4: table_softmax<4>(cnt, cs, t, table, p, t); break;
+    case 3: table_softmax<3>(cnt, cs, t, table, p, t); break;
+    case 2: table_softmax<2>(cnt, cs, t, table, p, t); break;
+    default: table_softmax<1>(cnt, cs, t, table, p, t); break;
+  }
+}
+
 // Fused scores (AVX2 / AVX-512, float): 4 query rows of one (b, head), the
 // counts of 8 keys in registers, D * scale stored directly (the last, partial
-// block of keys with a masked store).
+// block of keys with a masked store); with a table, the counts go to cbuf
+// and the rows through table_softmax.
 template <typename T>
 inline bool scores_fused(const ScoreParams<T>&, int64_t, int64_t) {
   return false;
@@ -77,7 +116,7 @@ inline bool scores_fused(const ScoreParams<T>&, int64_t, int64_t) {
 #if MMBHVIT_AVX2 || MMBHVIT_AVX512
 template <int NK>
 inline void scores_rows8(const ScoreParams<float>& p, int64_t item,
-                         int64_t bh) {
+                         int64_t bh, int32_t* cbuf) {
   const Tap tap{p.qbits + item * p.wd, p.kbits + bh * p.wd * p.t_pad};
   const __m256i full = _mm256_set1_epi32(int32_t(p.d));
   const __m256 scale = _mm256_set1_ps(p.scale);
@@ -90,6 +129,12 @@ inline void scores_rows8(const ScoreParams<float>& p, int64_t item,
     const __m256i mask = _mm256_cmpgt_epi32(
         _mm256_set1_epi32(int32_t(left < 8 ? left : 8)),
         _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+    if (p.table != nullptr) {
+      for (int k = 0; k < NK; ++k)
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(cbuf + k * p.t_pad + j),
+                            cnt[k]);
+      continue;
+    }
     for (int k = 0; k < NK; ++k) {
       const __m256 v = _mm256_mul_ps(
           _mm256_cvtepi32_ps(
@@ -101,21 +146,23 @@ inline void scores_rows8(const ScoreParams<float>& p, int64_t item,
         _mm256_maskstore_ps(s + k * t + j, mask, v);
     }
   }
+  if (p.table != nullptr) table_softmax<NK>(cbuf, p.t_pad, t, p.table, s, t);
 }
 
 inline bool scores_fused(const ScoreParams<float>& p, int64_t begin,
                          int64_t end) {
   if (p.wd > 31 || p.t_pad % 8 != 0) return false;
+  Scratch<int32_t> cbuf(p.table != nullptr ? 4 * p.t_pad : 1);
   for (int64_t item = begin; item < end;) {
     const int64_t bh = item / p.t;
     int64_t stop = (bh + 1) * p.t;
     stop = stop < end ? stop : end;
     const int nk = int(stop - item < 4 ? stop - item : 4);
     switch (nk) {
-      case 4: scores_rows8<4>(p, item, bh); break;
-      case 3: scores_rows8<3>(p, item, bh); break;
-      case 2: scores_rows8<2>(p, item, bh); break;
-      default: scores_rows8<1>(p, item, bh); break;
+      case 4: scores_rows8<4>(p, item, bh, cbuf.ptr); break;
+      case 3: scores_rows8<3>(p, item, bh, cbuf.ptr); break;
+      case 2: scores_rows8<2>(p, item, bh, cbuf.ptr); break;
+      default: scores_rows8<1>(p, item, bh, cbuf.ptr); break;
     }
     item += nk;
   }
@@ -123,8 +170,21 @@ inline bool scores_fused(const ScoreParams<float>& p, int64_t begin,
 }
 #endif
 
+// The generic path's rows [item, item + nk) through table_softmax (float
+// with a table; float64 takes the scores, softmax is ATen's).
+inline bool table_map(const ScoreParams<float>& p, int nk, const int32_t* acc,
+                      int64_t item) {
+  if (p.table == nullptr) return false;
+  table_softmax_rows(nk, acc, p.t_pad, p.t, p.table, p.s + item * p.t);
+  return true;
+}
+inline bool table_map(const ScoreParams<double>&, int, const int32_t*,
+                      int64_t) {
+  return false;
+}
+
 // Attention scores: item = query row (b, head, i); up to four rows of the
-// same (b, head) share each key load.
+// same (b, head) share each key load; with a table, the attention map.
 template <typename T>
 void scores(const ScoreParams<T>& p, int64_t begin, int64_t end) {
   if (scores_fused(p, begin, end)) return;
@@ -139,6 +199,10 @@ void scores(const ScoreParams<T>& p, int64_t begin, int64_t end) {
     const Tap tap{p.qbits + item * p.wd, p.kbits + bh * p.wd * p.t_pad};
     popcount_rows<BitOp::kXor>(nk, &tap, 1, p.wd, p.wd, p.t_pad, p.t,
                                acc.ptr, p.t_pad);
+    if (table_map(p, nk, acc.ptr, item)) {
+      item += nk;
+      continue;
+    }
     for (int k = 0; k < nk; ++k) {
       const int32_t* a = acc.ptr + k * p.t_pad;
       T* s = p.s + (item + k) * p.t;

@@ -112,23 +112,57 @@ class _Heads:
         return x.view(b, t, self.heads, c // self.heads).transpose(1, 2)
 
 
+def softmax_table(d: int, scale: float) -> Tensor:
+    """``exp(-2 n scale)`` for ``n = 0 .. d`` in float64: the softmax
+    numerators of a row of ±1 dot products over ``d`` bits, ``n`` being how
+    many more sign disagreements a key has than the row's best one."""
+    return torch.exp(torch.arange(d + 1, dtype=torch.float64) * (-2 * scale))
+
+
+def table_softmax(dots: Tensor, table: Tensor) -> Tensor:
+    """Float32 softmax over the last dimension of ±1 dot products ``dots``
+    (exact integers): ``e = table[(max - dots) / 2]`` in float64, the row
+    sum left to right (a cumulative sum), ``float32(e * (1 / sum))``; the
+    fallback of ``attn_scores(..., table=)``."""
+    n = ((dots.amax(dim=-1, keepdim=True) - dots) / 2).long()
+    e = table[n]
+    total = e.cumsum(dim=-1)[..., -1:]
+    return (e * (1 / total)).float()
+
+
 class AttentionScores(PackedOp, _Heads):
-    """Binary q·k scores of token sets ``(B, T, C)``."""
-    profile_label = 'attention q.k (binary)'
+    """The attention map of token sets ``(B, T, C)``: the softmax of the
+    binary q·k scores. In float64 it is ATen's softmax of the scores, as in
+    the model (bit for bit); in float32 the kernel takes each row's
+    numerators from :func:`softmax_table` (float64) and rounds the map once,
+    closer to the float64 model than float32 ``softmax`` (docs/deployment.md,
+    "Attention map from a table")."""
+    profile_label = 'attention q.k + softmax (binary)'
 
     def __init__(self, spec: MSMHASpec, params: Params, dtype, backend):
         super().__init__(dtype, backend)
         self.heads = spec.num_heads
-        self.scale = (spec.channels // spec.num_heads)**-0.5
+        d = spec.channels // spec.num_heads
+        self.scale = d**-0.5
         self.thr_q, self.thr_k = params.f('q_thr'), params.f('k_thr')
+        self.table = (softmax_table(d, self.scale)
+                      if dtype == torch.float32 else None)
+
+    def dots(self, q: Tensor, k: Tensor) -> Tensor:
+        """The ±1 dot products per head, ``(B, heads, T, T)`` (fallback)."""
+        qs = self._heads(bits_to_pm1(q > self.thr_q, self.dtype))
+        ks = self._heads(bits_to_pm1(k > self.thr_k, self.dtype))
+        return qs @ ks.transpose(-2, -1)
 
     def forward(self, q: Tensor, k: Tensor) -> Tensor:
         if self.ext is not None:
-            return self.ext.attn_scores(q, k, self.thr_q, self.thr_k,
-                                        self.heads, self.scale)
-        qs = self._heads(bits_to_pm1(q > self.thr_q, self.dtype))
-        ks = self._heads(bits_to_pm1(k > self.thr_k, self.dtype))
-        return (qs @ ks.transpose(-2, -1)) * self.scale
+            s = self.ext.attn_scores(q, k, self.thr_q, self.thr_k,
+                                     self.heads, self.scale, self.table)
+            return s if self.table is not None else torch.softmax(s, dim=-1)
+        dots = self.dots(q, k)
+        if self.table is not None:
+            return table_softmax(dots, self.table)
+        return torch.softmax(dots * self.scale, dim=-1)
 
 
 class AttentionContext(PackedOp, _Heads):
@@ -253,7 +287,7 @@ def window_untokens(a: Tensor, mix: Tensor, rest: Tensor, n: int, h: int,
 class PackedMSMHA(PackedOp):
     """``forward(x, norm1, norm2)`` → ``(h, norm2(h))`` with ``h = x +
     MSMHA(norm1(x))``; the norms are the block's ``(scale, bias)``."""
-    profile_label = 'attention tokens, softmax, mixing (float)'
+    profile_label = 'attention tokens, layer norm, mixing (float)'
 
     def __init__(self, spec: MSMHASpec, params: Params, dtype, backend: str):
         super().__init__(dtype, backend)
@@ -302,7 +336,7 @@ class PackedMSMHA(PackedOp):
         may be given)."""
         tok, shape = self.tokens(x, norm1)
         q, k, v = self.q(tok), self.k(tok), self.v(tok)
-        probs = torch.softmax(self.scores(q, k), dim=-1)
+        probs = self.scores(q, k)
         mixed = self.untokens(self.context(probs, q, k, v), shape)
         return self.proj(mixed, x, norm2, out)
 
