@@ -19,7 +19,8 @@
 #define MMBHVIT_SET_FN kernels_avx512
 #define MMBHVIT_PATHS                                                       \
   {"popcount core: VPOPCNTQ, 8 outputs x 4 tokens per weight load, counts " \
-   "in registers, epilogue fused (float)",                                 \
+   "in registers, epilogue fused (float); MLP expansions keep their "      \
+   "hidden values in registers (sign bits and group means only)",          \
    "lane core: VPOPCNTW/D per (output, tap) lane (16/32-channel groups); "  \
    "else popcount core: VPOPCNTQ, 8 outputs/register, taps accumulated; "  \
    "one epilogue pass for all dilations",                                  \

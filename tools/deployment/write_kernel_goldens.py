@@ -417,6 +417,10 @@ CASES = [
     # (a partial block of 8), groups of 4 rows and a single one, rows
     # split between the test's chunks
     ('scores_table', scores_case, (2, 37, 96, 2, True)),
+    # an MLP of ratio 4 on 3 input words (136 channels: the tile shortcut
+    # wraps inside a block of 32 hidden outputs), which the AVX-512 kernels
+    # expand without storing the hidden values (group means from registers)
+    ('ffn_ratio4', ffn_case, (136, 4)),
 ]
 
 #: the larger cases, in float32 only (the files stay small)

@@ -513,6 +513,61 @@ inline bool ffn_nibbles(const FfnParams<float>&, int64_t, int64_t) {
 }
 #endif
 
+#if MMBHVIT_AVX512
+// The expansion of a tile of kTokens tokens as proj_tile8<kShortTile, false,
+// true>, but its hidden values never stored: per block of 32 outputs, the
+// sign bits against the reduction's thresholds (4 bytes per token) and the
+// group means of the reduction's shortcut (group_means32, r = 4 or 8, 32 / r
+// per token at means + k * cout / r) straight from the registers (AVX-512
+// has the 32 vector registers the 4 x 4 blocks take).
+inline void expand_tile32(const ProjParams<float>& e, const float* prm,
+                          const uint64_t* bits, const float* x, int64_t r,
+                          const float* pthr, uint64_t* pbits, int64_t pw,
+                          float* means) {
+  constexpr int NK = kTokens;
+  const int64_t W = e.words, CP = e.cout_pad, cout = e.cout, cin = e.cin;
+  const Tap tap{bits, e.wt};
+  const __m256i full = _mm256_set1_epi32(int32_t(cin));
+  unsigned char* pb8 = reinterpret_cast<unsigned char*>(pbits);
+  if ((cout & 63) != 0)  // bytes past cout stay zero
+    for (int k = 0; k < NK; ++k) pbits[k * pw + (cout >> 6)] = 0;
+  const int64_t nm = cout / r;
+  int64_t so = 0;  // o % cin
+  for (int64_t o = 0; o < cout; o += 32) {
+    __m256 v[NK][4];
+    for (int j = 0; j < 4; ++j) {
+      const int64_t oj = o + 8 * j;
+      __m256i cnt[NK];
+      if (W == 1)
+        count8<BitOp::kXor, NK, false>(&tap, 1, 1, 1, CP, oj, cnt);
+      else if (W <= 31)
+        count8<BitOp::kXor, NK, false>(&tap, 1, W, W, CP, oj, cnt);
+      else
+        count8<BitOp::kXor, NK, true>(&tap, 1, W, W, CP, oj, cnt);
+      for (int k = 0; k < NK; ++k)
+        v[k][j] = epilogue8<true, false>(cnt[k], full, prm + 5 * oj,
+                                         x + k * cin + so, nullptr);
+      so = so + 8 == cin ? 0 : so + 8;
+    }
+    for (int k = 0; k < NK; ++k) {
+      uint32_t signs = 0;
+      for (int j = 0; j < 4; ++j)
+        signs |= static_cast<uint32_t>(_mm256_movemask_ps(_mm256_cmp_ps(
+                     v[k][j], _mm256_loadu_ps(pthr + o + 8 * j),
+                     _CMP_GT_OQ)))
+                 << (8 * j);
+      __builtin_memcpy(pb8 + k * pw * 8 + (o >> 3), &signs, 4);
+      group_means32(v[k], r, means + k * nm + o / r);
+    }
+  }
+}
+
+inline bool expand_tile32_fits(const FfnParams<float>& p) {
+  const int64_t r = p.reduce.cin / p.reduce.cout;
+  return p.expand.cout % 32 == 0 && (r == 4 || r == 8);
+}
+#endif
+
 inline bool ffn_fused(const FfnParams<float>& p, int64_t begin, int64_t end) {
   const ProjParams<float>& e = p.expand;
   const ProjParams<float>& rd = p.reduce;
@@ -525,6 +580,9 @@ inline bool ffn_fused(const FfnParams<float>& p, int64_t begin, int64_t end) {
   Scratch<float> tmp(hid);
   Scratch<float> means(kTokens * c);
   Scratch<float> xpad(kTokens * c), rpad(kTokens * c), ypad(kTokens * c);
+#if MMBHVIT_AVX512
+  const bool in_registers = expand_tile32_fits(p);
+#endif
   for (int64_t t0 = begin; t0 < end; t0 += kTokens) {
     const int nk = int(end - t0 < kTokens ? end - t0 : kTokens);
     const float* x = tile_in(e.x, t0, nk, c, xpad.ptr);
@@ -533,11 +591,20 @@ inline bool ffn_fused(const FfnParams<float>& p, int64_t begin, int64_t end) {
     for (int k = 0; k < kTokens; ++k)
       pack_row(x + k * c, e.thr, static_cast<const float*>(nullptr),
                static_cast<const float*>(nullptr), c, ebits.ptr + k * ew);
-    proj_tile8<kShortTile, false, true>(e, eprm.v.ptr, ebits.ptr, x, c,
-                                        nullptr, 0, hidden.ptr, hid, rd.thr,
-                                        rbits.ptr, rw);
-    int64_t scs = 0;
-    const float* sc = tile_shortcut(rd, hidden.ptr, tmp.ptr, means.ptr, &scs);
+    int64_t scs = c;
+    const float* sc = means.ptr;
+#if MMBHVIT_AVX512
+    if (in_registers)
+      expand_tile32(e, eprm.v.ptr, ebits.ptr, x, hid / c, rd.thr, rbits.ptr,
+                    rw, means.ptr);
+    else
+#endif
+    {
+      proj_tile8<kShortTile, false, true>(e, eprm.v.ptr, ebits.ptr, x, c,
+                                          nullptr, 0, hidden.ptr, hid,
+                                          rd.thr, rbits.ptr, rw);
+      sc = tile_shortcut(rd, hidden.ptr, tmp.ptr, means.ptr, &scs);
+    }
     proj_tile_dispatch<false>(rd, rprm.v.ptr, rbits.ptr, sc, scs, res, y,
                               nullptr, nullptr, 0);
     if (nk < kTokens) tile_out(ypad.ptr, nk, c, rd.y + t0 * c);
