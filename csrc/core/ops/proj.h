@@ -531,9 +531,10 @@ inline void expand_tile32(const ProjParams<float>& e, const float* prm,
   unsigned char* pb8 = reinterpret_cast<unsigned char*>(pbits);
   if ((cout & 63) != 0)  // bytes past cout stay zero
     for (int k = 0; k < NK; ++k) pbits[k * pw + (cout >> 6)] = 0;
-  const int64_t nm = cout / r;
+  const int64_t nm = cout / r, mstep = 32 / r;
   int64_t so = 0;  // o % cin
-  for (int64_t o = 0; o < cout; o += 32) {
+  int64_t mo = 0;  // o / r
+  for (int64_t o = 0; o < cout; o += 32, mo += mstep) {
     __m256 v[NK][4];
     for (int j = 0; j < 4; ++j) {
       const int64_t oj = o + 8 * j;
@@ -557,7 +558,7 @@ inline void expand_tile32(const ProjParams<float>& e, const float* prm,
                      _CMP_GT_OQ)))
                  << (8 * j);
       __builtin_memcpy(pb8 + k * pw * 8 + (o >> 3), &signs, 4);
-      group_means32(v[k], r, means + k * nm + o / r);
+      group_means32(v[k], r, means + k * nm + mo);
     }
   }
 }
