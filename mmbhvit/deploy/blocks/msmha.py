@@ -136,7 +136,7 @@ class AttentionScores(PackedOp, _Heads):
     the model (bit for bit); in float32 the kernel takes each row's
     numerators from :func:`softmax_table` (float64) and rounds the map once,
     closer to the float64 model than float32 ``softmax`` (docs/deployment.md,
-    "Attention map from a table")."""
+    "The attention map from a table")."""
     profile_label = 'attention q.k + softmax (binary)'
 
     def __init__(self, spec: MSMHASpec, params: Params, dtype, backend):
