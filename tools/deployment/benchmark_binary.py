@@ -98,7 +98,7 @@ def kernel_cases(dtype):
     import torch
 
     from mmbhvit.deploy.blocks.msmha import softmax_table
-    from mmbhvit.deploy.ops import kernel_words, lane_words
+    from mmbhvit.deploy.ops import kernel_words, lane_words, stale_build_reason
     from mmbhvit.deploy.packing import pack_bits
 
     g = torch.Generator().manual_seed(0)
@@ -176,7 +176,7 @@ def kernel_cases(dtype):
             table = softmax_table(d, d**-0.5)
 
             def attention_map(ext):
-                if 'table:' in (ext.attn_scores.__doc__ or ''):
+                if stale_build_reason(ext, ('attn_scores', )) is None:
                     return ext.attn_scores(q, k, thr[0], thr[1], heads,
                                            d**-0.5, table)
                 return torch.softmax(ext.attn_scores(

@@ -69,11 +69,11 @@ void token_pack(const HeadPackParams<T>& p, int64_t begin, int64_t end) {
 // The float32 attention map straight from the counts (ScoreParams::table):
 // NK rows of t counts (cs apart); with c0 a row's smallest count (its largest
 // score), e_j = table[c_j - c0] = exp(-2 (c_j - c0) scale) in float64, and
-// p_j = float(e_j * (1 / sum_j e_j)), the sum taken left to right; the NK
-// rows' sums run side by side.
+// p_j = float(e_j * (1 / sum_j e_j)) into rows of p (t apart), the sum
+// taken left to right; the NK rows' sums run side by side.
 template <int NK>
 inline void table_softmax(const int32_t* cnt, int64_t cs, int64_t t,
-                          const double* table, float* p, int64_t ps) {
+                          const double* table, float* p) {
   int64_t c0[NK];  // 64-bit, so the compiler may fold -c0 into the base
   double sum[NK];
   for (int k = 0; k < NK; ++k) {
@@ -88,7 +88,7 @@ inline void table_softmax(const int32_t* cnt, int64_t cs, int64_t t,
   for (int k = 0; k < NK; ++k) {
     const double inv = 1.0 / sum[k];
     const int32_t* c = cnt + k * cs;
-    float* pk = p + k * ps;
+    float* pk = p + k * t;
     for (int64_t j = 0; j < t; ++j)
       pk[j] = static_cast<float>(table[c[j] - c0[k]] * inv);
   }
@@ -97,10 +97,10 @@ inline void table_softmax(const int32_t* cnt, int64_t cs, int64_t t,
 inline void table_softmax_rows(int nk, const int32_t* cnt, int64_t cs,
                                int64_t t, const double* table, float* p) {
   switch (nk) {
-    case 4: table_softmax<4>(cnt, cs, t, table, p, t); break;
-    case 3: table_softmax<3>(cnt, cs, t, table, p, t); break;
-    case 2: table_softmax<2>(cnt, cs, t, table, p, t); break;
-    default: table_softmax<1>(cnt, cs, t, table, p, t); break;
+    case 4: table_softmax<4>(cnt, cs, t, table, p); break;
+    case 3: table_softmax<3>(cnt, cs, t, table, p); break;
+    case 2: table_softmax<2>(cnt, cs, t, table, p); break;
+    default: table_softmax<1>(cnt, cs, t, table, p); break;
   }
 }
 
@@ -146,7 +146,7 @@ inline void scores_rows8(const ScoreParams<float>& p, int64_t item,
         _mm256_maskstore_ps(s + k * t + j, mask, v);
     }
   }
-  if (p.table != nullptr) table_softmax<NK>(cbuf, p.t_pad, t, p.table, s, t);
+  if (p.table != nullptr) table_softmax<NK>(cbuf, p.t_pad, t, p.table, s);
 }
 
 inline bool scores_fused(const ScoreParams<float>& p, int64_t begin,

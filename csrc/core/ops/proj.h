@@ -190,6 +190,20 @@ struct EpiParams {
 
 constexpr int kShortNone = 0, kShortDirect = 1, kShortTile = 2;
 
+// The counts of 8 outputs (from o) for NK rows of W words (count8 with the
+// accumulator its word count needs).
+template <int NK>
+MMBHVIT_ALWAYS_INLINE inline void count8_words(const Tap* tap, int64_t W,
+                                               int64_t CP, int64_t o,
+                                               __m256i* cnt) {
+  if (W == 1)  // one word: the byte counts need no accumulator
+    count8<BitOp::kXor, NK, false>(tap, 1, 1, 1, CP, o, cnt);
+  else if (W <= 31)
+    count8<BitOp::kXor, NK, false>(tap, 1, W, W, CP, o, cnt);
+  else
+    count8<BitOp::kXor, NK, true>(tap, 1, W, W, CP, o, cnt);
+}
+
 // One tile of kTokens rows (packed, W words apart in bits), every output:
 // row k: y[k ys + o], shortcut sc[k scs + o] (kShortTile: o % cin),
 // residual res[k rs + o]; kPack: also the sign bits y > pthr into
@@ -211,12 +225,7 @@ inline void proj_tile8(const ProjParams<float>& p, const float* prm,
   int64_t so = 0;  // kShortTile: o % cin (no division per block)
   for (int64_t o = 0; o < cout; o += 8) {
     __m256i cnt[NK];
-    if (W == 1)  // one word: the byte counts need no accumulator
-      count8<BitOp::kXor, NK, false>(&tap, 1, 1, 1, CP, o, cnt);
-    else if (W <= 31)
-      count8<BitOp::kXor, NK, false>(&tap, 1, W, W, CP, o, cnt);
-    else
-      count8<BitOp::kXor, NK, true>(&tap, 1, W, W, CP, o, cnt);
+    count8_words<NK>(&tap, W, CP, o, cnt);
     const float* po = prm + 5 * o;
     for (int k = 0; k < NK; ++k) {
       const __m256 v = epilogue8<kShort != kShortNone, kRes>(
@@ -272,6 +281,23 @@ inline void fused_group_means(const float* x, int64_t cin, int64_t cout,
     group_means8(x, cout, r, sums);
   else
     group_means(x, cin, cout, tmp, sums);
+}
+
+// The sign bits (v > thr) of 32 outputs, stored as the 4 bytes at rb
+// (little-endian words), and their group means (group_means32) at means:
+// what an MLP expansion hands its reduction.
+MMBHVIT_ALWAYS_INLINE inline void signs_and_means32(const __m256* v,
+                                                    const float* thr,
+                                                    int64_t r,
+                                                    unsigned char* rb,
+                                                    float* means) {
+  uint32_t signs = 0;
+  for (int j = 0; j < 4; ++j)
+    signs |= static_cast<uint32_t>(_mm256_movemask_ps(_mm256_cmp_ps(
+                 v[j], _mm256_loadu_ps(thr + 8 * j), _CMP_GT_OQ)))
+             << (8 * j);
+  __builtin_memcpy(rb, &signs, 4);
+  group_means32(v, r, means);
 }
 
 inline bool fused_shape(const ProjParams<float>& p) {
@@ -408,16 +434,8 @@ MMBHVIT_ALWAYS_INLINE inline void nibble_expand(
       v[t][j] = epilogue8_dot<true, false, kUnitScale>(
           _mm256_add_epi32(h, h), po + 40 * j, sc + t * c + 8 * j, nullptr);
     }
-  for (int t = 0; t < NT; ++t) {
-    uint32_t signs = 0;
-    for (int j = 0; j < 4; ++j)
-      signs |= static_cast<uint32_t>(_mm256_movemask_ps(_mm256_cmp_ps(
-                   v[t][j], _mm256_loadu_ps(thr + 8 * j), _CMP_GT_OQ)))
-               << (8 * j);
-    // sign bits of the 32 outputs: 4 bytes of the row (LE words)
-    __builtin_memcpy(rb + t * rbs, &signs, 4);
-    group_means32(v[t], r, means + t * c);
-  }
+  for (int t = 0; t < NT; ++t)
+    signs_and_means32(v[t], thr, r, rb + t * rbs, means + t * c);
 }
 
 // The expansion of nb tokens (x: nb rows of c floats, their sign bits
@@ -539,27 +557,15 @@ inline void expand_tile32(const ProjParams<float>& e, const float* prm,
     for (int j = 0; j < 4; ++j) {
       const int64_t oj = o + 8 * j;
       __m256i cnt[NK];
-      if (W == 1)
-        count8<BitOp::kXor, NK, false>(&tap, 1, 1, 1, CP, oj, cnt);
-      else if (W <= 31)
-        count8<BitOp::kXor, NK, false>(&tap, 1, W, W, CP, oj, cnt);
-      else
-        count8<BitOp::kXor, NK, true>(&tap, 1, W, W, CP, oj, cnt);
+      count8_words<NK>(&tap, W, CP, oj, cnt);
       for (int k = 0; k < NK; ++k)
         v[k][j] = epilogue8<true, false>(cnt[k], full, prm + 5 * oj,
                                          x + k * cin + so, nullptr);
       so = so + 8 == cin ? 0 : so + 8;
     }
-    for (int k = 0; k < NK; ++k) {
-      uint32_t signs = 0;
-      for (int j = 0; j < 4; ++j)
-        signs |= static_cast<uint32_t>(_mm256_movemask_ps(_mm256_cmp_ps(
-                     v[k][j], _mm256_loadu_ps(pthr + o + 8 * j),
-                     _CMP_GT_OQ)))
-                 << (8 * j);
-      __builtin_memcpy(pb8 + k * pw * 8 + (o >> 3), &signs, 4);
-      group_means32(v[k], r, means + k * nm + mo);
-    }
+    for (int k = 0; k < NK; ++k)
+      signs_and_means32(v[k], pthr + o, r, pb8 + k * pw * 8 + (o >> 3),
+                        means + k * nm + mo);
   }
 }
 
