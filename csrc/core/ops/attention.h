@@ -325,14 +325,28 @@ inline void gsb_planes(const float* p, int64_t t, float alpha, float low,
 #endif
 
 #if MMBHVIT_AVX2
-// 8 probabilities at a time; the tail (t % 8) by the scalar code above.
+// The first `left` of 8 lanes (all of them from 8 on): a vmaskmov mask, and
+// the same as the low bits of a movemask.
+inline __m256i tail8(int64_t left) {
+  return _mm256_cmpgt_epi32(
+      _mm256_set1_epi32(int32_t(left < 8 ? left : 8)),
+      _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+}
+inline unsigned tail8_bits(int64_t left) {
+  return left >= 8 ? 0xFFu : (1u << left) - 1u;
+}
+
+// 8 probabilities at a time, the last 8 masked (no data-dependent branch
+// per probability as in the scalar code above, whose bits these are).
 inline void lsq_planes(const float* p, int64_t t, int levels, float step,
                        float zero, int nplanes, int64_t tw, uint64_t* planes) {
   const __m256 lv_max = _mm256_set1_ps(float(levels));
   const __m256 vstep = _mm256_set1_ps(step), vzero = _mm256_set1_ps(zero);
-  int64_t j = 0;
-  for (; j + 8 <= t; j += 8) {
-    __m256 u = _mm256_mul_ps(_mm256_loadu_ps(p + j), lv_max);
+  for (int64_t j = 0; j < t; j += 8) {
+    const __m256 pj = t - j >= 8 ? _mm256_loadu_ps(p + j)
+                                 : _mm256_maskload_ps(p + j, tail8(t - j));
+    const unsigned valid = tail8_bits(t - j);
+    __m256 u = _mm256_mul_ps(pj, lv_max);
     u = _mm256_div_ps(u, vstep);
     u = _mm256_add_ps(u, vzero);
     __m256 r = _mm256_round_ps(u, _MM_FROUND_TO_NEAREST_INT |
@@ -341,14 +355,11 @@ inline void lsq_planes(const float* p, int64_t t, int levels, float step,
     const __m256i lv = _mm256_cvttps_epi32(r);
     for (int pl = 0; pl < nplanes; ++pl) {
       // bit pl of each level to the sign bit, then one bit per lane
-      const int m = _mm256_movemask_ps(_mm256_castsi256_ps(
-          _mm256_sll_epi32(lv, _mm_cvtsi32_si128(31 - pl))));
-      set_bits(planes + pl * tw, j, uint64_t(unsigned(m)));
+      const unsigned m = unsigned(_mm256_movemask_ps(_mm256_castsi256_ps(
+          _mm256_sll_epi32(lv, _mm_cvtsi32_si128(31 - pl)))));
+      set_bits(planes + pl * tw, j, m & valid);
     }
   }
-  if (j < t)
-    lsq_planes<float>(p + j, t - j, levels, step, zero, nplanes, tw, planes,
-                      j);
 }
 
 inline void gsb_planes(const float* p, int64_t t, float alpha, float low,
@@ -363,9 +374,11 @@ inline void gsb_planes(const float* p, int64_t t, float alpha, float low,
   const float hi_s = high * mx, lo_s = low * mx;
   const __m256 va = _mm256_set1_ps(alpha), hi = _mm256_set1_ps(hi_s),
                lo = _mm256_set1_ps(lo_s), one = _mm256_set1_ps(1.f);
-  int64_t j = 0;
-  for (; j + 8 <= t; j += 8) {
-    const __m256 q = _mm256_div_ps(_mm256_loadu_ps(p + j), va);
+  for (int64_t j = 0; j < t; j += 8) {
+    const __m256 pj = t - j >= 8 ? _mm256_loadu_ps(p + j)
+                                 : _mm256_maskload_ps(p + j, tail8(t - j));
+    const unsigned valid = tail8_bits(t - j);
+    const __m256 q = _mm256_div_ps(pj, va);
     const __m256 r = _mm256_round_ps(q, _MM_FROUND_TO_NEAREST_INT |
                                             _MM_FROUND_NO_EXC);
     const unsigned round1 =
@@ -374,13 +387,11 @@ inline void gsb_planes(const float* p, int64_t t, float alpha, float low,
         unsigned(_mm256_movemask_ps(_mm256_cmp_ps(q, lo, _CMP_GT_OQ)));
     const unsigned above_high =
         unsigned(_mm256_movemask_ps(_mm256_cmp_ps(q, hi, _CMP_GT_OQ)));
-    set_bits(planes + 0 * tw, j, round1 & ~above_low & 0xFFu);
-    set_bits(planes + 1 * tw, j, ~round1 & above_low & 0xFFu);
-    set_bits(planes + 2 * tw, j, above_low & ~above_high & 0xFFu);
-    set_bits(planes + 3 * tw, j, above_high);
+    set_bits(planes + 0 * tw, j, round1 & ~above_low & valid);
+    set_bits(planes + 1 * tw, j, ~round1 & above_low & valid);
+    set_bits(planes + 2 * tw, j, above_low & ~above_high & valid);
+    set_bits(planes + 3 * tw, j, above_high & valid);
   }
-  for (; j < t; ++j)
-    gsb_bits(p[j] / alpha, lo_s, hi_s, j, tw, planes);
 }
 #endif
 
