@@ -504,4 +504,7 @@ def test_nibble_table_benchmark_runs_and_checks_its_engines(capsys):
                       '--size', '64']) == 0
     out = capsys.readouterr().out
     assert '2 MLPs with a table' in out and '(equal logits)' in out
-    assert 'with / without, paired:' in out and 'SIMD AVX2' in out
+    assert 'with / without, paired:' in out
+    # the CPU line names the SIMD level (AVX-512 here when the AVX2 set is
+    # forced with MMBHVIT_KERNELS=avx2)
+    assert re.search(r'SIMD (AVX2|AVX-512)', out)

@@ -394,43 +394,45 @@ inline bool ffn_fused_shape(const FfnParams<float>& p) {
 }
 
 #if MMBHVIT_AVX2
-// The expansion of NT tokens (rows ew words / c floats / rbs bytes apart)
-// at one block of 32 hidden outputs: table rows summed, epilogue (the NT
-// tokens share the parameter loads), sign bits (4 bytes per token at rb)
-// and group means (32 / r per token at means).
+constexpr int64_t kLutTokens = 64;  // tokens per block of the table path
+
+// The table sums of one token (its sign bits: ew words at xb) at one block
+// of 32 hidden outputs: D / 2 per output, int8.
+MMBHVIT_ALWAYS_INLINE inline __m256i nibble_sums(const int8_t* table,
+                                                 const uint64_t* xb,
+                                                 int64_t ew) {
+  __m256i s0 = _mm256_setzero_si256(), s1 = s0;
+  for (int64_t i = 0; i < ew; ++i) {
+    // rows of word i's 16 nibbles: 16 values x 32 bytes apart
+    const uint64_t w = xb[i];
+    const int8_t* ti = table + i * 16 * 512;
+    for (int q = 0; q < 16; q += 2) {
+      s0 = _mm256_add_epi8(
+          s0, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(
+                  ti + q * 512 + (w >> (4 * q) & 15) * 32)));
+      s1 = _mm256_add_epi8(
+          s1, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(
+                  ti + (q + 1) * 512 + (w >> (4 * q + 4) & 15) * 32)));
+    }
+  }
+  return _mm256_add_epi8(s0, s1);
+}
+
+// The rest of the expansion of NT tokens at one block of 32 hidden outputs,
+// from their table sums (32 bytes per token at sums; rows c floats / rbs
+// bytes apart): epilogue (the NT tokens share the parameter loads), sign
+// bits (4 bytes per token at rb) and group means (32 / r per token at
+// means).
 template <int NT, bool kUnitScale>
 MMBHVIT_ALWAYS_INLINE inline void nibble_expand(
-    const int8_t* table, const uint64_t* xb, int64_t ew, const float* po,
-    const float* sc, int64_t c, const float* thr, int64_t r,
-    unsigned char* rb, int64_t rbs, float* means) {
-  __m128i part[NT][4];
-  for (int t = 0; t < NT; ++t) {
-    __m256i s0 = _mm256_setzero_si256(), s1 = s0;
-    for (int64_t i = 0; i < ew; ++i) {
-      // rows of word i's 16 nibbles: 16 values x 32 bytes apart
-      const uint64_t w = xb[t * ew + i];
-      const int8_t* ti = table + i * 16 * 512;
-      for (int q = 0; q < 16; q += 2) {
-        s0 = _mm256_add_epi8(
-            s0, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(
-                    ti + q * 512 + (w >> (4 * q) & 15) * 32)));
-        s1 = _mm256_add_epi8(
-            s1, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(
-                    ti + (q + 1) * 512 + (w >> (4 * q + 4) & 15) * 32)));
-      }
-    }
-    const __m256i half = _mm256_add_epi8(s0, s1);  // D / 2, int8
-    const __m128i lo = _mm256_castsi256_si128(half);
-    const __m128i hi = _mm256_extracti128_si256(half, 1);
-    part[t][0] = lo;
-    part[t][1] = _mm_srli_si128(lo, 8);
-    part[t][2] = hi;
-    part[t][3] = _mm_srli_si128(hi, 8);
-  }
+    const int8_t* sums, const float* po, const float* sc, int64_t c,
+    const float* thr, int64_t r, unsigned char* rb, int64_t rbs,
+    float* means) {
   __m256 v[NT][4];
   for (int j = 0; j < 4; ++j)
     for (int t = 0; t < NT; ++t) {
-      const __m256i h = _mm256_cvtepi8_epi32(part[t][j]);
+      const __m256i h = _mm256_cvtepi8_epi32(_mm_loadl_epi64(
+          reinterpret_cast<const __m128i*>(sums + 32 * t + 8 * j)));
       v[t][j] = epilogue8_dot<true, false, kUnitScale>(
           _mm256_add_epi32(h, h), po + 40 * j, sc + t * c + 8 * j, nullptr);
     }
@@ -438,29 +440,32 @@ MMBHVIT_ALWAYS_INLINE inline void nibble_expand(
     signs_and_means32(v[t], thr, r, rb + t * rbs, means + t * c);
 }
 
-// The expansion of nb tokens (x: nb rows of c floats, their sign bits
-// xbits: ew words each) for every block of 32 hidden outputs: sign bits
-// into rb8 (rows rbs bytes apart), group means into means (rows of c).
+// The expansion of nb <= kLutTokens tokens (x: nb rows of c floats, their
+// sign bits xbits: ew words each) for every block of 32 hidden outputs: the
+// table sums of all the tokens first, then their epilogues; sign bits into
+// rb8 (rows rbs bytes apart), group means into means (rows of c).
 template <bool kUnitScale>
 inline void nibble_block(const int8_t* lut, const float* prm,
                          const float* thr, const uint64_t* xbits, int64_t ew,
                          const float* x, int64_t nb, int64_t c, int64_t hid,
                          unsigned char* rb8, int64_t rbs, float* means) {
   const int64_t npos = c / 4, r = hid / c;
+  alignas(32) int8_t sums[kLutTokens * 32];
   for (int64_t o0 = 0; o0 < hid; o0 += 32) {
     const int8_t* table = lut + o0 * npos * 16;
     const float* po = prm + 5 * o0;
+    for (int64_t k = 0; k < nb; ++k)
+      _mm256_store_si256(reinterpret_cast<__m256i*>(sums + 32 * k),
+                         nibble_sums(table, xbits + k * ew, ew));
     int64_t k = 0;
     for (; k + 2 <= nb; k += 2)
-      nibble_expand<2, kUnitScale>(table, xbits + k * ew, ew, po,
-                                   x + k * c + o0 % c, c, thr + o0, r,
-                                   rb8 + k * rbs + (o0 >> 3), rbs,
-                                   means + k * c + o0 / r);
+      nibble_expand<2, kUnitScale>(sums + 32 * k, po, x + k * c + o0 % c, c,
+                                   thr + o0, r, rb8 + k * rbs + (o0 >> 3),
+                                   rbs, means + k * c + o0 / r);
     if (k < nb)
-      nibble_expand<1, kUnitScale>(table, xbits + k * ew, ew, po,
-                                   x + k * c + o0 % c, c, thr + o0, r,
-                                   rb8 + k * rbs + (o0 >> 3), rbs,
-                                   means + k * c + o0 / r);
+      nibble_expand<1, kUnitScale>(sums + 32 * k, po, x + k * c + o0 % c, c,
+                                   thr + o0, r, rb8 + k * rbs + (o0 >> 3),
+                                   rbs, means + k * c + o0 / r);
   }
 }
 
@@ -473,7 +478,6 @@ inline void nibble_block(const int8_t* lut, const float* prm,
 // means the reduction's shortcut takes (hidden / cin = 4 or 8). The
 // reduction then runs per tile of kTokens tokens as in ffn_fused. Same
 // counts, same float operations in the same order.
-constexpr int64_t kLutTokens = 64;
 
 inline bool ffn_nibbles(const FfnParams<float>& p, int64_t begin,
                         int64_t end) {
