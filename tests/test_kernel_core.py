@@ -245,8 +245,8 @@ def test_kernel_benchmark_cases_run():
 @pytest.mark.skipif(not HAS_EXT, reason='packed-bit C++ kernels not built')
 def test_kernel_benchmark_against_another_build(tmp_path, capsys):
     """``--kernels --against SO --ops ...``: the selected ops timed with this
-    build and another one (here a copy of it) in the same rounds, then the
-    paired ratio per op; a missing file, a file that is not an extension
+    build and another one (here a copy of it) in the same rounds (median
+    and fastest round), then the paired ratio per op; a missing file, a file that is not an extension
     and a filter that matches nothing are refused by name."""
     import shutil
     sys.path.insert(0, osp.join(ROOT, 'tools', 'deployment'))
@@ -265,6 +265,11 @@ def test_kernel_benchmark_against_another_build(tmp_path, capsys):
              'attn stage4 1x50x512 h8 map',
              'attn stage4 1x50x512 h8 context'}
     assert {r[0] for r in rows} == names and len(rows) == 2 * len(names)
+    # the fastest round beside the median: never slower, never a larger
+    # share of the peak read from a slower time
+    assert 'best of peak' in out
+    assert all(r[6] <= r[3] and (r[7] >= r[5] or r[5] != r[5])
+               for r in rows)
     assert f'against build: {copy}' in out
     ratios = out.split('this / against')[1].splitlines()[1:]
     assert {line[:32].strip() for line in ratios} == names
