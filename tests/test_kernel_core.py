@@ -246,8 +246,9 @@ def test_kernel_benchmark_cases_run():
 def test_kernel_benchmark_against_another_build(tmp_path, capsys):
     """``--kernels --against SO --ops ...``: the selected ops timed with this
     build and another one (here a copy of it) in the same rounds (median
-    and fastest round), then the paired ratio per op; a missing file, a file that is not an extension
-    and a filter that matches nothing are refused by name."""
+    and fastest round), then the paired ratio per op; a missing file, a
+    file that is not an extension and a filter that matches nothing are
+    refused by name."""
     import shutil
     sys.path.insert(0, osp.join(ROOT, 'tools', 'deployment'))
     try:
@@ -451,8 +452,9 @@ def test_mlp_nibble_table_gives_the_same_numbers(c, ratio, tokens, unit):
     """The AVX2 MLP expansion read from the nibble table (blocks of 64
     tokens, reduction tiles of 4, both with remainders here) gives the
     popcount path's numbers bit for bit (also where post_scale is 1 and
-    its product is left out), and the other kernel sets ignore the table; shapes without a table get an empty one, a table of the
-    wrong size is refused by name."""
+    its product is left out), and the other kernel sets ignore the table;
+    shapes without a table get an empty one, a table of the wrong size is
+    refused by name."""
     from mmbhvit.deploy.ops import kernel_words
     from mmbhvit.deploy.packing import pack_bits
     ext = deploy_ops.load_extension()

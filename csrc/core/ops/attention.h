@@ -501,7 +501,8 @@ void context(const ContextParams<T>& p, int64_t begin, int64_t end) {
       } else {
         for (int64_t c = 0; c < d; ++c) {
           int32_t lv = 0;
-          for (int pl = 0; pl < nplanes; ++pl) lv += sums.ptr[pl * d + c] * (1 << pl);
+          for (int pl = 0; pl < nplanes; ++pl)
+            lv += sums.ptr[pl * d + c] * (1 << pl);
           cx[c] = T(lv) * step;
         }
       }
