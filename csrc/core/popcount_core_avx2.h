@@ -202,8 +202,12 @@ MMBHVIT_ALWAYS_INLINE inline void count8(const Tap* taps, int ntaps,
 // vpmaddwd for 32 bits); NH halves per pass share the tap pointers.
 constexpr bool kDenseLaneInput = true;
 
-template <int CG, int NH>
-inline void avx2_lanes(const Tap* taps, int ntaps, int64_t u0, int32_t* acc) {
+template <int CG, int NH, bool kFirst = false>
+inline void avx2_lanes(const Tap* taps, int ntaps, int64_t u_arg,
+                       int32_t* acc) {
+  // kFirst: u0 == 0 known at compile time (the operand offsets then fold
+  // into the loads' displacements instead of index registers)
+  const int64_t u0 = kFirst ? 0 : u_arg;
   // the group word of each half: the same one for the 4 halves of a 32-bit
   // group (u0 % 4 == 0 there)
   constexpr int kGroups = CG == 16 ? NH : 1;
@@ -247,6 +251,10 @@ inline void popcount_lanes(const Tap* taps, int ntaps, int cg, int64_t nvec,
   // 2 nvec halves: a multiple of 4 for 32-bit groups (4 halves per group)
   int64_t u = 0;
   if (cg == 16) {
+    if (2 * nvec == 4) {  // 64 channels: one pass of 4 halves
+      avx2_lanes<16, 4, true>(taps, ntaps, 0, acc);
+      return;
+    }
     for (; u + 4 <= 2 * nvec; u += 4) avx2_lanes<16, 4>(taps, ntaps, u, acc);
     for (; u < 2 * nvec; u += 2) avx2_lanes<16, 2>(taps, ntaps, u, acc);
   } else {
