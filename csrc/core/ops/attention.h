@@ -114,6 +114,14 @@ inline bool scores_fused(const ScoreParams<T>&, int64_t, int64_t) {
 }
 
 #if MMBHVIT_AVX2 || MMBHVIT_AVX512
+// The first `left` of 8 lanes (all of them from 8 on): a vmaskmov mask
+// (AVX-512's tail8 is a k-mask).
+inline __m256i tail8_mask(int64_t left) {
+  return _mm256_cmpgt_epi32(
+      _mm256_set1_epi32(int32_t(left < 8 ? left : 8)),
+      _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+}
+
 template <int NK>
 inline void scores_rows8(const ScoreParams<float>& p, int64_t item,
                          int64_t bh, int32_t* cbuf) {
@@ -126,9 +134,7 @@ inline void scores_rows8(const ScoreParams<float>& p, int64_t item,
     __m256i cnt[NK];
     count8<BitOp::kXor, NK, false>(&tap, 1, p.wd, p.wd, p.t_pad, j, cnt);
     const int64_t left = t - j;
-    const __m256i mask = _mm256_cmpgt_epi32(
-        _mm256_set1_epi32(int32_t(left < 8 ? left : 8)),
-        _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+    const __m256i mask = tail8_mask(left);
     if (p.table != nullptr) {
       for (int k = 0; k < NK; ++k)
         _mm256_storeu_si256(reinterpret_cast<__m256i*>(cbuf + k * p.t_pad + j),
@@ -216,9 +222,7 @@ void scores(const ScoreParams<T>& p, int64_t begin, int64_t end) {
 // LSQ: level_j = clamp(round(p_j * L / step + zero), 0, L), bit planes of it.
 template <typename T>
 inline void lsq_planes(const T* p, int64_t t, int levels, T step, T zero,
-                       int nplanes, int64_t tw, uint64_t* planes,
-                       int64_t j0 = 0) {
-  // p[j] is token j0 + j
+                       int nplanes, int64_t tw, uint64_t* planes) {
   const T lv_max = T(levels);
   for (int64_t j = 0; j < t; ++j) {
     T u = p[j] * lv_max;
@@ -227,10 +231,9 @@ inline void lsq_planes(const T* p, int64_t t, int levels, T step, T zero,
     T r = round_even(u);
     r = r < T(0) ? T(0) : (r > lv_max ? lv_max : r);
     const int lv = int(r);
-    const int64_t jj = j0 + j;
     for (int pl = 0; pl < nplanes; ++pl)
       if ((lv >> pl) & 1)
-        planes[pl * tw + (jj >> 6)] |= uint64_t(1) << (jj & 63);
+        planes[pl * tw + (j >> 6)] |= uint64_t(1) << (j & 63);
   }
 }
 
@@ -325,13 +328,8 @@ inline void gsb_planes(const float* p, int64_t t, float alpha, float low,
 #endif
 
 #if MMBHVIT_AVX2
-// The first `left` of 8 lanes (all of them from 8 on): a vmaskmov mask, and
-// the same as the low bits of a movemask.
-inline __m256i tail8(int64_t left) {
-  return _mm256_cmpgt_epi32(
-      _mm256_set1_epi32(int32_t(left < 8 ? left : 8)),
-      _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
-}
+// The first `left` of 8 lanes (all of them from 8 on) as the low bits of a
+// movemask (the lanes of tail8_mask).
 inline unsigned tail8_bits(int64_t left) {
   return left >= 8 ? 0xFFu : (1u << left) - 1u;
 }
@@ -344,7 +342,7 @@ inline void lsq_planes(const float* p, int64_t t, int levels, float step,
   const __m256 vstep = _mm256_set1_ps(step), vzero = _mm256_set1_ps(zero);
   for (int64_t j = 0; j < t; j += 8) {
     const __m256 pj = t - j >= 8 ? _mm256_loadu_ps(p + j)
-                                 : _mm256_maskload_ps(p + j, tail8(t - j));
+                                 : _mm256_maskload_ps(p + j, tail8_mask(t - j));
     const unsigned valid = tail8_bits(t - j);
     __m256 u = _mm256_mul_ps(pj, lv_max);
     u = _mm256_div_ps(u, vstep);
@@ -376,7 +374,7 @@ inline void gsb_planes(const float* p, int64_t t, float alpha, float low,
                lo = _mm256_set1_ps(lo_s), one = _mm256_set1_ps(1.f);
   for (int64_t j = 0; j < t; j += 8) {
     const __m256 pj = t - j >= 8 ? _mm256_loadu_ps(p + j)
-                                 : _mm256_maskload_ps(p + j, tail8(t - j));
+                                 : _mm256_maskload_ps(p + j, tail8_mask(t - j));
     const unsigned valid = tail8_bits(t - j);
     const __m256 q = _mm256_div_ps(pj, va);
     const __m256 r = _mm256_round_ps(q, _MM_FROUND_TO_NEAREST_INT |

@@ -470,15 +470,14 @@ inline void nibble_block(const int8_t* lut, const float* prm,
 }
 
 // The MLP with its expansion read from the nibble table (nibble_lut.h), in
-// blocks of kLutTokens tokens: per block of 32 hidden outputs, each token
-// adds its cin / 4 table rows (int8, one load-and-add each; a block's rows
-// stay in L1 for all the tokens), the sums widen to int32 and double into
-// the dot products, and the epilogue of proj_tile8 follows. The hidden
-// values themselves are never stored: only their sign bits and the group
-// means the reduction's shortcut takes (hidden / cin = 4 or 8). The
-// reduction then runs per tile of kTokens tokens as in ffn_fused. Same
+// blocks of kLutTokens tokens: per block of 32 hidden outputs, each token's
+// cin / 4 table rows are summed first (int8, one load-and-add each; a
+// block's rows stay in L1 for all the tokens), then the sums widen to int32
+// and double into the dot products, and the epilogue of proj_tile8 follows.
+// The hidden values themselves are never stored: only their sign bits and
+// the group means the reduction's shortcut takes (hidden / cin = 4 or 8).
+// The reduction then runs per tile of kTokens tokens as in ffn_fused. Same
 // counts, same float operations in the same order.
-
 inline bool ffn_nibbles(const FfnParams<float>& p, int64_t begin,
                         int64_t end) {
   const ProjParams<float>& e = p.expand;
