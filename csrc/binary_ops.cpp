@@ -678,6 +678,40 @@ torch::Tensor sign_product(const torch::Tensor& x, const torch::Tensor& weight,
 }
 
 // ---------------------------------------------------------------------------
+torch::Tensor stem(const torch::Tensor& x, const torch::Tensor& wt,
+                   const torch::Tensor& bias,
+                   const c10::optional<torch::Tensor>& pos, bool gelu) {
+  check_float(x, x, "x");
+  TORCH_CHECK(x.dim() == 4 && x.size(2) % 4 == 0 && x.size(3) % 4 == 0,
+              "x must be (N, C, H, W) with H and W multiples of 4, got ",
+              x.sizes());
+  const int64_t n = x.size(0), cin = x.size(1), h = x.size(2), w = x.size(3);
+  TORCH_CHECK(wt.dim() == 2 && wt.size(0) == cin * 16,
+              "wt must be (", cin * 16, ", C_out), got ", wt.sizes());
+  check_float(wt, x, "wt");
+  const int64_t cout = wt.size(1);
+  check_vec(bias, x, cout, "bias");
+  if (pos.has_value()) check_vec(*pos, x, (h / 4) * (w / 4) * cout, "pos");
+  torch::Tensor y = torch::empty({n, h / 4, w / 4, cout}, x.options());
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "mmbhvit_stem", [&] {
+    StemParams<scalar_t> p{};
+    p.x = ptr<scalar_t>(x);
+    p.n = n;
+    p.cin = cin;
+    p.h = h;
+    p.w = w;
+    p.cout = cout;
+    p.wt = ptr<scalar_t>(wt);
+    p.bias = ptr<scalar_t>(bias);
+    p.gelu = gelu ? 1 : 0;
+    p.pos = pos.has_value() ? ptr<scalar_t>(*pos) : nullptr;
+    p.y = y.data_ptr<scalar_t>();
+    run_stem(kset(), p, TorchParallel());
+  });
+  return y;
+}
+
+// ---------------------------------------------------------------------------
 torch::Tensor shift(const torch::Tensor& x,
                     const c10::optional<torch::Tensor>& res,
                     const torch::Tensor& dy, const torch::Tensor& dx,
@@ -835,7 +869,7 @@ double cpu_clock_hz() {
 std::vector<std::pair<std::string, std::string>> kernel_paths() {
   static const char* const ops[kNumOps] = {
       "proj/ffn", "msgdc", "merge", "attn_scores", "attn_context",
-      "sign packing", "float ops (shift, attn_tokens, attn_untokens)",
+      "sign packing", "float ops (stem, shift, attn_tokens, attn_untokens)",
       "conv (heads)", "sign_product (training 1x1)"};
   std::vector<std::pair<std::string, std::string>> out;
   for (int i = 0; i < kNumOps; ++i) out.emplace_back(ops[i], kset().path[i]);
@@ -929,6 +963,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "is not a sign",
         py::arg("x"), py::arg("weight"), py::arg("bias") = py::none(),
         py::call_guard<py::gil_scoped_release>());
+  m.def("stem", &stem,
+        "4x4 stride-4 convolution (+ GELU, + positional embedding), NCHW "
+        "in, NHWC out",
+        py::arg("x"), py::arg("wt"), py::arg("bias"), py::arg("pos"),
+        py::arg("gelu"), py::call_guard<py::gil_scoped_release>());
   m.def("shift", &shift, "sparse circular depthwise conv + residual",
         py::arg("x"), py::arg("res"), py::arg("dy"), py::arg("dx"),
         py::arg("wk"), py::arg("bias"), py::arg("out") = py::none(),

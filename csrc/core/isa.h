@@ -52,6 +52,20 @@
 #define MMBHVIT_ALWAYS_INLINE
 #endif
 
+// GCC / clang vector types for the float-only kernels (shift branches,
+// stem): 256-bit on AVX2 and AVX-512 (512-bit ones were not faster for the
+// shift branches), 128-bit elsewhere.
+#if defined(__GNUC__)
+#define MMBHVIT_FLOAT_VECTORS 1
+#if MMBHVIT_AVX512 || MMBHVIT_AVX2
+#define MMBHVIT_FLOAT_VEC_BYTES 32
+#else
+#define MMBHVIT_FLOAT_VEC_BYTES 16
+#endif
+#else
+#define MMBHVIT_FLOAT_VECTORS 0
+#endif
+
 #if MMBHVIT_AVX512 || MMBHVIT_AVX2
 #include <immintrin.h>
 #endif

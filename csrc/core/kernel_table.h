@@ -21,7 +21,7 @@ enum Op : int {
   kOpScores,
   kOpContext,
   kOpPack,      // sign packing (rows, per head, along tokens, bit planes)
-  kOpFloat,     // float-only ops: shift, attention token layout
+  kOpFloat,     // float-only ops: stem, shift, attention token layout
   kOpConv,      // dense binary k x k convolution (decode heads)
   kOpSignProduct,  // training forward of a 1-bit 1x1 layer (NCHW)
   kNumOps
@@ -48,6 +48,7 @@ struct Kernels {
   void (*conv)(const ConvParams<T>&, int64_t, int64_t);
   void (*sign_product)(const SignProductParams<T>&, int64_t, int64_t);
   void (*sign_weights)(const SignWeightsParams<T>&, int64_t, int64_t);
+  void (*stem)(const StemParams<T>&, int64_t, int64_t);
 };
 
 struct KernelSet {

@@ -13,6 +13,7 @@
 #include "ops/proj.h"
 #include "ops/shift.h"
 #include "ops/sign_product.h"
+#include "ops/stem.h"
 #include "ops/tokens.h"
 
 namespace mmbhvit {
@@ -27,7 +28,7 @@ constexpr Kernels<T> kernel_table() {
                     &scores<T>,        &context<T>,       &shift<T>,
                     &merged_tokens<T>, &window_tokens<T>, &merged_means<T>,
                     &untokens<T>,      &conv<T>,          &sign_product<T>,
-                    &sign_weights<T>};
+                    &sign_weights<T>,  &stem<T>};
 }
 
 const KernelSet kSet = {MMBHVIT_SET_NAME, MMBHVIT_PATHS, &msgdc_lanes,

@@ -264,6 +264,22 @@ struct ShiftParams {
   T* y;
 };
 
+// The stem: a 4x4 stride-4 convolution of an NCHW image (h, w multiples of
+// 4) with the norm folded in, then optionally GELU (gelu_rational below)
+// and a positional embedding; channels-last output. Per element, in this
+// order: bias, + w_t * x_t over the taps t = (ci, ky, kx), gelu, + pos.
+// Work item: one output pixel.
+template <typename T>
+struct StemParams {
+  const T* x;             // (n, cin, h, w)
+  int64_t n, cin, h, w, cout;
+  const T* wt;            // (cin * 16, cout): tap-major
+  const T* bias;          // (cout)
+  int gelu;
+  const T* pos;           // (h / 4, w / 4, cout) or nullptr
+  T* y;                   // (n, h / 4, w / 4, cout)
+};
+
 // Training forward of a 1-bit 1x1 convolution on NCHW maps (the layer's
 // input already signs, its weight binarized): per image n, output o and
 // pixel j, y = (cin - 2 popcount(x_j ^ w_o)) * scale[o] (+ bias[o]), one

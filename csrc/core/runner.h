@@ -227,6 +227,13 @@ void run_context(const KernelSet& s, ContextParams<T> p, const T* thr_v,
 }
 
 template <typename T, typename PF>
+void run_stem(const KernelSet& s, const StemParams<T>& p, PF&& pf) {
+  const Kernels<T>& k = kernels_of<T>(s);
+  pf(p.n * (p.h / 4) * (p.w / 4), grain_for(p.cin * 16 * p.cout),
+     [&](int64_t i, int64_t e) { k.stem(p, i, e); });
+}
+
+template <typename T, typename PF>
 void run_shift(const KernelSet& s, const ShiftParams<T>& p, PF&& pf) {
   const Kernels<T>& k = kernels_of<T>(s);
   pf(p.n * p.h * p.w, grain_for(int64_t(p.ntaps + 2) * p.c),

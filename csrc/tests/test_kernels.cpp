@@ -140,6 +140,7 @@ class Runner {
       case 8: return {untokens<T>()};
       case 9: return {conv<T>()};
       case 10: return {sign_product<T>()};
+      case 11: return {stem<T>()};
       default: throw std::string("unknown op");
     }
   }
@@ -355,6 +356,26 @@ class Runner {
     p.y = y.data();
     if (in_place_) p.res = y.data();
     run_shift(s_, p, Chunks());
+    return y;
+  }
+
+  template <typename T>
+  std::vector<T> stem() const {
+    const Array& x = at("x");
+    StemParams<T> p{};
+    p.x = x.as<T>();
+    p.n = x.dims[0];
+    p.cin = x.dims[1];
+    p.h = x.dims[2];
+    p.w = x.dims[3];
+    p.cout = at("bias").numel();
+    p.wt = f<T>("wt");
+    p.bias = f<T>("bias");
+    p.gelu = int(meta(0));
+    p.pos = meta(1) ? f<T>("pos") : nullptr;
+    std::vector<T> y(static_cast<size_t>(p.n * (p.h / 4) * (p.w / 4) * p.cout));
+    p.y = y.data();
+    run_stem(s_, p, Chunks());
     return y;
   }
 

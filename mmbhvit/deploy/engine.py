@@ -360,8 +360,9 @@ class PackedBHViT(_Engine):
     def forward_nhwc(self, x: Tensor) -> List[Tensor]:
         """Channels-last outputs ``(N, H, W, C)`` for ``out_indices``."""
         x = self._check_input(x)
-        x = self.patch_embed(x)
-        x = (x + self.pos_embed(x.shape[1], x.shape[2])).contiguous()
+        # the stem's output size: its input zero-padded to multiples of 4
+        pos = self.pos_embed(-(-x.shape[2] // 4), -(-x.shape[3] // 4))
+        x = self.patch_embed(x, pos)
         outs = []
         for i, stage in enumerate(self.stages):
             if i > 0:

@@ -52,8 +52,9 @@ BUILD_HINT = ('they are compiled against the environment\'s torch at install '
 #: saying to rebuild) instead of failing in the middle of a forward.
 ENGINE_OPS = ('proj', 'proj_norm', 'ffn', 'msgdc', 'merge', 'merge_norm',
               'conv', 'attn_scores', 'attn_context', 'attn_tokens',
-              'attn_untokens', 'shift', 'isa', 'set_isa', 'available_isas',
-              'kernel_sets', 'kernel_paths', 'cpu_clock_hz')
+              'attn_untokens', 'shift', 'stem', 'isa', 'set_isa',
+              'available_isas', 'kernel_sets', 'kernel_paths',
+              'cpu_clock_hz')
 
 
 #: Arguments that some of those ops gained later (a build from before then

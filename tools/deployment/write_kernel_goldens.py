@@ -43,6 +43,7 @@ from mmbhvit.deploy.blocks.msmha import (  # noqa: E402
 from mmbhvit.deploy.blocks.proj import (FFNSpec, PackedFFN,  # noqa: E402
                                         PackedProj, ProjSpec)
 from mmbhvit.deploy.blocks.shift import shift_sum  # noqa: E402
+from mmbhvit.deploy.blocks.stem import stem_sum, stem_taps  # noqa: E402
 from mmbhvit.deploy.ops import (kernel_words, lane_path_shape,  # noqa: E402
                                 lane_words)
 from mmbhvit.deploy.packing import pack_bits  # noqa: E402
@@ -53,7 +54,7 @@ from mmbhvit.models.binary.layers import \
 DEFAULT_OUT = osp.join(ROOT, 'csrc', 'tests', 'goldens')
 OPS = dict(proj=0, ffn=1, msgdc=2, merge=3, attn_scores=4, attn_context=5,
            shift=6, attn_tokens=7, attn_untokens=8, conv=9,
-           sign_product=10)
+           sign_product=10, stem=11)
 SHORTCUTS = dict(none=0, identity=1, tile=2, mean=3, chunk_mean=4)
 DTYPES = {torch.float32: 0, torch.float64: 1, torch.int64: 2, torch.int32: 3}
 
@@ -330,6 +331,19 @@ def shift_case(c, n, h, w, ch, taps, residual):
     return t
 
 
+def stem_case(c, n, cin, h, w, cout, gelu, pos):
+    """The stem: conv outputs of standard deviation ~2.7, so that GELU's
+    erf meets its clamps (|x| > 4 sqrt 2)."""
+    x = c.rand(n, cin, h, w)
+    weight = c.rand(cout, cin, 4, 4, scale=0.34)
+    t = dict(x=x, wt=stem_taps(weight).contiguous(), bias=c.rand(cout))
+    if pos:
+        t['pos'] = c.rand(h // 4, w // 4, cout)
+    t['meta'] = torch.tensor([int(gelu), int(pos)])
+    t['out'] = stem_sum(x, t['wt'], t['bias'], t.get('pos'), gelu)
+    return t
+
+
 def tokens_case(c, n, h, w, ch, s):
     x = c.rand(n, h, w, ch)
     t = dict(x=x, scale=c.rand(ch), bias=c.rand(ch))
@@ -421,6 +435,11 @@ CASES = [
     # wraps inside a block of 32 hidden outputs), which the AVX-512 kernels
     # expand without storing the hidden values (group means from registers)
     ('ffn_ratio4', ffn_case, (136, 4)),
+    # the stem: 70 outputs (a block of 8 vectors, single vectors and a
+    # scalar tail in float64; a block and the tail in float32), runs of
+    # pixels cut at the image boundary, and without GELU and embedding
+    ('stem', stem_case, (2, 3, 8, 12, 70, True, True)),
+    ('stem_plain', stem_case, (1, 4, 4, 8, 24, False, False)),
 ]
 
 #: the larger cases, in float32 only (the files stay small)

@@ -28,15 +28,8 @@ inline int64_t wrap_index(int64_t i, int64_t d, int64_t size) {
   return j;
 }
 
-// GCC / clang vector types: 256-bit on AVX2 and AVX-512 (512-bit ones were
-// not faster here), 128-bit elsewhere.
-#if defined(__GNUC__)
-#define MMBHVIT_SHIFT_VECTORS 1
-#if MMBHVIT_AVX512 || MMBHVIT_AVX2
-constexpr int kShiftVecBytes = 32;
-#else
-constexpr int kShiftVecBytes = 16;
-#endif
+#if MMBHVIT_FLOAT_VECTORS
+constexpr int kShiftVecBytes = MMBHVIT_FLOAT_VEC_BYTES;
 
 // P pixels in a row x NV vectors of channels from c0, every element in the
 // fallback's order: bias, + w_k * x_k tap by tap, then res + sum. src[k]
@@ -108,7 +101,7 @@ template <typename T, int P>
 inline void shift_run(const T* const* src, int ntaps, const T* wk, int64_t C,
                       const T* bias, const T* res, T* out) {
   int64_t c0 = 0;
-#if MMBHVIT_SHIFT_VECTORS
+#if MMBHVIT_FLOAT_VECTORS
   constexpr int64_t L = kShiftVecBytes / int64_t(sizeof(T));
   constexpr int NV = P > 1 ? 2 : 4;
   for (; c0 + NV * L <= C; c0 += NV * L)

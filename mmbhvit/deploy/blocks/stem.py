@@ -1,9 +1,10 @@
 # Copyright (c) mmbhvit contributors. Licensed under the Apache License 2.0.
 """The stem (:class:`~mmbhvit.models.backbones.bhvit.ConvStem`): zero
 padding to a multiple of 4 (the model's ``pad_to_multiple``), 4×4 stride-4
-convolution with the BatchNorm folded in, GELU; channels-last output."""
+convolution with the BatchNorm folded in, GELU, and the backbone's
+positional embedding; channels-last output."""
 from dataclasses import dataclass
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 import torch
 import torch.nn.functional as F
@@ -37,22 +38,83 @@ class StemSpec(Spec):
         return []
 
 
+#: erf(u) ~ u P(u^2) / Q(u^2) for |u| <= 4 (1 beyond), clamped to [-1, 1]:
+#: the coefficients of P and Q from u^0 up, float32 values (a rational
+#: least-squares fit; ``csrc/core/ops/stem.h`` holds the same numbers)
+ERF_NUM = tuple(map(float.fromhex, (
+    '0x1.20dd76p+0', '0x1.89f130p-3', '0x1.cbb09cp-5', '0x1.1754d0p-8',
+    '0x1.c3cf68p-12', '0x1.fb431ap-18')))
+ERF_DEN = tuple(map(float.fromhex, (
+    '0x1p+0', '0x1.01f28cp-1', '0x1.e1f230p-4', '0x1.0d36b4p-6',
+    '0x1.7d1bbep-10', '0x1.47c71cp-14', '0x1.444decp-22')))
+RSQRT2_F32 = float.fromhex('0x1.6a09e6p-1')
+
+
+def gelu_rational(a: Tensor) -> Tensor:
+    """GELU with the rational erf above, one rounding per operation in the
+    kernel's order (so the same bits as the C++ stem on every CPU); in
+    float32 as close to the float64 GELU as ATen's float32 GELU."""
+    def c(v):
+        return torch.tensor(v, dtype=a.dtype)
+
+    u = (a * c(RSQRT2_F32)).clamp(-4.0, 4.0)
+    z = u * u
+    num, den = c(ERF_NUM[-1]), c(ERF_DEN[-1])
+    for v in reversed(ERF_NUM[:-1]):
+        num = num * z + c(v)
+    for v in reversed(ERF_DEN[:-1]):
+        den = den * z + c(v)
+    e = ((u * num) / den).clamp(-1.0, 1.0)
+    return (a * c(0.5)) * (c(1.0) + e)
+
+
+def stem_taps(weight: Tensor) -> Tensor:
+    """``(C_out, C_in, 4, 4)`` → ``(C_in * 16, C_out)``: the weights tap by
+    tap in the kernel's order (channel, row, column)."""
+    return weight.permute(1, 2, 3, 0).reshape(-1, weight.shape[0])
+
+
+def stem_sum(x: Tensor, wt: Tensor, bias: Tensor, pos: Optional[Tensor],
+             gelu: bool) -> Tensor:
+    """The fallback of the ``stem`` kernel (and its definition): NCHW ``x``
+    (H, W multiples of 4) → ``(N, H/4, W/4, C_out)`` with, per element,
+    ``bias + w_t * x_t`` tap by tap (:func:`stem_taps` order), then
+    :func:`gelu_rational` if ``gelu``, then ``+ pos``."""
+    n, cin, h, w = x.shape
+    patches = x.reshape(n, cin, h // 4, 4, w // 4, 4).permute(
+        0, 2, 4, 1, 3, 5).reshape(n, h // 4, w // 4, cin * 16)
+    acc = bias.expand(n, h // 4, w // 4, bias.numel())
+    for t in range(cin * 16):
+        acc = acc + wt[t] * patches[..., t:t + 1]
+    if gelu:
+        acc = gelu_rational(acc)
+    return acc if pos is None else acc + pos
+
+
 class PackedStem(PackedOp):
-    """NCHW image → ``gelu(conv(pad(x)))``, ``(N, H, W, C)`` contiguous."""
+    """NCHW image → ``gelu(conv(pad(x))) + pos``, ``(N, H, W, C)``
+    contiguous. Float32: one kernel, GELU by :func:`gelu_rational`;
+    float64: ATen's GELU (as the model), then ``pos``."""
     profile_label = 'stem (float)'
 
     def __init__(self, spec: StemSpec, params: Params, dtype, backend: str):
         super().__init__(dtype, backend)
         self.weight, self.bias = params.f('weight'), params.f('bias')
+        self.wt = stem_taps(self.weight).contiguous()
+        self.fused_gelu = dtype == torch.float32
 
-    def forward(self, x: Tensor) -> Tensor:
-        # a channels-last input gives a channels-last convolution output,
-        # so the permuted map is contiguous for GELU and what follows (GELU
-        # on a channels-last NCHW tensor is ~3x slower, and the positional
-        # embedding's add on a permuted one needs a copy afterwards)
-        x = pad_to_multiple(x, 4).contiguous(memory_format=torch.channels_last)
-        y = F.conv2d(x, self.weight, self.bias, stride=4).permute(0, 2, 3, 1)
-        return F.gelu(y)
+    def _stem(self, x, pos, gelu):
+        if self.ext is not None:
+            return self.ext.stem(x, self.wt, self.bias, pos, gelu)
+        return stem_sum(x, self.wt, self.bias, pos, gelu)
+
+    def forward(self, x: Tensor, pos: Optional[Tensor] = None) -> Tensor:
+        """``pos``: ``(H/4, W/4, C)`` (after padding), added, or None."""
+        x = pad_to_multiple(x, 4).contiguous()
+        if self.fused_gelu:
+            return self._stem(x, pos, True)
+        y = F.gelu(self._stem(x, None, False))
+        return y if pos is None else y + pos
 
 
 @register(ConvStem)
