@@ -319,6 +319,23 @@ def test_median_interval_of_paired_ratios():
     assert bb.ratio_verdict(None).startswith('too few')
 
 
+def test_against_skips_ops_an_older_build_lacks():
+    """A case whose op the other build does not have (a build from before
+    the op existed) is left out instead of stopping the comparison; a case
+    that fails otherwise still raises."""
+    from types import SimpleNamespace
+    sys.path.insert(0, osp.join(ROOT, 'tools', 'deployment'))
+    try:
+        import benchmark_binary as bb
+    finally:
+        sys.path.pop(0)
+    old = SimpleNamespace(shift=lambda: 1)
+    assert bb._runs(lambda b: b.shift(), old)
+    assert not bb._runs(lambda b: b.stem(), old)
+    with pytest.raises(ZeroDivisionError):
+        bb._runs(lambda b: 1 / 0, old)
+
+
 def test_against_refuses_builds_that_are_not_separate():
     """Two "builds" that are one module, or whose kernel-set choice follows
     each other (exported C++ symbols bound across the two), are refused by
