@@ -27,7 +27,8 @@
    "registers (float)",                                                    \
    "popcount core (AND): vpshufb, both bit planes in registers, epilogue "  \
    "fused (float, LSQ 2 planes); AVX2 planes",                             \
-   "AVX2 compare + movemask", "auto-vectorised (AVX2)",                    \
+   "AVX2 compare + movemask",                                              \
+   "stem, shift: 256-bit vectors; tokens auto-vectorised (AVX2)",          \
    "popcount core: vpshufb, window rows as taps, 8 pixels per weight load",   \
    "popcount core: vpshufb, 8 outputs x 4 pixels per load (NCHW)"}
 #include "../core/kernels.inc.h"

@@ -29,7 +29,8 @@
    "registers (float)",                                                    \
    "popcount core (AND): VPOPCNTQ, both bit planes in registers, epilogue " \
    "fused (float, LSQ 2 planes); AVX-512 planes",                          \
-   "AVX-512 compare masks", "auto-vectorised (AVX-512)",                  \
+   "AVX-512 compare masks",                                                \
+   "stem, shift: 256-bit vectors; tokens auto-vectorised (AVX-512)",       \
    "popcount core: VPOPCNTQ, window rows as taps, 8 pixels per weight load",   \
    "popcount core: VPOPCNTQ, 8 outputs per pixel load (NCHW)"}
 #include "../core/kernels.inc.h"

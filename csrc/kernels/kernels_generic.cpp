@@ -11,7 +11,8 @@
    "scalar popcount core, taps accumulated",                               \
    "scalar popcount core, 4 taps accumulated",                             \
    "scalar popcount core, 4 query rows", "scalar popcount core (AND)",     \
-   "scalar", "auto-vectorised (baseline)",                                \
+   "scalar",                                                               \
+   "stem, shift: 128-bit vectors; tokens auto-vectorised (baseline)",      \
    "scalar popcount core, window rows as taps, 8 pixels per weight row",      \
    "scalar popcount core, 8 outputs per pixel row (NCHW)"}
 #include "../core/kernels.inc.h"

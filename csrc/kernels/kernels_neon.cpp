@@ -16,7 +16,8 @@
    "popcount core: CNT, 4 taps accumulated, 8 outputs per pass",           \
    "popcount core: CNT, 4 query rows per key load",                        \
    "popcount core (AND): CNT, one row per bit plane",                      \
-   "scalar", "auto-vectorised (NEON)",                                    \
+   "scalar",                                                               \
+   "stem, shift: 128-bit vectors; tokens auto-vectorised (NEON)",          \
    "popcount core: CNT, window rows as taps, 8 pixels per weight load",       \
    "popcount core: CNT, 8 outputs per pixel load (NCHW)"}
 #include "../core/kernels.inc.h"

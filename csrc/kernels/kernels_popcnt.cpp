@@ -17,7 +17,8 @@
    "scalar popcount core: POPCNT per word, 4 taps accumulated",     \
    "scalar popcount core: POPCNT per word, 4 query rows",           \
    "scalar popcount core (AND): POPCNT per word",                   \
-   "scalar", "auto-vectorised (SSE4.2)",                                  \
+   "scalar",                                                               \
+   "stem, shift: 128-bit vectors; tokens auto-vectorised (SSE4.2)",        \
    "scalar popcount core (POPCNT), window rows as taps, 8 pixels per row", \
    "scalar popcount core (POPCNT), 8 outputs per pixel row (NCHW)"}
 #include "../core/kernels.inc.h"
