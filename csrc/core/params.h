@@ -266,8 +266,9 @@ struct ShiftParams {
 
 // The stem: a 4x4 stride-4 convolution of an NCHW image (h, w multiples of
 // 4) with the norm folded in, then optionally GELU (gelu_rational below)
-// and a positional embedding; channels-last output. Per element, in this
-// order: bias, + w_t * x_t over the taps t = (ci, ky, kx), gelu, + pos.
+// and a positional embedding; channels-last output. Per element: the
+// products w_t * x_t (t = (ci, ky, kx)) summed per input channel as a tree,
+// the channels' sums added to the bias in order, gelu, + pos (ops/stem.h).
 // Work item: one output pixel.
 template <typename T>
 struct StemParams {

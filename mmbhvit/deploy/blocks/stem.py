@@ -78,14 +78,23 @@ def stem_sum(x: Tensor, wt: Tensor, bias: Tensor, pos: Optional[Tensor],
              gelu: bool) -> Tensor:
     """The fallback of the ``stem`` kernel (and its definition): NCHW ``x``
     (H, W multiples of 4) → ``(N, H/4, W/4, C_out)`` with, per element,
-    ``bias + w_t * x_t`` tap by tap (:func:`stem_taps` order), then
+    the products ``w_t * x_t`` (:func:`stem_taps` order) summed per input
+    channel as a tree (the 4 of a filter row in pairs, then the 4 rows in
+    pairs), the channels' sums added to the bias one by one, then
     :func:`gelu_rational` if ``gelu``, then ``+ pos``."""
     n, cin, h, w = x.shape
     patches = x.reshape(n, cin, h // 4, 4, w // 4, 4).permute(
         0, 2, 4, 1, 3, 5).reshape(n, h // 4, w // 4, cin * 16)
+
+    def row(t):  # the 4 products of a row of the filter, as a tree
+        a, b, c, d = (wt[t + k] * patches[..., t + k:t + k + 1]
+                      for k in range(4))
+        return (a + b) + (c + d)
+
     acc = bias.expand(n, h // 4, w // 4, bias.numel())
-    for t in range(cin * 16):
-        acc = acc + wt[t] * patches[..., t:t + 1]
+    for ci in range(cin):
+        r0, r1, r2, r3 = (row(16 * ci + 4 * ky) for ky in range(4))
+        acc = acc + ((r0 + r1) + (r2 + r3))
     if gelu:
         acc = gelu_rational(acc)
     return acc if pos is None else acc + pos
