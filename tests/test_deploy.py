@@ -492,10 +492,11 @@ def test_engine_float32_error_is_pytorch_s_over_images(name):
 # float32 round-off one op may add (relative RMS against the float64 op on
 # the same inputs). The binary ops (popcounts, sign packing, per-channel
 # float epilogues) stay within about one float32 ulp (measured <= 8e-8); the
-# float convolutions and linear layers (stem, full-precision patch merging,
-# head) sum 48-1024 products each in oneDNN's / MKL's order (measured
-# <= 5.7e-7: the merges' channels-last convolution has 1.8-3.5x the round-off
-# of the NCHW one PyTorch's model runs; docs/deployment.md, "Exactness")
+# float convolutions and linear layers (the stem's kernel, full-precision
+# patch merging and head in oneDNN's / MKL's order) sum 48-1024 products each
+# (measured <= 5.7e-7: the merges' channels-last convolution has 1.8-3.5x the
+# round-off of the NCHW one PyTorch's model runs; docs/deployment.md,
+# "Exactness")
 OP_ROUNDOFF, FLOAT_OP_ROUNDOFF = 2.5e-7, 1.5e-6
 
 
