@@ -108,8 +108,8 @@ class PackedStem(PackedOp):
 
     def __init__(self, spec: StemSpec, params: Params, dtype, backend: str):
         super().__init__(dtype, backend)
-        self.weight, self.bias = params.f('weight'), params.f('bias')
-        self.wt = stem_taps(self.weight).contiguous()
+        self.wt = stem_taps(params.f('weight')).contiguous()
+        self.bias = params.f('bias')
         self.fused_gelu = dtype == torch.float32
 
     def _stem(self, x, pos, gelu):
