@@ -144,6 +144,41 @@ def test_amp_on_cpu_then_test_tool(data_root, tmp_path):
     assert usage.returncode == 2 and 'usage:' in usage.stderr
 
 
+def test_tools_close_the_process_group_they_start(tmp_path, monkeypatch):
+    """tools/train.py and tools/test.py run inside process_group_closed: a
+    gloo group left alive at exit can abort the process (SIGABRT after the
+    results were printed, seen in CI with dist_test.sh)."""
+    import torch.distributed as dist
+    from mmbhvit.utils.launch import process_group_closed
+    barriers = []
+    real_barrier = dist.barrier
+    monkeypatch.setattr(dist, 'barrier',
+                        lambda *a, **k: barriers.append(1) or
+                        real_barrier(*a, **k))
+
+    def start(name):
+        dist.init_process_group('gloo', init_method=f'file://{tmp_path}/'
+                                f'{name}', rank=0, world_size=1)
+
+    with process_group_closed():       # a finished run: barrier, close
+        start('a')
+    assert not dist.is_initialized() and barriers == [1]
+    with pytest.raises(SystemExit):    # a run leaving on an error
+        with process_group_closed():
+            start('b')
+            sys.exit(2)
+    assert not dist.is_initialized() and barriers == [1]
+    start('c')                         # the caller's group stays
+    try:
+        with process_group_closed():
+            pass
+        assert dist.is_initialized()
+    finally:
+        dist.destroy_process_group()
+    for script in (TRAIN, TEST):
+        assert 'with process_group_closed():' in open(script).read()
+
+
 # --------------------------------------------------------------------------
 # Two processes (torchrun, gloo on the CPU): both ranks end identical
 # --------------------------------------------------------------------------
@@ -165,6 +200,8 @@ RANK_SCRIPT = textwrap.dedent('''
                     bn=kinds, world=torch.distributed.get_world_size()),
                os.path.join(cfg.work_dir,
                             f'rank{{torch.distributed.get_rank()}}.pt'))
+    from mmbhvit.utils.launch import close_process_group
+    close_process_group()
 ''')
 
 

@@ -30,7 +30,7 @@ from mmbhvit.apis import (CheckpointMismatchError,  # noqa: E402
                           use_verified_loading)
 from mmbhvit.utils.launch import (add_runner_args,  # noqa: E402
                                   config_from_args, parse_runner_args,
-                                  setup_cpu_runtime)
+                                  process_group_closed, setup_cpu_runtime)
 from mmengine.config import Config  # noqa: E402
 from mmengine.runner import Runner  # noqa: E402
 
@@ -150,6 +150,12 @@ def build_cfg(args) -> Config:
 
 def main(argv=None):
     args = parse_args(argv)
+    # a distributed run's process group is closed however main ends
+    with process_group_closed():
+        return run(args)
+
+
+def run(args):
     cfg = build_cfg(args)
     if not osp.isfile(args.checkpoint) and '://' not in args.checkpoint:
         sys.stderr.write(f'\nERROR: checkpoint {args.checkpoint} not found.\n')

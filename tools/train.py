@@ -37,7 +37,8 @@ from mmbhvit.apis import (CheckpointMismatchError,  # noqa: E402
                           use_verified_loading)
 from mmbhvit.utils.launch import (add_runner_args,  # noqa: E402
                                   config_from_args, parse_runner_args,
-                                  setup_amp, setup_cpu_runtime)
+                                  process_group_closed, setup_amp,
+                                  setup_cpu_runtime)
 from mmengine.config import Config  # noqa: E402
 from mmengine.runner import Runner  # noqa: E402
 
@@ -113,6 +114,12 @@ def build_cfg(args) -> Config:
 
 def main(argv=None):
     args = parse_args(argv)
+    # a distributed run's process group is closed however main ends
+    with process_group_closed():
+        return run(args)
+
+
+def run(args):
     try:
         cfg = build_cfg(args)
         phases = ('train', 'val') if cfg.get('val_cfg') else ('train', )

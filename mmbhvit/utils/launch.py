@@ -14,10 +14,11 @@ on machines without CUDA as well:
 * ``--amp`` (mmengine's ``AmpOptimWrapper``, CUDA/NPU/MLU only) falls back
   to full precision with a warning instead of an assertion error.
 """
+import contextlib
 import logging
 import os
 import os.path as osp
-from typing import Any
+from typing import Any, Iterator
 
 from mmengine.logging import print_log
 
@@ -140,6 +141,45 @@ def init_cpu_process_group(launcher: str, dist_cfg: dict) -> None:
     kwargs = {k: v for k, v in dict(dist_cfg).items() if k != 'backend'}
     kwargs.pop('init_backend', None)
     dist.init_process_group(backend='gloo', **kwargs)
+
+
+def close_process_group(wait: bool = True) -> None:
+    """Shut the default process group down, if one exists.
+
+    A process that exits with its gloo group still alive can be aborted
+    while the interpreter finalises ("terminate called without an active
+    exception", SIGABRT: a gloo thread still joinable at teardown), which
+    turns a finished ``dist_test.sh`` into a failure. ``wait`` first waits
+    for every rank at a barrier (after a normal finish); a rank that is
+    leaving on an error does not wait for ranks that may never arrive.
+    """
+    import torch.distributed as dist
+    if not _group_exists():
+        return
+    if wait:
+        dist.barrier()
+    dist.destroy_process_group()
+
+
+def _group_exists() -> bool:
+    import torch.distributed as dist
+    return dist.is_available() and dist.is_initialized()
+
+
+@contextlib.contextmanager
+def process_group_closed() -> Iterator[None]:
+    """Run the body of ``tools/train.py`` / ``tools/test.py`` and close the
+    process group it started when it ends, by returning or by raising
+    (``sys.exit`` included). A group that existed before is left alone:
+    it belongs to the caller."""
+    started_here = not _group_exists()
+    finished = False
+    try:
+        yield
+        finished = True
+    finally:
+        if started_here:
+            close_process_group(wait=finished)
 
 
 def setup_cpu_runtime(cfg) -> None:
