@@ -240,6 +240,7 @@ def test_kernel_benchmark_cases_run():
         assert (macs == 0) == name.endswith('(float)'), name
         assert all(torch.isfinite(o).all() for o in outs), name
     assert any(n.startswith('shift stage1') for n in names)
+    assert any(n.startswith('attn tokens stage3') for n in names)
 
 
 @pytest.mark.skipif(not HAS_EXT, reason='packed-bit C++ kernels not built')

@@ -217,6 +217,13 @@ def kernel_cases(dtype):
         cases.append((name, 0, lambda ext: ext.shift(x, res, dy, dx, wk,
                                                       bias)))
 
+    def tokens(name, h, w, c, s=7):
+        # MSMHA's norm1, window partition and pooled merged tokens
+        x, scale, bias, mix = rand(1, h, w, c), rand(c), rand(c), rand(c)
+        rest = 1 - mix
+        cases.append((name, 0, lambda ext: ext.attn_tokens(
+            x, scale, bias, mix, rest, s)))
+
     def stem(name, h, w, cout):
         from mmbhvit.deploy.blocks.stem import stem_taps
         x = rand(1, 3, h, w)
@@ -239,6 +246,8 @@ def kernel_cases(dtype):
     shift('shift stage1 56x56x64 (float)', 56, 56, 64)
     shift('shift stage2 28x28x128 (float)', 28, 28, 128)
     stem('stem 224x224 3->64 gelu+pos (float)', 224, 224, 64)
+    tokens('attn tokens stage3 14x14x256 (float)', 14, 14, 256)
+    tokens('attn tokens stage4 7x7x512 (float)', 7, 7, 512)
     # binary heads: UPerNet's fpn_bottleneck (4 x 512 -> 512; at 512x512 it
     # runs at 128x128, here at 32x32), a Semantic FPN 3x3 (128 -> 128) and
     # the FPN neck's first 3x3 as at 512x512 (256 -> 256 at 1/4)

@@ -14,14 +14,60 @@ namespace {
 // ---------------------------------------------------------------------------
 // MSMHA token layout (float data movement, pooling, channel mixing)
 // ---------------------------------------------------------------------------
+// One pixel of a pooling cell into the running max m and sum su over
+// channels [0, C): u = x * scale + bias (norm1), or 0 beyond the map (the
+// zero padding, v == nullptr); the cell's first pixel sets m = su = u, the
+// others m = u > m ? u : m and su = su + u. Channels in vectors where the
+// compiler has vector types, the same operations per element.
+template <typename T, bool First>
+inline void pool_pixel(const T* __restrict v, const T* __restrict sc,
+                       const T* __restrict bi, int64_t C, T* __restrict m,
+                       T* __restrict su) {
+  int64_t c = 0;
+#if MMBHVIT_FLOAT_VECTORS
+  typedef T V __attribute__((vector_size(MMBHVIT_FLOAT_VEC_BYTES)));
+  constexpr int64_t L = MMBHVIT_FLOAT_VEC_BYTES / int64_t(sizeof(T));
+  for (; c + L <= C; c += L) {
+    V u = V{} + T(0);
+    if (v != nullptr) {
+      V a, s, b;
+      __builtin_memcpy(&a, v + c, sizeof(V));
+      __builtin_memcpy(&s, sc + c, sizeof(V));
+      __builtin_memcpy(&b, bi + c, sizeof(V));
+      u = a * s;
+      u = u + b;
+    }
+    if (First) {
+      __builtin_memcpy(m + c, &u, sizeof(V));
+      __builtin_memcpy(su + c, &u, sizeof(V));
+    } else {
+      V mv, sv;
+      __builtin_memcpy(&mv, m + c, sizeof(V));
+      __builtin_memcpy(&sv, su + c, sizeof(V));
+      mv = u > mv ? u : mv;
+      sv = sv + u;
+      __builtin_memcpy(m + c, &mv, sizeof(V));
+      __builtin_memcpy(su + c, &sv, sizeof(V));
+    }
+  }
+#endif
+  for (; c < C; ++c) {
+    T u = T(0);
+    if (v != nullptr) {
+      u = v[c] * sc[c];
+      u = u + bi[c];
+    }
+    m[c] = First || u > m[c] ? u : m[c];
+    su[c] = First ? u : su[c] + u;
+  }
+}
+
 // item = (n, pooled cell)
 template <typename T>
 void merged_tokens(const TokensParams<T>& p, int64_t begin, int64_t end) {
   const int64_t C = p.c, s = p.s, hp = p.nh * s, wp = p.nw * s;
   const int64_t cells = p.nh * p.nw, half = s / 2;
   Scratch<T> mx(C), sum(C);
-  const T* __restrict sc = p.scale;
-  const T* __restrict bi = p.bias;
   for (int64_t item = begin; item < end; ++item) {
     const int64_t n = item / cells, cell = item % cells;
     const int64_t y0 = (cell / p.nw) * s - half, x0 = (cell % p.nw) * s - half;
@@ -30,20 +76,14 @@ void merged_tokens(const TokensParams<T>& p, int64_t begin, int64_t end) {
     bool first = true;
     for (int64_t y = y0 < 0 ? 0 : y0; y < y0 + s && y < hp; ++y) {
       for (int64_t x = x0 < 0 ? 0 : x0; x < x0 + s && x < wp; ++x) {
-        if (y < p.h && x < p.w) {  // norm1(x); beyond: the zero padding
-          const T* __restrict v = p.x + ((n * p.h + y) * p.w + x) * C;
-          for (int64_t c = 0; c < C; ++c) {
-            T u = v[c] * sc[c];
-            u = u + bi[c];
-            m[c] = first || u > m[c] ? u : m[c];
-            su[c] = first ? u : su[c] + u;
-          }
-        } else {
-          for (int64_t c = 0; c < C; ++c) {
-            m[c] = first || T(0) > m[c] ? T(0) : m[c];
-            su[c] = first ? T(0) : su[c] + T(0);
-          }
-        }
+        // norm1(x); beyond the map (y >= h or x >= w): the zero padding
+        const T* v = y < p.h && x < p.w
+                         ? p.x + ((n * p.h + y) * p.w + x) * C
+                         : nullptr;
+        if (first)
+          pool_pixel<T, true>(v, p.scale, p.bias, C, m, su);
+        else
+          pool_pixel<T, false>(v, p.scale, p.bias, C, m, su);
         first = false;
       }
     }
