@@ -227,19 +227,21 @@ class Profile:
         self._stack.clear()  # a forward that raised leaves its stack
         self._enter(module, args)
 
+    # Each hook reads the clock on entry and again on exit: its own
+    # bookkeeping is counted to neither the op nor its caller.
     def _enter(self, module, args):
         now = time.perf_counter()
         if self._stack:
             self.times[self._stack[-1]] += now - self._t
         self._stack.append(module.profile_label)
-        self._t = now
+        self._t = time.perf_counter()
 
     def _leave(self, module, args, out):
         now = time.perf_counter()
         label = self._stack.pop() if self._stack else module.profile_label
         self.times[label] += now - self._t
         self.calls[label] += 1
-        self._t = now
+        self._t = time.perf_counter()
 
     def remove(self):
         for h in self._handles:
