@@ -9,6 +9,7 @@
 #pragma once
 
 #include <cstdint>
+#include <memory>
 #include <vector>
 
 #include "dispatch.h"
@@ -65,10 +66,13 @@ void run_msgdc(const KernelSet& s, MsgdcParams<T> p, bool lanes,
                const T* in_scale, const T* in_bias, const T* thr, PF&& pf) {
   const Kernels<T>& k = kernels_of<T>(s);
   const int64_t pixels = p.n * p.h * p.w;
-  std::vector<uint64_t> bits;
+  // not zero-filled: the expansion / packing writes every word the
+  // convolution reads (a set with dense lane input uses 2 of 16-64 words
+  // per pixel; zeroing all of them cost ~0.4 MB of stores per call)
+  std::unique_ptr<uint64_t[]> bits;
   if (lanes) {
     const int64_t nvec = (p.c + 512 / p.cg - 1) / (512 / p.cg);
-    bits.resize(static_cast<size_t>(pixels * nvec * 8));
+    bits.reset(new uint64_t[static_cast<size_t>(pixels * nvec * 8)]);
     ExpandParams<T> ep{};
     ep.x = p.x;
     ep.pixels = pixels;
@@ -78,15 +82,15 @@ void run_msgdc(const KernelSet& s, MsgdcParams<T> p, bool lanes,
     ep.in_scale = in_scale;
     ep.in_bias = in_bias;
     ep.thr = thr;
-    ep.expanded = bits.data();
+    ep.expanded = bits.get();
     pf(pixels, grain_for(p.c + 8 * nvec),
        [&](int64_t b, int64_t e) { k.msgdc_expand(ep, b, e); });
     p.lane_bits = static_cast<int>(p.cg);
     p.nvec = nvec;
-    p.expanded = bits.data();
+    p.expanded = bits.get();
     p.bits = nullptr;
   } else {
-    bits.resize(static_cast<size_t>(pixels * p.groups * p.wg));
+    bits.reset(new uint64_t[static_cast<size_t>(pixels * p.groups * p.wg)]);
     PackParams<T> pk{};
     pk.x = p.x;
     pk.pixels = pixels;
@@ -97,12 +101,12 @@ void run_msgdc(const KernelSet& s, MsgdcParams<T> p, bool lanes,
     pk.in_scale = in_scale;
     pk.in_bias = in_bias;
     pk.thr = thr;
-    pk.bits = bits.data();
+    pk.bits = bits.get();
     pf(pixels, grain_for(p.c), [&](int64_t b, int64_t e) { k.pack(pk, b, e); });
     p.lane_bits = 0;
     p.nvec = 0;
     p.expanded = nullptr;
-    p.bits = bits.data();
+    p.bits = bits.get();
   }
   pf(pixels, grain_for(int64_t(p.ndil) * 9 * p.wg * p.c + 8 * p.c),
      [&](int64_t b, int64_t e) { k.msgdc(p, b, e); });
