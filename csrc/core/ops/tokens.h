@@ -28,7 +28,7 @@ inline void pool_pixel(const T* __restrict v, const T* __restrict sc,
   typedef T V __attribute__((vector_size(MMBHVIT_FLOAT_VEC_BYTES)));
   constexpr int64_t L = MMBHVIT_FLOAT_VEC_BYTES / int64_t(sizeof(T));
   for (; c + L <= C; c += L) {
-    V u = V{} + T(0);
+    V u = V{};  // the zero padding
     if (v != nullptr) {
       V a, s, b;
       __builtin_memcpy(&a, v + c, sizeof(V));
