@@ -364,15 +364,16 @@ def benchmark_kernels(sets=None, threads=(1, 2), rounds=15, min_time=0.02,
     old_sets = {label: b.isa() for label, b in builds.items()}
     old_threads = torch.get_num_threads()
     cases = kernel_cases(torch.float32)
-    if against is not None:  # an older build may lack newer ops
+    if ops:
+        cases = [c for c in cases if any(o in c[0] for o in ops)]
+    # an older build may lack newer ops (probed on the selected cases only)
+    if against is not None:
         lacking = [c[0] for c in cases if not _runs(c[2], builds['against'])]
         if lacking:
             print(f'not in the against build, skipped: {", ".join(lacking)}')
         cases = [c for c in cases if c[0] not in lacking]
-    if ops:
-        cases = [c for c in cases if any(o in c[0] for o in ops)]
-        if not cases:
-            raise SystemExit(f'--ops {ops}: no kernel case matches')
+    if ops and not cases:
+        raise SystemExit(f'--ops {ops}: no kernel case matches')
     hz = ext.cpu_clock_hz()
     peak = avx2_peak_per_cycle() * hz
     times = {}
