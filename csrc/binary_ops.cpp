@@ -810,6 +810,53 @@ torch::Tensor attn_untokens(const torch::Tensor& a, const torch::Tensor& mix,
   return out;
 }
 
+// ---------------------------------------------------------------------------
+// The MSMHA token mixer of one block as one call: the ops PackedMSMHA.forward
+// runs one by one (mmbhvit/deploy/blocks/msmha.py), in the same order and
+// through the same functions, so the same numbers; its tensors are bound
+// once, when the engine is built. Per forward this saves ~8 Python-level
+// op calls per block (their argument conversion and interpreter time).
+struct MSMHAPlan {
+  int64_t window;
+  torch::Tensor mix, rest, ln_weight, ln_bias;
+  double ln_eps;
+  ProjArgs q, k, v, proj;
+  int64_t heads;
+  double scale;
+  c10::optional<torch::Tensor> table;
+  torch::Tensor thr_q, thr_k, thr_v;
+  int64_t mode, levels;
+  c10::optional<torch::Tensor> step, zero;
+  std::vector<double> gsb;
+  torch::Tensor ctx_a, ctx_b, ctx_slope, ctx_post, out_mix, out_rest;
+
+  // (h, norm2(h)) with h = x + MSMHA(norm1(x)); out: where to write h
+  std::vector<torch::Tensor> forward(
+      const torch::Tensor& x, const torch::Tensor& norm1_scale,
+      const torch::Tensor& norm1_bias, const torch::Tensor& norm2_scale,
+      const torch::Tensor& norm2_bias,
+      const c10::optional<torch::Tensor>& out) const {
+    check_float(x, x, "x");
+    TORCH_CHECK(x.dim() == 4, "x must be (N, H, W, C), got ", x.sizes());
+    const int64_t n = x.size(0), h = x.size(1), w = x.size(2);
+    torch::Tensor tok =
+        attn_tokens(x, norm1_scale, norm1_bias, mix, rest, window);
+    tok = at::layer_norm(tok, {x.size(3)}, ln_weight, ln_bias, ln_eps);
+    const c10::optional<torch::Tensor> none;
+    const torch::Tensor qt = proj_impl(tok, q, none, none, none, none)[0];
+    const torch::Tensor kt = proj_impl(tok, k, none, none, none, none)[0];
+    const torch::Tensor vt = proj_impl(tok, v, none, none, none, none)[0];
+    torch::Tensor p = attn_scores(qt, kt, thr_q, thr_k, heads, scale, table);
+    if (!table.has_value()) p = at::softmax(p, -1);
+    const torch::Tensor a =
+        attn_context(p, qt, kt, vt, thr_v, heads, mode, levels, step, zero,
+                     gsb, ctx_a, ctx_b, ctx_slope, ctx_post);
+    const torch::Tensor mixed =
+        attn_untokens(a, out_mix, out_rest, n, h, w, window);
+    return proj_impl(mixed, proj, x, norm2_scale, norm2_bias, out);
+  }
+};
+
 std::string get_isa() { return kset().name; }
 
 std::vector<std::string> available_isas() {
@@ -972,5 +1019,70 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("x"), py::arg("res"), py::arg("dy"), py::arg("dx"),
         py::arg("wk"), py::arg("bias"), py::arg("out") = py::none(),
         py::call_guard<py::gil_scoped_release>());
+  py::class_<MSMHAPlan>(m, "MSMHAPlan",
+                        "an MSMHA token mixer's ops bound to its tensors, "
+                        "run as one call")
+      .def(py::init([](int64_t window, torch::Tensor mix, torch::Tensor rest,
+                       torch::Tensor ln_weight, torch::Tensor ln_bias,
+                       double ln_eps,
+                       const std::vector<std::vector<torch::Tensor>>& projs,
+                       const std::vector<int64_t>& couts,
+                       const std::vector<int64_t>& shortcuts, int64_t heads,
+                       double scale, c10::optional<torch::Tensor> table,
+                       torch::Tensor thr_q, torch::Tensor thr_k,
+                       torch::Tensor thr_v, int64_t mode, int64_t levels,
+                       c10::optional<torch::Tensor> step,
+                       c10::optional<torch::Tensor> zero,
+                       std::vector<double> gsb, torch::Tensor ctx_a,
+                       torch::Tensor ctx_b, torch::Tensor ctx_slope,
+                       torch::Tensor ctx_post, torch::Tensor out_mix,
+                       torch::Tensor out_rest) {
+             TORCH_CHECK(projs.size() == 4 && couts.size() == 4 &&
+                             shortcuts.size() == 4,
+                         "projs, couts, shortcuts: q, k, v and proj");
+             MSMHAPlan p;
+             p.window = window;
+             p.mix = mix;
+             p.rest = rest;
+             p.ln_weight = ln_weight;
+             p.ln_bias = ln_bias;
+             p.ln_eps = ln_eps;
+             ProjArgs* dst[4] = {&p.q, &p.k, &p.v, &p.proj};
+             for (int i = 0; i < 4; ++i)
+               *dst[i] = proj_args(projs[i], couts[i], shortcuts[i]);
+             p.heads = heads;
+             p.scale = scale;
+             p.table = table;
+             p.thr_q = thr_q;
+             p.thr_k = thr_k;
+             p.thr_v = thr_v;
+             p.mode = mode;
+             p.levels = levels;
+             p.step = step;
+             p.zero = zero;
+             p.gsb = std::move(gsb);
+             p.ctx_a = ctx_a;
+             p.ctx_b = ctx_b;
+             p.ctx_slope = ctx_slope;
+             p.ctx_post = ctx_post;
+             p.out_mix = out_mix;
+             p.out_rest = out_rest;
+             return p;
+           }),
+           py::arg("window"), py::arg("mix"), py::arg("rest"),
+           py::arg("ln_weight"), py::arg("ln_bias"), py::arg("ln_eps"),
+           py::arg("projs"), py::arg("couts"), py::arg("shortcuts"),
+           py::arg("heads"), py::arg("scale"), py::arg("table"),
+           py::arg("thr_q"), py::arg("thr_k"), py::arg("thr_v"),
+           py::arg("mode"), py::arg("levels"), py::arg("step"),
+           py::arg("zero"), py::arg("gsb"), py::arg("ctx_a"),
+           py::arg("ctx_b"), py::arg("ctx_slope"), py::arg("ctx_post"),
+           py::arg("out_mix"), py::arg("out_rest"))
+      .def("forward", &MSMHAPlan::forward,
+           "(h, norm2(h)), h = x + MSMHA(norm1(x)); out: where to write h",
+           py::arg("x"), py::arg("norm1_scale"), py::arg("norm1_bias"),
+           py::arg("norm2_scale"), py::arg("norm2_bias"),
+           py::arg("out") = py::none(),
+           py::call_guard<py::gil_scoped_release>());
   register_training_ops(m);
 }

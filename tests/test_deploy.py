@@ -571,6 +571,31 @@ def test_reduced_models_exact_in_float64(kw, size):
             assert torch.equal(a, b)
 
 
+@pytest.mark.skipif(not HAS_EXT, reason='packed-bit C++ kernels not built')
+@pytest.mark.parametrize('dtype', [torch.float32, torch.float64])
+@pytest.mark.parametrize('kw', [dict(attn_binarizer='lsq'),
+                                dict(attn_binarizer='gsb', window_size=5)])
+def test_msmha_in_one_call_matches_op_by_op(kw, dtype):
+    """Without hooks an MSMHA token mixer runs as one C++ call (its
+    ``MSMHAPlan``); with the profiler's hooks op by op: the same bits."""
+    model = _reduced_backbone(size=(70, 45), **kw)
+    x = torch.randn(2, 3, 70, 45, generator=torch.Generator().manual_seed(3))
+    engine = PackedBHViT(export_model(model), dtype)
+    mixers = [op for _, op in named_ops(engine)
+              if isinstance(op, deploy_blocks.msmha.PackedMSMHA)]
+    assert mixers
+    with torch.no_grad():
+        prof = engine.profile()
+        by_op = engine(x)
+        engine.profile(False)
+        assert prof.calls['attention q/k/v (binary 1x1)'] == 3 * len(mixers)
+        assert all(m._plan is None for m in mixers)  # not used with hooks
+        fused = engine(x)
+    assert all(m._plan is not None for m in mixers)
+    for a, b in zip(by_op, fused):
+        assert torch.equal(a, b)
+
+
 # --------------------------------------------------------------------------
 # file format
 # --------------------------------------------------------------------------

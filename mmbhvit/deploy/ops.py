@@ -252,6 +252,10 @@ class PackedOp:
             hook(self, args, out)
         return out
 
+    def hooked(self) -> bool:
+        """Whether hooks are registered (see :meth:`add_hooks`)."""
+        return self._hooks is not None
+
     def add_hooks(self, pre=None, post=None):
         """Register hooks; returns a function that removes them."""
         if self._hooks is None:

@@ -245,6 +245,8 @@ def kernel_cases(dtype):
     attention('attn stage4 1x50x512 h8', 1, 50, 512, 8)
     shift('shift stage1 56x56x64 (float)', 56, 56, 64)
     shift('shift stage2 28x28x128 (float)', 28, 28, 128)
+    shift('shift stage3 14x14x256 (float)', 14, 14, 256)
+    shift('shift stage4 7x7x512 (float)', 7, 7, 512)
     stem('stem 224x224 3->64 gelu+pos (float)', 224, 224, 64)
     tokens('attn tokens stage3 14x14x256 (float)', 14, 14, 256)
     tokens('attn tokens stage4 7x7x512 (float)', 7, 7, 512)
