@@ -405,6 +405,7 @@ def test_extension_from_an_older_source_is_refused_by_name(monkeypatch):
         return f
 
     for lacking, message in (('proj_norm', 'without proj_norm; rebuild it'),
+                             ('MSMHAPlan', 'without MSMHAPlan; rebuild it'),
                              ('ffn.out', r'without ffn\(\.\.\., out=\); '
                               'rebuild it'),
                              ('attn_scores.table',

@@ -54,7 +54,7 @@ ENGINE_OPS = ('proj', 'proj_norm', 'ffn', 'msgdc', 'merge', 'merge_norm',
               'conv', 'attn_scores', 'attn_context', 'attn_tokens',
               'attn_untokens', 'shift', 'stem', 'isa', 'set_isa',
               'available_isas', 'kernel_sets', 'kernel_paths',
-              'cpu_clock_hz')
+              'cpu_clock_hz', 'MSMHAPlan')
 
 
 #: Arguments that some of those ops gained later (a build from before then
