@@ -13,6 +13,7 @@
 #include <ATen/Parallel.h>
 
 #include <chrono>
+#include <memory>
 #include <string>
 #include <vector>
 
@@ -857,6 +858,69 @@ struct MSMHAPlan {
   }
 };
 
+// The other ops of a block with their tensors bound (the plans of
+// PackedMSGDC, PackedFFN and PackedShift), and a block as one call: the
+// ops of PackedBlock.forward in its order (mmbhvit/deploy/blocks/block.py).
+struct MSGDCPlan {
+  torch::Tensor thr;
+  int64_t groups;
+  std::vector<int64_t> dilations;
+  std::vector<torch::Tensor> wts, as, bs, slopes, lane_wts;
+  torch::Tensor out_scale, out_bias;
+
+  std::vector<torch::Tensor> forward(
+      const torch::Tensor& x, const torch::Tensor& norm1_scale,
+      const torch::Tensor& norm1_bias, const torch::Tensor& norm2_scale,
+      const torch::Tensor& norm2_bias,
+      const c10::optional<torch::Tensor>& out) const {
+    return msgdc(x, norm1_scale, norm1_bias, thr, groups, dilations, wts, as,
+                 bs, slopes, out_scale, out_bias, norm2_scale, norm2_bias,
+                 lane_wts, out);
+  }
+};
+
+struct FFNPlan {
+  std::vector<torch::Tensor> expand, reduce;
+  int64_t hidden, expand_shortcut, reduce_shortcut;
+  c10::optional<torch::Tensor> expand_lut;
+
+  torch::Tensor forward(const torch::Tensor& x, const torch::Tensor& residual,
+                        const c10::optional<torch::Tensor>& out) const {
+    return ffn(x, residual, expand, hidden, expand_shortcut, reduce,
+               reduce_shortcut, expand_lut, out);
+  }
+};
+
+struct ShiftPlan {
+  torch::Tensor dy, dx, weight, bias;
+
+  torch::Tensor forward(const torch::Tensor& x,
+                        const c10::optional<torch::Tensor>& res,
+                        const c10::optional<torch::Tensor>& out) const {
+    return shift(x, res, dy, dx, weight, bias, out);
+  }
+};
+
+struct BlockPlan {
+  torch::Tensor norm1_scale, norm1_bias, norm2_scale, norm2_bias;
+  std::shared_ptr<MSMHAPlan> msmha;  // the token mixer: one of the two
+  std::shared_ptr<MSGDCPlan> msgdc;
+  std::shared_ptr<FFNPlan> ffn;
+  std::shared_ptr<ShiftPlan> shifts;  // or none
+
+  // the block's output, written over x (as PackedBlock.forward)
+  torch::Tensor forward(const torch::Tensor& x) const {
+    const std::vector<torch::Tensor> hn =
+        msmha ? msmha->forward(x, norm1_scale, norm1_bias, norm2_scale,
+                               norm2_bias, x)
+              : msgdc->forward(x, norm1_scale, norm1_bias, norm2_scale,
+                               norm2_bias, x);
+    torch::Tensor out = ffn->forward(hn[1], hn[0], hn[0]);
+    if (shifts) out = shifts->forward(hn[1], out, out);
+    return out;
+  }
+};
+
 std::string get_isa() { return kset().name; }
 
 std::vector<std::string> available_isas() {
@@ -1019,7 +1083,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("x"), py::arg("res"), py::arg("dy"), py::arg("dx"),
         py::arg("wk"), py::arg("bias"), py::arg("out") = py::none(),
         py::call_guard<py::gil_scoped_release>());
-  py::class_<MSMHAPlan>(m, "MSMHAPlan",
+  py::class_<MSMHAPlan, std::shared_ptr<MSMHAPlan>>(
+      m, "MSMHAPlan",
                         "an MSMHA token mixer's ops bound to its tensors, "
                         "run as one call")
       .def(py::init([](int64_t window, torch::Tensor mix, torch::Tensor rest,
@@ -1040,7 +1105,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
              TORCH_CHECK(projs.size() == 4 && couts.size() == 4 &&
                              shortcuts.size() == 4,
                          "projs, couts, shortcuts: q, k, v and proj");
-             MSMHAPlan p;
+             auto plan = std::make_shared<MSMHAPlan>();
+             MSMHAPlan& p = *plan;
              p.window = window;
              p.mix = mix;
              p.rest = rest;
@@ -1067,7 +1133,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
              p.ctx_post = ctx_post;
              p.out_mix = out_mix;
              p.out_rest = out_rest;
-             return p;
+             return plan;
            }),
            py::arg("window"), py::arg("mix"), py::arg("rest"),
            py::arg("ln_weight"), py::arg("ln_bias"), py::arg("ln_eps"),
@@ -1083,6 +1149,84 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
            py::arg("x"), py::arg("norm1_scale"), py::arg("norm1_bias"),
            py::arg("norm2_scale"), py::arg("norm2_bias"),
            py::arg("out") = py::none(),
+           py::call_guard<py::gil_scoped_release>());
+  py::class_<MSGDCPlan, std::shared_ptr<MSGDCPlan>>(
+      m, "MSGDCPlan", "msgdc with an MSGDC mixer's tensors bound")
+      .def(py::init([](torch::Tensor thr, int64_t groups,
+                       std::vector<int64_t> dilations,
+                       std::vector<torch::Tensor> wts,
+                       std::vector<torch::Tensor> as,
+                       std::vector<torch::Tensor> bs,
+                       std::vector<torch::Tensor> slopes,
+                       torch::Tensor out_scale, torch::Tensor out_bias,
+                       std::vector<torch::Tensor> lane_wts) {
+             return std::make_shared<MSGDCPlan>(MSGDCPlan{
+                 thr, groups, std::move(dilations), std::move(wts),
+                 std::move(as), std::move(bs), std::move(slopes),
+                 std::move(lane_wts), out_scale, out_bias});
+           }),
+           py::arg("thr"), py::arg("groups"), py::arg("dilations"),
+           py::arg("wts"), py::arg("a"), py::arg("b"), py::arg("slopes"),
+           py::arg("out_scale"), py::arg("out_bias"), py::arg("lane_wts"))
+      .def("forward", &MSGDCPlan::forward,
+           "(h, norm2(h)), h = x + MSGDC(norm1(x)); out: where to write h",
+           py::arg("x"), py::arg("norm1_scale"), py::arg("norm1_bias"),
+           py::arg("norm2_scale"), py::arg("norm2_bias"),
+           py::arg("out") = py::none(),
+           py::call_guard<py::gil_scoped_release>());
+  py::class_<FFNPlan, std::shared_ptr<FFNPlan>>(
+      m, "FFNPlan", "ffn with a binary MLP's tensors bound")
+      .def(py::init([](std::vector<torch::Tensor> expand, int64_t hidden,
+                       int64_t expand_shortcut,
+                       std::vector<torch::Tensor> reduce,
+                       int64_t reduce_shortcut,
+                       c10::optional<torch::Tensor> expand_lut) {
+             return std::make_shared<FFNPlan>(FFNPlan{
+                 std::move(expand), std::move(reduce), hidden,
+                 expand_shortcut, reduce_shortcut, expand_lut});
+           }),
+           py::arg("expand"), py::arg("hidden"), py::arg("expand_shortcut"),
+           py::arg("reduce"), py::arg("reduce_shortcut"),
+           py::arg("expand_lut") = py::none())
+      .def("forward", &FFNPlan::forward, "reduce(expand(x)) + residual",
+           py::arg("x"), py::arg("residual"), py::arg("out") = py::none(),
+           py::call_guard<py::gil_scoped_release>());
+  py::class_<ShiftPlan, std::shared_ptr<ShiftPlan>>(
+      m, "ShiftPlan", "shift with the shift branches' tensors bound")
+      .def(py::init([](torch::Tensor dy, torch::Tensor dx,
+                       torch::Tensor weight, torch::Tensor bias) {
+             return std::make_shared<ShiftPlan>(
+                 ShiftPlan{dy, dx, weight, bias});
+           }),
+           py::arg("dy"), py::arg("dx"), py::arg("weight"), py::arg("bias"))
+      .def("forward", &ShiftPlan::forward,
+           "res + the shift branches of x; out: where to write it",
+           py::arg("x"), py::arg("res") = py::none(),
+           py::arg("out") = py::none(),
+           py::call_guard<py::gil_scoped_release>());
+  py::class_<BlockPlan, std::shared_ptr<BlockPlan>>(
+      m, "BlockPlan", "a block's ops (token mixer, MLP, shift branches) "
+      "run as one call")
+      .def(py::init([](torch::Tensor norm1_scale, torch::Tensor norm1_bias,
+                       torch::Tensor norm2_scale, torch::Tensor norm2_bias,
+                       std::shared_ptr<MSMHAPlan> msmha,
+                       std::shared_ptr<MSGDCPlan> msgdc,
+                       std::shared_ptr<FFNPlan> ffn,
+                       std::shared_ptr<ShiftPlan> shifts) {
+             TORCH_CHECK((msmha == nullptr) != (msgdc == nullptr),
+                         "a block plan takes one token mixer: msmha or "
+                         "msgdc");
+             TORCH_CHECK(ffn != nullptr, "a block plan needs its ffn");
+             return std::make_shared<BlockPlan>(BlockPlan{
+                 norm1_scale, norm1_bias, norm2_scale, norm2_bias, msmha,
+                 msgdc, ffn, shifts});
+           }),
+           py::arg("norm1_scale"), py::arg("norm1_bias"),
+           py::arg("norm2_scale"), py::arg("norm2_bias"),
+           py::arg("msmha") = nullptr, py::arg("msgdc") = nullptr,
+           py::arg("ffn") = nullptr, py::arg("shifts") = nullptr)
+      .def("forward", &BlockPlan::forward,
+           "the block's output (x may be overwritten)", py::arg("x"),
            py::call_guard<py::gil_scoped_release>());
   register_training_ops(m);
 }

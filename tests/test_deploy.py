@@ -573,25 +573,35 @@ def test_reduced_models_exact_in_float64(kw, size):
 
 @pytest.mark.skipif(not HAS_EXT, reason='packed-bit C++ kernels not built')
 @pytest.mark.parametrize('dtype', [torch.float32, torch.float64])
-@pytest.mark.parametrize('kw', [dict(attn_binarizer='lsq'),
-                                dict(attn_binarizer='gsb', window_size=5)])
-def test_msmha_in_one_call_matches_op_by_op(kw, dtype):
-    """Without hooks an MSMHA token mixer runs as one C++ call (its
-    ``MSMHAPlan``); with the profiler's hooks op by op: the same bits."""
+@pytest.mark.parametrize('kw', [
+    dict(attn_binarizer='lsq'),
+    dict(attn_binarizer='gsb', window_size=5),
+    dict(shift3=False, shift5=False, binary_merge=True),
+])
+def test_blocks_in_one_call_match_op_by_op(kw, dtype):
+    """Without hooks each block runs as one C++ call (its ``BlockPlan``,
+    made of its ops' plans); while an op inside has hooks (here the
+    profiler's) op by op: the same bits either way."""
     model = _reduced_backbone(size=(70, 45), **kw)
     x = torch.randn(2, 3, 70, 45, generator=torch.Generator().manual_seed(3))
     engine = PackedBHViT(export_model(model), dtype)
-    mixers = [op for _, op in named_ops(engine)
-              if isinstance(op, deploy_blocks.msmha.PackedMSMHA)]
-    assert mixers
+    blocks = [op for _, op in named_ops(engine)
+              if isinstance(op, deploy_blocks.block.PackedBlock)]
+    assert len(blocks) == sum(REDUCED['depths'])
     with torch.no_grad():
         prof = engine.profile()
+        assert all(b.hooked_inside() for b in blocks)
         by_op = engine(x)
         engine.profile(False)
-        assert prof.calls['attention q/k/v (binary 1x1)'] == 3 * len(mixers)
-        assert all(m._plan is None for m in mixers)  # not used with hooks
+        assert not any(b.hooked_inside() for b in blocks)
+        assert prof.calls['attention q/k/v (binary 1x1)'] == 3 * sum(
+            REDUCED['depths'][2:])
+        assert all(b._plan is None for b in blocks)  # not made with hooks
+        remove = blocks[0].add_hooks(pre=lambda *a: None)
+        assert not blocks[0].hooked_inside()  # its own hooks do not count
         fused = engine(x)
-    assert all(m._plan is not None for m in mixers)
+        remove()
+    assert all(b._plan is not None for b in blocks)
     for a, b in zip(by_op, fused):
         assert torch.equal(a, b)
 

@@ -446,6 +446,8 @@ def format_result(res: dict) -> str:
                 flt, frac = float_share(times)
                 lines.append(f'    float work around the kernels: '
                              f'{flt:.2f} ms ({100 * frac:.1f}%)')
+                lines.append('    (profiled op by op; unprofiled, each '
+                             'block runs as one C++ call)')
     return '\n'.join(lines)
 
 

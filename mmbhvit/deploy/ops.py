@@ -54,7 +54,8 @@ ENGINE_OPS = ('proj', 'proj_norm', 'ffn', 'msgdc', 'merge', 'merge_norm',
               'conv', 'attn_scores', 'attn_context', 'attn_tokens',
               'attn_untokens', 'shift', 'stem', 'isa', 'set_isa',
               'available_isas', 'kernel_sets', 'kernel_paths',
-              'cpu_clock_hz', 'MSMHAPlan')
+              'cpu_clock_hz', 'MSMHAPlan', 'MSGDCPlan', 'FFNPlan', 'ShiftPlan',
+              'BlockPlan')
 
 
 #: Arguments that some of those ops gained later (a build from before then
@@ -229,6 +230,13 @@ class PackedOp:
     An op whose result adds to a residual may take an ``out`` argument and
     write its result there, e.g. over that residual (:func:`write_out`):
     a hook that needs an op's inputs must read them before it runs.
+
+    With the extension an op may have a *plan* (:meth:`plan`): its kernel
+    call with the op's tensors bound once, as a C++ object. A block's plan
+    holds those of the ops inside it and runs them all in one call (no
+    Python between them), the same functions in the same order; while an
+    op inside has hooks (:meth:`hooked_inside`) it runs op by op instead,
+    so the hooks see every op.
     """
     profile_label = 'other (float)'
 
@@ -237,6 +245,21 @@ class PackedOp:
         self.backend = resolve_backend(backend)
         self.ext = load_extension() if self.backend == 'cpp' else None
         self._hooks = None  # (pre hooks, post hooks) or None
+        self._plan, self._plan_ext = None, None
+        self._inside = None  # {path: op} of the ops inside, found once
+
+    def make_plan(self):
+        """This op's C++ plan (an object of the extension), or None."""
+        return None
+
+    def plan(self):
+        """:meth:`make_plan` for the extension in use, built once (again
+        if :attr:`ext` is replaced); None without the extension."""
+        if self.ext is None:
+            return None
+        if self._plan_ext is not self.ext:
+            self._plan, self._plan_ext = self.make_plan(), self.ext
+        return self._plan
 
     def forward(self, *args):
         raise NotImplementedError
@@ -252,9 +275,12 @@ class PackedOp:
             hook(self, args, out)
         return out
 
-    def hooked(self) -> bool:
-        """Whether hooks are registered (see :meth:`add_hooks`)."""
-        return self._hooks is not None
+    def hooked_inside(self) -> bool:
+        """Whether an op inside this one (:func:`named_ops` below it) has
+        hooks (:meth:`add_hooks`); its own do not count."""
+        if self._inside is None:  # a dict: named_ops does not walk it
+            self._inside = dict(list(named_ops(self))[1:])
+        return any(op._hooks is not None for op in self._inside.values())
 
     def add_hooks(self, pre=None, post=None):
         """Register hooks; returns a function that removes them."""

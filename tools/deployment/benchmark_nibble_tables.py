@@ -77,7 +77,7 @@ def main(argv=None) -> int:
               file=sys.stderr)
         return 1
     size = sum(op.expand_lut.numel() for op in ops)
-    for op in ops:
+    for op in ops:  # before any forward: an MLP's plan binds its table
         op.expand_lut = None
     x = torch.randn(1, 3, args.size, args.size,
                     generator=torch.Generator().manual_seed(0))

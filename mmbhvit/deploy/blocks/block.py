@@ -73,9 +73,29 @@ class PackedBlock(PackedOp):
         self.mixer_takes_out = 'out' in inspect.signature(
             self.token_mixer.forward).parameters
 
+    def make_plan(self):
+        """The block as one C++ call (``BlockPlan``) from the plans of its
+        ops; None when one of them has none (e.g. another mixer kind)."""
+        mixer = self.token_mixer.plan()
+        ffn = self.ffn.plan()
+        shifts = None if self.shifts is None else self.shifts.plan()
+        kinds = {self.ext.MSMHAPlan: 'msmha', self.ext.MSGDCPlan: 'msgdc'}
+        if (type(mixer) not in kinds or ffn is None
+                or (self.shifts is not None and shifts is None)):
+            return None
+        return self.ext.BlockPlan(
+            norm1_scale=self.norm1[0], norm1_bias=self.norm1[1],
+            norm2_scale=self.norm2[0], norm2_bias=self.norm2[1],
+            ffn=ffn, shifts=shifts, **{kinds[type(mixer)]: mixer})
+
     def forward(self, x: Tensor) -> Tensor:
         """The block's output; ``x`` may be overwritten (the engine has
-        no further use for a block's input)."""
+        no further use for a block's input). With the extension one call
+        of its plan, unless an op inside has hooks (then op by op)."""
+        if self.ext is not None and not self.hooked_inside():
+            plan = self.plan()
+            if plan is not None:
+                return plan.forward(x)
         # x, h and the MLP's sum are each used once more, as the residual
         # of the next result, which is written over it while it is still in
         # cache (a new buffer costs cache misses on every line written: the

@@ -91,6 +91,13 @@ class PackedMSGDC(PackedOp):
                     0, 3, 1, 2).contiguous() for w in words
             ]
 
+    def make_plan(self):
+        return self.ext.MSGDCPlan(
+            thr=self.thr, groups=self.groups, dilations=self.dilations,
+            wts=self.wt, a=self.a, b=self.b, slopes=self.slope,
+            out_scale=self.out_scale, out_bias=self.out_bias,
+            lane_wts=self.lane_wt)
+
     def signs(self, x: Tensor, norm1: Affine) -> Tensor:
         v = x * norm1[0]
         v = v + norm1[1]
@@ -105,11 +112,8 @@ class PackedMSGDC(PackedOp):
         """``(h, norm2(h))``; ``out``: where to write ``h`` (``x`` itself
         may be given, see :func:`~mmbhvit.deploy.ops.write_out`)."""
         if self.ext is not None:
-            return self.ext.msgdc(x, norm1[0], norm1[1], self.thr,
-                                  self.groups, self.dilations, self.wt,
-                                  self.a, self.b, self.slope, self.out_scale,
-                                  self.out_bias, norm2[0], norm2[1],
-                                  self.lane_wt, out)
+            return tuple(self.plan().forward(x, norm1[0], norm1[1],
+                                             norm2[0], norm2[1], out))
         xs = bits_to_pm1(self.signs(x, norm1), self.dtype).permute(0, 3, 1, 2)
         total = None
         for w, d, a, b, sl in zip(self.w, self.dilations, self.a, self.b,

@@ -307,32 +307,24 @@ class PackedMSMHA(PackedOp):
             setattr(self, n, op)
         self.scores = AttentionScores(spec, params, dtype, backend)
         self.context = AttentionContext(spec, params, dtype, backend)
-        self._plan, self._plan_ext = None, None
 
-    def plan(self):
+    def make_plan(self):
         """The ops of :meth:`forward` bound to their tensors as one C++
-        call (``MSMHAPlan``: the same functions in the same order), built
-        for the extension in use; None without one."""
-        if self.ext is None:
-            return None
-        if self._plan_ext is not self.ext:
-            sc, ctx = self.scores, self.context
-            projs = [getattr(self, n) for n in ('q', 'k', 'v', 'proj')]
-            self._plan = self.ext.MSMHAPlan(
-                window=self.s, mix=self.mix, rest=self.rest,
-                ln_weight=self.ln_weight, ln_bias=self.ln_bias,
-                ln_eps=self.ln_eps, projs=[p.kernel_args() for p in projs],
-                couts=[p.cout for p in projs],
-                shortcuts=[SHORTCUTS[p.shortcut] for p in projs],
-                heads=sc.heads, scale=sc.scale, table=sc.table,
-                thr_q=sc.thr_q, thr_k=sc.thr_k, thr_v=ctx.thr_v,
-                mode=ATTN_MODES[ctx.mode], levels=ctx.levels, step=ctx.step,
-                zero=ctx.zero, gsb=ctx.gsb, ctx_a=ctx.ctx_a,
-                ctx_b=ctx.ctx_b, ctx_slope=ctx.ctx_slope,
-                ctx_post=ctx.ctx_post, out_mix=self.out_mix,
-                out_rest=self.out_rest)
-            self._plan_ext = self.ext
-        return self._plan
+        call (``MSMHAPlan``: the same functions in the same order)."""
+        sc, ctx = self.scores, self.context
+        projs = [getattr(self, n) for n in ('q', 'k', 'v', 'proj')]
+        return self.ext.MSMHAPlan(
+            window=self.s, mix=self.mix, rest=self.rest,
+            ln_weight=self.ln_weight, ln_bias=self.ln_bias,
+            ln_eps=self.ln_eps, projs=[p.kernel_args() for p in projs],
+            couts=[p.cout for p in projs],
+            shortcuts=[SHORTCUTS[p.shortcut] for p in projs],
+            heads=sc.heads, scale=sc.scale, table=sc.table,
+            thr_q=sc.thr_q, thr_k=sc.thr_k, thr_v=ctx.thr_v,
+            mode=ATTN_MODES[ctx.mode], levels=ctx.levels, step=ctx.step,
+            zero=ctx.zero, gsb=ctx.gsb, ctx_a=ctx.ctx_a, ctx_b=ctx.ctx_b,
+            ctx_slope=ctx.ctx_slope, ctx_post=ctx.ctx_post,
+            out_mix=self.out_mix, out_rest=self.out_rest)
 
     def tokens(self, x: Tensor, norm1: Affine) -> Tuple[Tensor, tuple]:
         """Norm1, window partition and merged tokens, LayerNorm."""
@@ -359,12 +351,10 @@ class PackedMSMHA(PackedOp):
     def forward(self, x: Tensor, norm1: Affine, norm2: Affine,
                 out: Optional[Tensor] = None):
         """``(h, norm2(h))``; ``out``: where to write ``h`` (``x`` itself
-        may be given). With the extension, one call of :meth:`plan`,
-        unless an op inside has hooks (the profiler's, the recorder's):
-        then op by op, through them."""
-        if self.ext is not None and not any(
-                op.hooked() for op in (self.q, self.k, self.v, self.proj,
-                                       self.scores, self.context)):
+        may be given). With the extension, one call of its plan, unless
+        an op inside has hooks (the profiler's, the recorder's): then op
+        by op, through them."""
+        if self.ext is not None and not self.hooked_inside():
             return tuple(self.plan().forward(x, norm1[0], norm1[1],
                                              norm2[0], norm2[1], out))
         tok, shape = self.tokens(x, norm1)

@@ -213,6 +213,14 @@ class PackedFFN(PackedOp):
             e = self.expand
             self.expand_lut = self.ext.nibble_lut(e.wt, e.cin, e.cout)
 
+    def make_plan(self):
+        e, r = self.expand, self.reduce
+        return self.ext.FFNPlan(
+            expand=e.kernel_args(), hidden=e.cout,
+            expand_shortcut=SHORTCUTS[e.shortcut], reduce=r.kernel_args(),
+            reduce_shortcut=SHORTCUTS[r.shortcut],
+            expand_lut=self.expand_lut)
+
     def decisions(self, x: Tensor, residual: Tensor,
                   out: Optional[Tensor] = None):
         return {'expand': self.expand.signs(x),
@@ -223,10 +231,7 @@ class PackedFFN(PackedOp):
         """``out``: where to write the result (see :func:`write_out`),
         e.g. ``residual`` itself when the caller is done with it."""
         if self.ext is not None:
-            e, r = self.expand, self.reduce
-            return self.ext.ffn(x, residual, e.kernel_args(), e.cout,
-                                SHORTCUTS[e.shortcut], r.kernel_args(),
-                                SHORTCUTS[r.shortcut], self.expand_lut, out)
+            return self.plan().forward(x, residual, out)
         # .forward: the two projections are one op for hooks
         return write_out(
             self.reduce.forward(self.expand.forward(x), residual), out)

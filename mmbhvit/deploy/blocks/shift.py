@@ -56,14 +56,17 @@ class PackedShift(PackedOp):
         self.dy_t = torch.tensor(self.dy, dtype=torch.int32)
         self.dx_t = torch.tensor(self.dx, dtype=torch.int32)
 
+    def make_plan(self):
+        return self.ext.ShiftPlan(dy=self.dy_t, dx=self.dx_t,
+                                  weight=self.weight, bias=self.bias)
+
     def forward(self, x: Tensor, res: Optional[Tensor] = None,
                 out: Optional[Tensor] = None) -> Tensor:
         """``out``: where to write the result (``res`` itself may be given;
         not ``x``, read around each output), see
         :func:`~mmbhvit.deploy.ops.write_out`."""
         if self.ext is not None:
-            return self.ext.shift(x, res, self.dy_t, self.dx_t, self.weight,
-                                  self.bias, out)
+            return self.plan().forward(x, res, out)
         return write_out(
             shift_sum(x, self.dy, self.dx, self.weight, self.bias, res), out)
 
