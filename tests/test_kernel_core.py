@@ -21,6 +21,7 @@ import pytest
 import torch
 
 from mmbhvit.deploy import ops as deploy_ops
+from _helpers import load_tool
 
 ROOT = osp.dirname(osp.dirname(osp.abspath(__file__)))
 CSRC = osp.join(ROOT, 'csrc')
@@ -534,3 +535,53 @@ def test_nibble_table_benchmark_runs_and_checks_its_engines(capsys):
     # the CPU line names the SIMD level (AVX-512 here when the AVX2 set is
     # forced with MMBHVIT_KERNELS=avx2)
     assert re.search(r'SIMD (AVX2|AVX-512)', out)
+
+
+# --------------------------------------------------------------------------
+# tools/deployment/perf_breakdown.py
+# --------------------------------------------------------------------------
+_SO = '_binary_ops.cpython-311-x86_64-linux-gnu.so'
+_NS = 'mmbhvit::avx2::(anonymous namespace)::'
+PERF_REPORT = '\n'.join([
+    '# Overhead  Shared Object  Symbol',
+    f'    60.00%  {_SO}  [.] {_NS}proj_tile8<1, true, false>   -   -',
+    f'    10.00%  {_SO}  [.] {_NS}shift<float>   -   -',
+    f'     5.00%  {_SO}  [.] mmbhvit::(anonymous namespace)::shift',
+    '     5.00%  libtorch_cpu.so  [.] at::native::AVX2::RowwiseMoments<f>',
+    '     4.00%  libtorch_cpu.so  [.] at::native::view',
+    '     4.00%  libtorch_cpu.so  [.] at::TensorBase::data_ptr<float>',
+    '    12.00%  libpython3.11.so.1.0  [.] _PyEval_EvalFrameDefault', ''])
+
+
+def test_perf_breakdown_groups_samples_by_function():
+    tool = load_tool('deployment/perf_breakdown.py')
+    rows = tool.parse_report(PERF_REPORT)
+    assert len(rows) == 7 and rows[0][2].endswith('false>')
+    share, members = tool.breakdown(rows)
+    binary, engine, aten, rest = tool.GROUPS
+    assert share == {binary: 60., engine: 10., aten: 5., rest: 25.}
+    # the shift binding (outside the kernel namespaces) is not the kernel
+    assert any('(anonymous namespace)::shift' in s for _, s in members[rest])
+    assert tool.function_name('ns::(anonymous namespace)::f<a<b>, c>') == 'f'
+
+
+def test_perf_breakdown_names_kernels_that_exist():
+    """Every kernel name the tool groups by is a function in csrc/core (a
+    renamed kernel would otherwise count as 'everything else')."""
+    tool = load_tool('deployment/perf_breakdown.py')
+    src = ''
+    for folder, _, files in os.walk(osp.join(ROOT, 'csrc', 'core')):
+        src += ''.join(open(osp.join(folder, f)).read() for f in files
+                       if f.endswith('.h'))
+    for name in tool.BINARY_FUNCS | tool.FLOAT_FUNCS:
+        assert re.search(rf'\b{name}\s*[(<]', src), name
+    src = open(osp.join(ROOT, 'csrc', 'binary_ops.cpp')).read()
+    for name in tool.BINDING_FLOAT_FUNCS:
+        assert re.search(rf'\b{name}\s*[(<]', src), name
+
+
+def test_perf_breakdown_without_perf(monkeypatch, capsys):
+    tool = load_tool('deployment/perf_breakdown.py')
+    monkeypatch.setattr(tool.shutil, 'which', lambda name: None)
+    assert tool.main([]) == 1
+    assert 'needs Linux perf' in capsys.readouterr().err
