@@ -606,6 +606,29 @@ def test_blocks_in_one_call_match_op_by_op(kw, dtype):
         assert torch.equal(a, b)
 
 
+def test_hooked_inside_follows_hooks_added_and_removed():
+    """A block's ``hooked_inside`` (a counter the ops inside keep) is
+    right before and after its first call, with several hooks on one op
+    and on two ops, and not moved by the block's own hooks."""
+    engine = PackedBHViT(export_model(_reduced_backbone()), torch.float32,
+                         'torch')
+    first, second = [op for _, op in named_ops(engine) if isinstance(
+        op, deploy_blocks.block.PackedBlock)][:2]
+    r0 = second.ffn.reduce.add_hooks(pre=print)  # before its first call
+    assert second.hooked_inside()
+    r0()
+    assert not second.hooked_inside() and not first.hooked_inside()
+    r1, r2 = first.ffn.add_hooks(pre=print), first.ffn.add_hooks(post=print)
+    r3 = first.token_mixer.add_hooks(pre=print)
+    r4 = first.add_hooks(pre=print)
+    for remove in (r1, r2, r3):
+        assert first.hooked_inside() and not second.hooked_inside()
+        remove()
+        remove()  # a second removal changes nothing
+    assert not first.hooked_inside()
+    r4()
+
+
 # --------------------------------------------------------------------------
 # file format
 # --------------------------------------------------------------------------

@@ -246,7 +246,12 @@ class PackedOp:
         self.ext = load_extension() if self.backend == 'cpp' else None
         self._hooks = None  # (pre hooks, post hooks) or None
         self._plan, self._plan_ext = None, None
-        self._inside = None  # {path: op} of the ops inside, found once
+        # the ops inside ({path: op}, found once; dicts: named_ops does not
+        # walk them), how many of them have hooks, and the ops that have
+        # asked whether this one has (kept up to date by add_hooks)
+        self._inside = None
+        self._hooked_inside = 0
+        self._watchers = {}
 
     def make_plan(self):
         """This op's C++ plan (an object of the extension), or None."""
@@ -277,15 +282,25 @@ class PackedOp:
 
     def hooked_inside(self) -> bool:
         """Whether an op inside this one (:func:`named_ops` below it) has
-        hooks (:meth:`add_hooks`); its own do not count."""
-        if self._inside is None:  # a dict: named_ops does not walk it
+        hooks (:meth:`add_hooks`); its own do not count. A counter, kept
+        by the ops inside from the first call on."""
+        if self._inside is None:
             self._inside = dict(list(named_ops(self))[1:])
-        return any(op._hooks is not None for op in self._inside.values())
+            for op in self._inside.values():
+                op._watchers[id(self)] = self
+            self._hooked_inside = sum(op._hooks is not None
+                                      for op in self._inside.values())
+        return self._hooked_inside > 0
+
+    def _hooks_changed(self, delta: int):
+        for op in self._watchers.values():
+            op._hooked_inside += delta
 
     def add_hooks(self, pre=None, post=None):
         """Register hooks; returns a function that removes them."""
         if self._hooks is None:
             self._hooks = ([], [])
+            self._hooks_changed(+1)
         added = [(0, pre), (1, post)]
         for i, h in added:
             if h is not None:
@@ -298,6 +313,7 @@ class PackedOp:
                     self._hooks[i].remove(h)
             if self._hooks is not None and not any(self._hooks):
                 self._hooks = None
+                self._hooks_changed(-1)
 
         return remove
 
