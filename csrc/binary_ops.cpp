@@ -914,13 +914,15 @@ struct BlockPlan {
 
   // the block's output, written over x (as PackedBlock.forward)
   torch::Tensor forward(const torch::Tensor& x) const {
-    const std::vector<torch::Tensor> hn =
+    // h = x + mixer(norm1(x)), written over x, and norm2(h)
+    const std::vector<torch::Tensor> h_hn =
         msmha ? msmha->forward(x, norm1_scale, norm1_bias, norm2_scale,
                                norm2_bias, x)
               : msgdc->forward(x, norm1_scale, norm1_bias, norm2_scale,
                                norm2_bias, x);
-    torch::Tensor out = ffn->forward(hn[1], hn[0], hn[0]);
-    if (shifts) out = shifts->forward(hn[1], out, out);
+    const torch::Tensor &h = h_hn[0], &hn = h_hn[1];
+    torch::Tensor out = ffn->forward(hn, h, h);
+    if (shifts) out = shifts->forward(hn, out, out);
     return out;
   }
 };
