@@ -585,3 +585,34 @@ def test_perf_breakdown_without_perf(monkeypatch, capsys):
     monkeypatch.setattr(tool.shutil, 'which', lambda name: None)
     assert tool.main([]) == 1
     assert 'needs Linux perf' in capsys.readouterr().err
+
+
+def _perf_can_sample() -> bool:
+    perf = shutil.which('perf')
+    if perf is None:
+        return False
+    try:
+        r = subprocess.run([perf, 'record', '-q', '-e', 'cpu-clock', '-o',
+                            os.devnull, '--', 'true'], capture_output=True,
+                           timeout=60)
+    except (OSError, subprocess.SubprocessError):
+        return False
+    return r.returncode == 0
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not HAS_EXT, reason='packed-bit C++ kernels not built')
+@pytest.mark.skipif(not _perf_can_sample(),
+                    reason='perf missing or not allowed to sample here')
+@pytest.mark.parametrize('config', ['bhvit-reduced_demo-cls.py',
+                                    'fpn_bhvit-tiny_demo-shapes.py'])
+def test_perf_breakdown_samples_a_forward(config, capsys):
+    tool = load_tool('deployment/perf_breakdown.py')
+    assert tool.main([osp.join(ROOT, 'configs', 'bhvit', config), '--size',
+                      '64', '--seconds', '1', '--frequency', '1000']) == 0
+    out = capsys.readouterr().out
+    shares = {g: float(re.search(rf'([\d.]+) %\s+[\d.]+ ms  {re.escape(g)}',
+                                 out).group(1)) for g in tool.GROUPS}
+    assert abs(sum(shares.values()) - 100) < 0.5
+    assert shares['binary kernels'] > 10  # the kernels were found
+    assert ('(backbone)' in out) == config.startswith('fpn')

@@ -134,10 +134,13 @@ def parse_args(argv=None):
     p.add_argument('config', nargs='?',
                    default='configs/bhvit/bhvit-small_2xb128_in1k.py',
                    help='mmpretrain classifier config (default: '
-                   'BHViT-small)')
+                   'BHViT-small), or an mmseg segmentor config (its '
+                   'backbone is sampled)')
     p.add_argument('--checkpoint', help='trained checkpoint (default: '
                    'random, calibrated)')
-    p.add_argument('--size', type=int, default=224)
+    p.add_argument('--size', type=int,
+                   help='input size (default 224 for classifiers, 512 for '
+                   'segmentors)')
     p.add_argument('--threads', type=int, default=1)
     p.add_argument('--seconds', type=float, default=15.,
                    help='sampling time (default 15)')
@@ -157,15 +160,20 @@ def main(argv=None) -> int:
         return 1
     import torch
 
+    from mmbhvit.apis import task_of
     from mmbhvit.deploy.benchmark import build_pair
-    from mmbhvit.deploy.engine import PackedClassifier
+    from mmbhvit.deploy.engine import PackedBHViT, PackedClassifier
     from mmbhvit.deploy.export import export_model
     from mmbhvit.deploy.ops import load_extension
     from mmbhvit.utils.sysinfo import cpu_description
     torch.set_num_threads(args.threads)
+    classifier = task_of(args.config) == 'classification'
+    size = args.size or (224 if classifier else 512)
     binary, _ = build_pair(args.config, args.checkpoint)
-    engine = PackedClassifier(export_model(binary)).eval()
-    x = torch.randn(1, 3, args.size, args.size,
+    packed = export_model(binary)
+    engine = (PackedClassifier(packed) if classifier else
+              PackedBHViT(packed)).eval()
+    x = torch.randn(1, 3, size, size,
                     generator=torch.Generator().manual_seed(0))
     ext = load_extension()
     stop = threading.Event()
@@ -212,9 +220,9 @@ def main(argv=None) -> int:
     print(f'CPU: {cpu_description()}; kernel set '
           f'{ext.isa() if ext is not None else "none (PyTorch fallback)"}'
           f'; {args.threads} thread(s)')
-    print(f'{args.config}, batch 1, {args.size}x{args.size}: '
-          f'{count[0]} forwards, {ms:.2f} ms each (while sampled); '
-          f'{args.seconds:g} s at {args.frequency} Hz')
+    print(f'{args.config}{"" if classifier else " (backbone)"}, batch 1, '
+          f'{size}x{size}: {count[0]} forwards, {ms:.2f} ms each (while '
+          f'sampled); {args.seconds:g} s at {args.frequency} Hz')
     # shares of the CPU time of all the process's threads: with more than
     # one, threads waiting for work (spinning) count too
     cpu_ms = ms * args.threads
