@@ -5,7 +5,8 @@ counters needed) while it runs forwards, and each sample's function is
 put in one of four groups:
 
 * **binary kernels**: the popcount kernels (1x1 projections and MLPs,
-  MSGDC, patch merging, the attention products, packing of signs);
+  MSGDC, patch merging, the attention products, packing of signs, and
+  the float epilogues inside them);
 * **float kernels (engine)**: the engine's own float kernels (stem, shift
   branches, attention tokens);
 * **float kernels (ATen / MKL)**: library float work (LayerNorm, the
@@ -43,15 +44,17 @@ sys.path.insert(0, ROOT)
 GROUPS = ('binary kernels', 'float kernels (engine)',
           'float kernels (ATen / MKL)', 'everything else')
 
-#: function names (the last component of a C++ symbol, template arguments
-#: dropped) of the engine's kernels in csrc/core, by group
-BINARY_FUNCS = {
-    'proj', 'proj_tile8', 'ffn', 'nibble_block', 'msgdc', 'msgdc_expand',
-    'merge', 'scores', 'scores_rows8', 'context', 'pack', 'token_pack',
-    'head_pack', 'head_pack_t', 'conv', 'popcount_lanes', 'count8'}
+#: the float kernels' functions (the last component of a C++ symbol,
+#: template arguments dropped): those defined in csrc/core/ops/shift.h,
+#: stem.h and tokens.h (a test keeps the two lists equal); every other
+#: function in a kernel unit's namespace is part of a binary op
 FLOAT_FUNCS = {
-    'shift', 'stem', 'stem_epilogue_step', 'window_tokens',
-    'merged_tokens', 'untokens', 'pool_pixel'}
+    'shift', 'shift_run', 'shift_pixels', 'shift_channel', 'wrap_index',
+    'stem', 'stem_block', 'stem_channel', 'stem_row', 'stem_row_channel',
+    'stem_epilogue', 'stem_epilogue_step', 'gelu_rational', 'splat',
+    'window_tokens', 'merged_tokens', 'merged_means', 'untokens',
+    'pool_pixel'}
+FLOAT_HEADERS = ('shift.h', 'stem.h', 'tokens.h')
 #: float work in the bindings (csrc/binary_ops.cpp): the next block norm
 #: written after a projection
 BINDING_FLOAT_FUNCS = {'affine_rows'}
@@ -90,11 +93,8 @@ def classify(dso: str, symbol: str) -> str:
     if ENGINE_SO in dso and symbol.startswith('mmbhvit::'):
         name = function_name(symbol)
         if KERNEL_NS.match(symbol):
-            if name in BINARY_FUNCS:
-                return GROUPS[0]
-            if name in FLOAT_FUNCS:
-                return GROUPS[1]
-        elif name in BINDING_FLOAT_FUNCS:
+            return GROUPS[1] if name in FLOAT_FUNCS else GROUPS[0]
+        if name in BINDING_FLOAT_FUNCS:
             return GROUPS[1]
         return GROUPS[3]  # the bindings: checks, tensor set-up
     if 'libtorch_cpu' in dso and LIBRARY_FLOAT.search(symbol):
