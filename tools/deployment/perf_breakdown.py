@@ -160,17 +160,20 @@ def main(argv=None) -> int:
         return 1
     import torch
 
-    from mmbhvit.apis import task_of
-    from mmbhvit.deploy.benchmark import build_pair
+    from mmbhvit.apis import build_model, task_of
     from mmbhvit.deploy.engine import PackedBHViT, PackedClassifier
     from mmbhvit.deploy.export import export_model
     from mmbhvit.deploy.ops import load_extension
+    from mmbhvit.testing.deploy import calibrate_random_model
     from mmbhvit.utils.sysinfo import cpu_description
     torch.set_num_threads(args.threads)
     classifier = task_of(args.config) == 'classification'
     size = args.size or (224 if classifier else 512)
-    binary, _ = build_pair(args.config, args.checkpoint)
-    packed = export_model(binary)
+    binary = build_model(args.config, args.checkpoint, student_only=True)
+    if args.checkpoint is None:  # random weights made realistic
+        torch.manual_seed(0)
+        calibrate_random_model(binary, (128, 128))
+    packed = export_model(binary.eval())
     engine = (PackedClassifier(packed) if classifier else
               PackedBHViT(packed)).eval()
     x = torch.randn(1, 3, size, size,
