@@ -841,11 +841,10 @@ struct MSMHAPlan {
       const torch::Tensor& norm1_bias, const torch::Tensor& norm2_scale,
       const torch::Tensor& norm2_bias,
       const c10::optional<torch::Tensor>& out) const {
-    check_float(x, x, "x");
-    TORCH_CHECK(x.dim() == 4, "x must be (N, H, W, C), got ", x.sizes());
-    const int64_t n = x.size(0), h = x.size(1), w = x.size(2);
+    // attn_tokens checks x (a contiguous (N, H, W, C) map of the dtype)
     torch::Tensor tok =
         attn_tokens(x, norm1_scale, norm1_bias, mix, rest, window);
+    const int64_t n = x.size(0), h = x.size(1), w = x.size(2);
     tok = at::layer_norm(tok, {x.size(3)}, ln_weight, ln_bias, ln_eps);
     const c10::optional<torch::Tensor> none;
     const torch::Tensor qt = proj_impl(tok, q, none, none, none, none)[0];
