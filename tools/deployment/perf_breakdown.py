@@ -73,8 +73,8 @@ KERNEL_NS = re.compile(r'^mmbhvit::(avx2|avx512|popcnt|generic|neon)::')
 def function_name(symbol: str) -> str:
     """``ns::(anonymous namespace)::proj_tile8<1, true>`` → ``proj_tile8``
     (the name after the last ``::`` outside template arguments)."""
-    depth, cut, out = 0, 0, []
-    for i, ch in enumerate(symbol):
+    depth, out = 0, []
+    for ch in symbol:
         if ch == '<':
             depth += 1
         elif ch == '>':
