@@ -541,32 +541,43 @@ torch::Tensor conv(const torch::Tensor& x, const torch::Tensor& thr,
 }
 
 // ---------------------------------------------------------------------------
+// The softmax table of attn_scores / attention (float32 q only).
+const double* table_data(const torch::Tensor& tb, const torch::Tensor& q,
+                         int64_t heads) {
+  const int64_t c = q.size(2);
+  TORCH_CHECK(q.scalar_type() == torch::kFloat32,
+              "table: the attention map from a table is float32 only (q is ",
+              q.scalar_type(), ")");
+  TORCH_CHECK(tb.device().is_cpu() && tb.scalar_type() == torch::kFloat64 &&
+                  tb.dim() == 1 && tb.size(0) == c / heads + 1 &&
+                  tb.is_contiguous(),
+              "table must be a contiguous CPU float64 vector of head dim "
+              "+ 1 = ", c / heads + 1, " values, got ", tb.scalar_type(),
+              " ", tb.sizes());
+  return tb.data_ptr<double>();
+}
+
+// q (B, T, C) and k like it, C split into `heads`.
+void check_heads(const torch::Tensor& q, const torch::Tensor& k,
+                 int64_t heads) {
+  check_float(q, q, "q");
+  TORCH_CHECK(q.dim() == 3, "q must be (B, T, C), got ", q.sizes());
+  check_tokens_like(k, q, "k");
+  TORCH_CHECK(heads >= 1 && q.size(2) % heads == 0,
+              "channels not divisible by heads");
+}
+
 torch::Tensor attn_scores(const torch::Tensor& q, const torch::Tensor& k,
                           const torch::Tensor& thr_q,
                           const torch::Tensor& thr_k, int64_t heads,
                           double scale,
                           const c10::optional<torch::Tensor>& table) {
-  check_float(q, q, "q");
-  TORCH_CHECK(q.dim() == 3, "q must be (B, T, C), got ", q.sizes());
-  check_tokens_like(k, q, "k");
+  check_heads(q, k, heads);
   const int64_t b = q.size(0), t = q.size(1), c = q.size(2);
-  TORCH_CHECK(heads >= 1 && c % heads == 0, "channels not divisible by heads");
   check_vec(thr_q, q, c, "thr_q");
   check_vec(thr_k, q, c, "thr_k");
-  const double* tab = nullptr;
-  if (table.has_value()) {
-    const torch::Tensor& tb = *table;
-    TORCH_CHECK(q.scalar_type() == torch::kFloat32,
-                "table: the attention map from a table is float32 only (q is ",
-                q.scalar_type(), ")");
-    TORCH_CHECK(tb.device().is_cpu() && tb.scalar_type() == torch::kFloat64 &&
-                    tb.dim() == 1 && tb.size(0) == c / heads + 1 &&
-                    tb.is_contiguous(),
-                "table must be a contiguous CPU float64 vector of head dim "
-                "+ 1 = ", c / heads + 1, " values, got ", tb.scalar_type(),
-                " ", tb.sizes());
-    tab = tb.data_ptr<double>();
-  }
+  const double* tab = table.has_value() ? table_data(*table, q, heads)
+                                        : nullptr;
   torch::Tensor s = torch::empty({b, heads, t, t}, q.options());
   AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "mmbhvit_scores", [&] {
     run_scores(kset(), ptr<scalar_t>(q), ptr<scalar_t>(k),
@@ -576,6 +587,74 @@ torch::Tensor attn_scores(const torch::Tensor& q, const torch::Tensor& k,
   });
   return s;
 }
+
+// The quantizer and epilogue arguments of attn_context / attention.
+struct ContextArgs {
+  int64_t mode, levels;
+  const c10::optional<torch::Tensor>& step;
+  const c10::optional<torch::Tensor>& zero;
+  const std::vector<double>& gsb;
+  const torch::Tensor& ctx_a;
+  const torch::Tensor& ctx_b;
+  const torch::Tensor& slope;
+  const torch::Tensor& post_bias;
+
+  void check(const torch::Tensor& q, const torch::Tensor& v,
+             const torch::Tensor& thr_v, int64_t heads) const {
+    check_tokens_like(v, q, "v");
+    const int64_t c = q.size(2);
+    check_vec(thr_v, q, c, "thr_v");
+    for (auto* x : {&ctx_a, &ctx_b, &slope, &post_bias})
+      check_vec(*x, q, c, "per-channel parameter");
+    TORCH_CHECK(mode == kLSQ || mode == kGSB,
+                "mode must be 0 (LSQ) or 1 (GSB)");
+    if (mode == kLSQ) {
+      TORCH_CHECK(levels >= 1 && levels < 256, "levels must be in 1..255");
+      TORCH_CHECK(step.has_value() && zero.has_value(),
+                  "LSQ needs step, zero");
+      check_vec(*step, q, heads, "step");
+      check_vec(*zero, q, heads, "zero");
+    } else {
+      TORCH_CHECK(gsb.size() == 6,
+                  "GSB needs (alpha, a, b1, b2, low, high), got ", gsb.size());
+    }
+  }
+
+  // everything but p, vbits and tw
+  template <typename T>
+  ContextParams<T> params(const torch::Tensor& q, const torch::Tensor& k,
+                          const torch::Tensor& v, int64_t heads,
+                          torch::Tensor& out) const {
+    ContextParams<T> p{};
+    p.q = ptr<T>(q);
+    p.k = ptr<T>(k);
+    p.v = ptr<T>(v);
+    p.b = q.size(0);
+    p.t = q.size(1);
+    p.c = q.size(2);
+    p.heads = heads;
+    p.d = p.c / heads;
+    p.mode = static_cast<int>(mode);
+    p.levels = static_cast<int>(levels);
+    if (mode == kLSQ) {
+      p.step = ptr<T>(*step);
+      p.zero = ptr<T>(*zero);
+    } else {
+      p.g_alpha = static_cast<T>(gsb[0]);
+      p.g_a = static_cast<T>(gsb[1]);
+      p.g_b1 = static_cast<T>(gsb[2]);
+      p.g_b2 = static_cast<T>(gsb[3]);
+      p.g_low = static_cast<T>(gsb[4]);
+      p.g_high = static_cast<T>(gsb[5]);
+    }
+    p.ctx_a = ptr<T>(ctx_a);
+    p.ctx_b = ptr<T>(ctx_b);
+    p.slope = ptr<T>(slope);
+    p.post_bias = ptr<T>(post_bias);
+    p.out = out.data_ptr<T>();
+    return p;
+  }
+};
 
 torch::Tensor attn_context(const torch::Tensor& probs, const torch::Tensor& q,
                            const torch::Tensor& k, const torch::Tensor& v,
@@ -588,64 +667,52 @@ torch::Tensor attn_context(const torch::Tensor& probs, const torch::Tensor& q,
                            const torch::Tensor& ctx_b,
                            const torch::Tensor& slope,
                            const torch::Tensor& post_bias) {
-  check_float(q, q, "q");
-  TORCH_CHECK(q.dim() == 3, "q must be (B, T, C), got ", q.sizes());
-  check_tokens_like(k, q, "k");
-  check_tokens_like(v, q, "v");
-  const int64_t b = q.size(0), t = q.size(1), c = q.size(2);
-  TORCH_CHECK(heads >= 1 && c % heads == 0, "channels not divisible by heads");
-  const int64_t d = c / heads;
+  check_heads(q, k, heads);
+  const int64_t b = q.size(0), t = q.size(1);
   check_float(probs, q, "probs");
   TORCH_CHECK(probs.dim() == 4 && probs.size(0) == b &&
                   probs.size(1) == heads && probs.size(2) == t &&
                   probs.size(3) == t,
               "probs must be (", b, ", ", heads, ", ", t, ", ", t, "), got ",
               probs.sizes());
-  check_vec(thr_v, q, c, "thr_v");
-  for (auto* x : {&ctx_a, &ctx_b, &slope, &post_bias})
-    check_vec(*x, q, c, "per-channel parameter");
-  TORCH_CHECK(mode == kLSQ || mode == kGSB, "mode must be 0 (LSQ) or 1 (GSB)");
-  if (mode == kLSQ) {
-    TORCH_CHECK(levels >= 1 && levels < 256, "levels must be in 1..255");
-    TORCH_CHECK(step.has_value() && zero.has_value(), "LSQ needs step, zero");
-    check_vec(*step, q, heads, "step");
-    check_vec(*zero, q, heads, "zero");
-  } else {
-    TORCH_CHECK(gsb.size() == 6,
-                "GSB needs (alpha, a, b1, b2, low, high), got ", gsb.size());
-  }
+  const ContextArgs args{mode, levels, step, zero, gsb,
+                         ctx_a, ctx_b, slope, post_bias};
+  args.check(q, v, thr_v, heads);
   torch::Tensor out = torch::empty_like(q);
   AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "mmbhvit_context", [&] {
-    ContextParams<scalar_t> p{};
+    ContextParams<scalar_t> p = args.params<scalar_t>(q, k, v, heads, out);
     p.p = ptr<scalar_t>(probs);
-    p.q = ptr<scalar_t>(q);
-    p.k = ptr<scalar_t>(k);
-    p.v = ptr<scalar_t>(v);
-    p.b = b;
-    p.t = t;
-    p.c = c;
-    p.heads = heads;
-    p.d = d;
-    p.mode = static_cast<int>(mode);
-    p.levels = static_cast<int>(levels);
-    if (mode == kLSQ) {
-      p.step = ptr<scalar_t>(*step);
-      p.zero = ptr<scalar_t>(*zero);
-    } else {
-      p.g_alpha = static_cast<scalar_t>(gsb[0]);
-      p.g_a = static_cast<scalar_t>(gsb[1]);
-      p.g_b1 = static_cast<scalar_t>(gsb[2]);
-      p.g_b2 = static_cast<scalar_t>(gsb[3]);
-      p.g_low = static_cast<scalar_t>(gsb[4]);
-      p.g_high = static_cast<scalar_t>(gsb[5]);
-    }
-    p.ctx_a = ptr<scalar_t>(ctx_a);
-    p.ctx_b = ptr<scalar_t>(ctx_b);
-    p.slope = ptr<scalar_t>(slope);
-    p.post_bias = ptr<scalar_t>(post_bias);
-    p.out = out.data_ptr<scalar_t>();
     run_context(kset(), p, ptr<scalar_t>(thr_v), TorchParallel());
   });
+  return out;
+}
+
+// attn_context(attn_scores(q, k, ..., table), q, k, v, ...) in one pass
+// (float32 with the softmax table): the same numbers, the map never stored.
+torch::Tensor attention(const torch::Tensor& q, const torch::Tensor& k,
+                        const torch::Tensor& v, const torch::Tensor& thr_q,
+                        const torch::Tensor& thr_k,
+                        const torch::Tensor& thr_v, int64_t heads,
+                        const torch::Tensor& table, int64_t mode,
+                        int64_t levels,
+                        const c10::optional<torch::Tensor>& step,
+                        const c10::optional<torch::Tensor>& zero,
+                        const std::vector<double>& gsb,
+                        const torch::Tensor& ctx_a,
+                        const torch::Tensor& ctx_b,
+                        const torch::Tensor& slope,
+                        const torch::Tensor& post_bias) {
+  check_heads(q, k, heads);
+  check_vec(thr_q, q, q.size(2), "thr_q");
+  check_vec(thr_k, q, q.size(2), "thr_k");
+  const double* tab = table_data(table, q, heads);
+  const ContextArgs args{mode, levels, step, zero, gsb,
+                         ctx_a, ctx_b, slope, post_bias};
+  args.check(q, v, thr_v, heads);
+  torch::Tensor out = torch::empty_like(q);
+  ContextParams<float> p = args.params<float>(q, k, v, heads, out);
+  run_attention(kset(), p, ptr<float>(thr_q), ptr<float>(thr_k),
+                ptr<float>(thr_v), tab, TorchParallel());
   return out;
 }
 
@@ -818,9 +885,11 @@ torch::Tensor attn_untokens(const torch::Tensor& a, const torch::Tensor& mix,
 // ---------------------------------------------------------------------------
 // The MSMHA token mixer of one block as one call: the ops PackedMSMHA.forward
 // runs one by one (mmbhvit/deploy/blocks/msmha.py), in the same order and
-// through the same functions, so the same numbers; its tensors are bound
-// once, when the engine is built. Per forward this saves ~8 Python-level
-// op calls per block (their argument conversion and interpreter time).
+// through the same functions, so the same numbers (with the float32 softmax
+// table, attention(): scores and context in one pass, the same numbers as
+// the two ops); its tensors are bound once, when the engine is built. Per
+// forward this saves ~8 Python-level op calls per block (their argument
+// conversion and interpreter time).
 struct MSMHAPlan {
   int64_t window;
   torch::Tensor mix, rest, ln_weight, ln_bias;
@@ -850,11 +919,18 @@ struct MSMHAPlan {
     const torch::Tensor qt = proj_impl(tok, q, none, none, none, none)[0];
     const torch::Tensor kt = proj_impl(tok, k, none, none, none, none)[0];
     const torch::Tensor vt = proj_impl(tok, v, none, none, none, none)[0];
-    torch::Tensor p = attn_scores(qt, kt, thr_q, thr_k, heads, scale, table);
-    if (!table.has_value()) p = at::softmax(p, -1);
-    const torch::Tensor a =
-        attn_context(p, qt, kt, vt, thr_v, heads, mode, levels, step, zero,
-                     gsb, ctx_a, ctx_b, ctx_slope, ctx_post);
+    torch::Tensor a;
+    if (table.has_value()) {  // scores and context in one pass
+      a = attention(qt, kt, vt, thr_q, thr_k, thr_v, heads, *table, mode,
+                    levels, step, zero, gsb, ctx_a, ctx_b, ctx_slope,
+                    ctx_post);
+    } else {
+      const torch::Tensor p =
+          at::softmax(attn_scores(qt, kt, thr_q, thr_k, heads, scale, table),
+                      -1);
+      a = attn_context(p, qt, kt, vt, thr_v, heads, mode, levels, step, zero,
+                       gsb, ctx_a, ctx_b, ctx_slope, ctx_post);
+    }
     const torch::Tensor mixed =
         attn_untokens(a, out_mix, out_rest, n, h, w, window);
     return proj_impl(mixed, proj, x, norm2_scale, norm2_bias, out);
@@ -992,6 +1068,8 @@ std::vector<std::pair<std::string, std::string>> kernel_paths() {
   // every set: the engine's float32 map from the softmax table
   out[3].second += "; float32: the softmax taken in the kernel (numerators "
                    "from a float64 exp table, row sums in float64)";
+  out[4].second += "; float32 in a block: one pass from the scores' counts "
+                   "(the map not stored, LSQ levels looked up by count)";
   return out;
 }
 
@@ -1066,6 +1144,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::call_guard<py::gil_scoped_release>());
   m.def("attn_context", &attn_context,
         "context of a bit-plane attention map with binary values",
+        py::call_guard<py::gil_scoped_release>());
+  m.def("attention", &attention,
+        "attn_scores with the softmax table, then attn_context, in one pass "
+        "(float32; the same numbers)",
         py::call_guard<py::gil_scoped_release>());
   m.def("attn_tokens", &attn_tokens,
         "MSMHA tokens: norm1, padding, windows + merged tokens (pre-LN)",

@@ -222,6 +222,60 @@ def test_attention_map_from_the_softmax_table():
 
 
 @pytest.mark.skipif(not HAS_EXT, reason='packed-bit C++ kernels not built')
+def test_attention_in_one_pass_matches_scores_then_context():
+    """``attention`` (the one pass a float32 block runs) gives the bits of
+    ``attn_scores(..., table)`` then ``attn_context`` on every kernel set:
+    LSQ levels looked up by count (2 planes: 8 at a time; 3 planes, 1
+    plane: one by one), and the map row kept for GSB and for a step <= 0
+    (levels then not monotone in the count); 1-2 words of keys, head
+    dims not multiples of 8. The cases reach every level (else equal
+    outputs would prove little). float64 and a short table are refused."""
+    from mmbhvit.deploy.blocks.msmha import softmax_table
+    ext = deploy_ops.load_extension()
+    g = torch.Generator().manual_seed(5)
+    gsb = [0.05, 0.7, 0.5, 0.25, 0.3, 0.6]
+    cases = (  # b, t, c, heads, mode, levels, step, scale factor
+        (4, 53, 256, 4, 0, 3, 0.08, 1.0), (1, 50, 512, 8, 0, 3, 0.02, 2.0),
+        (2, 74, 96, 2, 0, 3, 0.05, 3.0), (2, 13, 48, 3, 0, 7, 0.04, 1.0),
+        (3, 130, 64, 4, 0, 2, 0.01, 4.0), (1, 20, 36, 3, 0, 1, 0.05, 2.0),
+        (2, 37, 40, 2, 1, 0, 0.1, 1.0), (1, 9, 64, 1, 0, 3, -0.1, 1.0))
+    old = ext.isa()
+    try:
+        for b, t, c, h, mode, levels, step0, f in cases:
+            q, k, v = (torch.randn(b, t, c, generator=g) for _ in range(3))
+            thr = [0.3 * torch.randn(c, generator=g) for _ in range(3)]
+            d = c // h
+            table = softmax_table(d, f * d**-0.5)
+            step = step0 * (1 + 0.5 * torch.rand(h, generator=g))
+            zero = torch.rand(h, generator=g) - 0.5
+            ep = [torch.randn(c, generator=g) for _ in range(4)]
+            gs = gsb if mode == 1 else []
+            if mode == 0 and step0 > 0:
+                p = ext.attn_scores(q, k, thr[0], thr[1], h, 0.1, table)
+                u = p * levels / step.view(1, -1, 1, 1) + zero.view(
+                    1, -1, 1, 1)
+                lv = torch.round(u).clamp(0, levels)
+                assert set(lv.unique().tolist()) == set(range(levels + 1))
+            for s in ext.available_isas():
+                ext.set_isa(s)
+                p = ext.attn_scores(q, k, thr[0], thr[1], h, 0.1, table)
+                ref = ext.attn_context(p, q, k, v, thr[2], h, mode, levels,
+                                       step, zero, gs, *ep)
+                out = ext.attention(q, k, v, *thr, h, table, mode, levels,
+                                    step, zero, gs, *ep)
+                assert torch.equal(out, ref), (s, b, t, c, h, mode, levels)
+        with pytest.raises(RuntimeError, match='float32 only'):
+            ext.attention(*(x.double() for x in (q, k, v, *thr)), h, table,
+                          mode, levels, step.double(), zero.double(), gs,
+                          *(x.double() for x in ep))
+        with pytest.raises(RuntimeError, match='head dim \\+ 1'):
+            ext.attention(q, k, v, *thr, h, table[:-1], mode, levels, step,
+                          zero, gs, *ep)
+    finally:
+        ext.set_isa(old)
+
+
+@pytest.mark.skipif(not HAS_EXT, reason='packed-bit C++ kernels not built')
 def test_kernel_benchmark_cases_run():
     """Every op of ``benchmark_binary.py --kernels`` runs once and gives
     finite outputs (the benchmark itself is not a test)."""
@@ -266,7 +320,8 @@ def test_kernel_benchmark_against_another_build(tmp_path, capsys):
     out = capsys.readouterr().out
     names = {'proj q/k/v stage3 212x256', 'attn stage4 1x50x512 h8 q.k',
              'attn stage4 1x50x512 h8 map',
-             'attn stage4 1x50x512 h8 context'}
+             'attn stage4 1x50x512 h8 context',
+             'attn stage4 1x50x512 h8 1 pass'}
     assert {r[0] for r in rows} == names and len(rows) == 2 * len(names)
     # the fastest round beside the median: never slower, never a larger
     # share of the peak read from a slower time

@@ -40,6 +40,7 @@ struct Kernels {
   void (*token_pack)(const HeadPackParams<T>&, int64_t, int64_t);
   void (*scores)(const ScoreParams<T>&, int64_t, int64_t);
   void (*context)(const ContextParams<T>&, int64_t, int64_t);
+  void (*attention)(const AttentionParams<T>&, int64_t, int64_t);
   void (*shift)(const ShiftParams<T>&, int64_t, int64_t);
   void (*merged_tokens)(const TokensParams<T>&, int64_t, int64_t);
   void (*window_tokens)(const TokensParams<T>&, int64_t, int64_t);

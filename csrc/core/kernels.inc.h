@@ -25,10 +25,10 @@ constexpr Kernels<T> kernel_table() {
   return Kernels<T>{&proj<T>,          &ffn<T>,           &pack<T>,
                     &msgdc<T>,         &msgdc_expand<T>,  &merge<T>,
                     &head_pack<T>,     &head_pack_t<T>,   &token_pack<T>,
-                    &scores<T>,        &context<T>,       &shift<T>,
-                    &merged_tokens<T>, &window_tokens<T>, &merged_means<T>,
-                    &untokens<T>,      &conv<T>,          &sign_product<T>,
-                    &sign_weights<T>,  &stem<T>};
+                    &scores<T>,        &context<T>,       &attention<T>,
+                    &shift<T>,         &merged_tokens<T>, &window_tokens<T>,
+                    &merged_means<T>,  &untokens<T>,      &conv<T>,
+                    &sign_product<T>,  &sign_weights<T>,  &stem<T>};
 }
 
 const KernelSet kSet = {MMBHVIT_SET_NAME, MMBHVIT_PATHS, &msgdc_lanes,

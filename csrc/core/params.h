@@ -215,6 +215,15 @@ struct ContextParams {
   T* out;                 // (b, t, c)
 };
 
+// MSMHA's attention from the q/k/v sign bits to the context's epilogue in
+// one pass (float with the softmax table, ScoreParams::table): scores.s and
+// context.p (the map) are not used. Work item: a query row (b, head, i).
+template <typename T>
+struct AttentionParams {
+  ScoreParams<T> scores;
+  ContextParams<T> context;
+};
+
 // MSMHA token layout. attn_tokens: norm1 affine, zero padding to multiples
 // of s, s x s windows, and merged tokens = mix * maxpool + rest * avgpool
 // (kernel = stride = s, padding s / 2, the padding counts in the average)

@@ -162,15 +162,17 @@ void run_conv(const KernelSet& s, ConvParams<T> p, const T* thr, PF&& pf) {
 }
 
 // s_out: (b, heads, t, t)
+// The sign bits of q and k per head (qbits: (b, heads, t, wd), kbits:
+// (b, heads, wd, t_pad), zero past t) and the ScoreParams reading them.
 template <typename T, typename PF>
-void run_scores(const KernelSet& s, const T* q, const T* kk, const T* thr_q,
-                const T* thr_k, int64_t b, int64_t t, int64_t c,
-                int64_t heads, T scale, T* s_out, PF&& pf,
-                const double* table = nullptr) {
-  const Kernels<T>& k = kernels_of<T>(s);
+ScoreParams<T> pack_scores(const Kernels<T>& k, const T* q, const T* kk,
+                           const T* thr_q, const T* thr_k, int64_t b,
+                           int64_t t, int64_t c, int64_t heads,
+                           std::vector<uint64_t>& qbits,
+                           std::vector<uint64_t>& kbits, PF&& pf) {
   const int64_t d = c / heads, wd = words_of(d), t_pad = (t + 7) / 8 * 8;
-  std::vector<uint64_t> qbits(static_cast<size_t>(b * heads * t * wd));
-  std::vector<uint64_t> kbits(static_cast<size_t>(b * heads * wd * t_pad), 0);
+  qbits.assign(static_cast<size_t>(b * heads * t * wd), 0);
+  kbits.assign(static_cast<size_t>(b * heads * wd * t_pad), 0);
   HeadPackParams<T> hp{};
   hp.b = b;
   hp.t = t;
@@ -198,20 +200,32 @@ void run_scores(const KernelSet& s, const T* q, const T* kk, const T* thr_q,
   p.wd = wd;
   p.t_pad = t_pad;
   p.d = d;
+  return p;
+}
+
+template <typename T, typename PF>
+void run_scores(const KernelSet& s, const T* q, const T* kk, const T* thr_q,
+                const T* thr_k, int64_t b, int64_t t, int64_t c,
+                int64_t heads, T scale, T* s_out, PF&& pf,
+                const double* table = nullptr) {
+  const Kernels<T>& k = kernels_of<T>(s);
+  std::vector<uint64_t> qbits, kbits;
+  ScoreParams<T> p =
+      pack_scores(k, q, kk, thr_q, thr_k, b, t, c, heads, qbits, kbits, pf);
   p.scale = scale;
   p.s = s_out;
   p.table = table;
-  pf(b * heads * t, grain_for(wd * t_pad + t),
+  pf(b * heads * t, grain_for(p.wd * p.t_pad + t),
      [&](int64_t i, int64_t e) { k.scores(p, i, e); });
 }
 
-// p: everything but vbits and tw.
+// The sign bits of v along the tokens per (b, head), (b, heads, tw, d), for
+// p (which gets tw and vbits).
 template <typename T, typename PF>
-void run_context(const KernelSet& s, ContextParams<T> p, const T* thr_v,
-                 PF&& pf) {
-  const Kernels<T>& k = kernels_of<T>(s);
+void pack_values(const Kernels<T>& k, ContextParams<T>& p, const T* thr_v,
+                 std::vector<uint64_t>& vbits, PF&& pf) {
   p.tw = words_of(p.t);
-  std::vector<uint64_t> vbits(static_cast<size_t>(p.b * p.heads * p.tw * p.d));
+  vbits.assign(static_cast<size_t>(p.b * p.heads * p.tw * p.d), 0);
   HeadPackParams<T> hp{};
   hp.x = p.v;
   hp.b = p.b;
@@ -226,8 +240,37 @@ void run_context(const KernelSet& s, ContextParams<T> p, const T* thr_v,
   pf(p.b * p.heads, grain_for(p.t * p.d),
      [&](int64_t i, int64_t e) { k.token_pack(hp, i, e); });
   p.vbits = vbits.data();
+}
+
+// p: everything but vbits and tw.
+template <typename T, typename PF>
+void run_context(const KernelSet& s, ContextParams<T> p, const T* thr_v,
+                 PF&& pf) {
+  const Kernels<T>& k = kernels_of<T>(s);
+  std::vector<uint64_t> vbits;
+  pack_values(k, p, thr_v, vbits, pf);
   pf(p.b * p.heads * p.t, grain_for(4 * p.tw * p.d + 4 * p.t),
      [&](int64_t i, int64_t e) { k.context(p, i, e); });
+}
+
+// scores with the table, then context, in one pass (AttentionParams); cp
+// as for run_context (its p unused).
+template <typename T, typename PF>
+void run_attention(const KernelSet& s, ContextParams<T> cp, const T* thr_q,
+                   const T* thr_k, const T* thr_v, const double* table,
+                   PF&& pf) {
+  const Kernels<T>& k = kernels_of<T>(s);
+  std::vector<uint64_t> qbits, kbits, vbits;
+  AttentionParams<T> p{};
+  p.scores = pack_scores(k, cp.q, cp.k, thr_q, thr_k, cp.b, cp.t, cp.c,
+                         cp.heads, qbits, kbits, pf);
+  p.scores.table = table;
+  pack_values(k, cp, thr_v, vbits, pf);
+  p.context = cp;
+  const int64_t per_row = p.scores.wd * p.scores.t_pad + 4 * cp.tw * cp.d +
+                          8 * cp.t;
+  pf(cp.b * cp.heads * cp.t, grain_for(per_row),
+     [&](int64_t i, int64_t e) { k.attention(p, i, e); });
 }
 
 template <typename T, typename PF>

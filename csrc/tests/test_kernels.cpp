@@ -141,6 +141,7 @@ class Runner {
       case 9: return {conv<T>()};
       case 10: return {sign_product<T>()};
       case 11: return {stem<T>()};
+      case 12: return {attention<T>()};
       default: throw std::string("unknown op");
     }
   }
@@ -302,9 +303,29 @@ class Runner {
 
   template <typename T>
   std::vector<T> context() const {
+    std::vector<T> out(static_cast<size_t>(at("q").numel()));
+    ContextParams<T> p = context_params<T>(out.data());
+    p.p = f<T>("p");
+    run_context(s_, p, f<T>("thr_v"), Chunks());
+    return out;
+  }
+
+  template <typename T>
+  std::vector<T> attention() const {
+    if (sizeof(T) != sizeof(float))
+      throw std::string("the attention in one pass is float32 only");
+    std::vector<T> out(static_cast<size_t>(at("q").numel()));
+    run_attention(s_, context_params<T>(out.data()), f<T>("thr_q"),
+                  f<T>("thr_k"), f<T>("thr_v"), at("table").as<double>(),
+                  Chunks());
+    return out;
+  }
+
+  // everything but the map p (context) and the sign bits
+  template <typename T>
+  ContextParams<T> context_params(T* out) const {
     const Array& q = at("q");
     ContextParams<T> p{};
-    p.p = f<T>("p");
     p.q = q.as<T>();
     p.k = f<T>("k");
     p.v = f<T>("v");
@@ -331,10 +352,8 @@ class Runner {
     p.ctx_b = f<T>("ctx_b");
     p.slope = f<T>("slope");
     p.post_bias = f<T>("post_bias");
-    std::vector<T> out(static_cast<size_t>(q.numel()));
-    p.out = out.data();
-    run_context(s_, p, f<T>("thr_v"), Chunks());
-    return out;
+    p.out = out;
+    return p;
   }
 
   template <typename T>

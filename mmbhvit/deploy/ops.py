@@ -51,8 +51,9 @@ BUILD_HINT = ('they are compiled against the environment\'s torch at install '
 #: older source lacks some, and is then refused as a whole (with a message
 #: saying to rebuild) instead of failing in the middle of a forward.
 ENGINE_OPS = ('proj', 'proj_norm', 'ffn', 'msgdc', 'merge', 'merge_norm',
-              'conv', 'attn_scores', 'attn_context', 'attn_tokens',
-              'attn_untokens', 'shift', 'stem', 'isa', 'set_isa',
+              'conv', 'attn_scores', 'attn_context', 'attention',
+              'attn_tokens', 'attn_untokens', 'shift', 'stem', 'isa',
+              'set_isa',
               'available_isas', 'kernel_sets', 'kernel_paths',
               'cpu_clock_hz', 'MSMHAPlan', 'MSGDCPlan', 'FFNPlan', 'ShiftPlan',
               'BlockPlan')

@@ -193,6 +193,18 @@ def kernel_cases(dtype):
                       lambda ext: ext.attn_context(p, q, k, v, thr[2], heads,
                                                    0, 3, step, zero, [],
                                                    *ep)))
+        if dtype == torch.float32:
+            # q, k, v to the context as a block runs it with this build: in
+            # one pass, or (a build without it) map, then context
+            def attention_pass(ext):
+                if stale_build_reason(ext, ('attention', )) is None:
+                    return ext.attention(q, k, v, *thr, heads, table, 0, 3,
+                                         step, zero, [], *ep)
+                return ext.attn_context(attention_map(ext), q, k, v, thr[2],
+                                        heads, 0, 3, step, zero, [], *ep)
+
+            cases.append((name + ' 1 pass',
+                          3 * windows * heads * t * t * d, attention_pass))
 
     def conv(name, h, w, cin, cout, k=3):
         from mmbhvit.deploy.blocks.conv import conv_shortcut

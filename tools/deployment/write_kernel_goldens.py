@@ -54,7 +54,7 @@ from mmbhvit.models.binary.layers import \
 DEFAULT_OUT = osp.join(ROOT, 'csrc', 'tests', 'goldens')
 OPS = dict(proj=0, ffn=1, msgdc=2, merge=3, attn_scores=4, attn_context=5,
            shift=6, attn_tokens=7, attn_untokens=8, conv=9,
-           sign_product=10, stem=11)
+           sign_product=10, stem=11, attention=12)
 SHORTCUTS = dict(none=0, identity=1, tile=2, mean=3, chunk_mean=4)
 DTYPES = {torch.float32: 0, torch.float64: 1, torch.int64: 2, torch.int32: 3}
 
@@ -316,6 +316,39 @@ def context_case(c, b, tk, ch, nh, mode, levels=3):
     return t
 
 
+def attention_case(c, b, tk, ch, nh, mode, levels=3):
+    """q, k, v to the context in one pass (float32, the softmax table): the
+    fallback's map from the table, then its context. Steps so small that
+    the rows' levels range over 0 .. levels."""
+    q, k, v = c.rand(b, tk, ch), c.rand(b, tk, ch), c.rand(b, tk, ch)
+    t = dict(q=q, k=k, v=v)
+    for n in ('thr_q', 'thr_k', 'thr_v'):
+        t[n] = c.rand(ch, scale=0.3)
+    for n in ('ctx_a', 'ctx_b', 'slope', 'post_bias'):
+        t[n] = c.rand(ch)
+    params = {'q_thr': t['thr_q'], 'k_thr': t['thr_k'], 'v_thr': t['thr_v'],
+              'ctx.a': t['ctx_a'], 'ctx.b': t['ctx_b'],
+              'ctx.slope': t['slope'], 'ctx.post_bias': t['post_bias']}
+    if mode == 'lsq':
+        t['step'] = params['lsq.step'] = c.uniform(nh, lo=0.02, hi=0.05)
+        t['zero'] = params['lsq.zero'] = c.uniform(nh, lo=-0.5, hi=0.5)
+        attention = dict(binarizer='lsq', levels=levels)
+        gsb = [0.0] * 6
+    else:
+        gsb = [0.05, 0.7, 0.5, 0.25, 0.3, 0.6]
+        params['gsb'] = torch.tensor(gsb[:4], dtype=torch.float64)
+        attention = dict(binarizer='gsb', low=gsb[4], high=gsb[5])
+    spec = attention_spec(ch, nh, attention)
+    scores = fallback_op(AttentionScores, spec, params, c.dtype)
+    context = fallback_op(AttentionContext, spec, params, c.dtype)
+    assert scores.table is not None, 'the table is float32 only'
+    t['table'] = scores.table
+    t['gsb'] = torch.tensor(gsb, dtype=torch.float64)
+    t['meta'] = torch.tensor([nh, int(mode == 'gsb'), levels])
+    t['out'] = context(scores(q, k), q, k, v)
+    return t
+
+
 def shift_case(c, n, h, w, ch, taps, residual):
     x = c.rand(n, h, w, ch)
     dy = [dy for dy, _ in taps]
@@ -440,12 +473,19 @@ CASES = [
     # pixels cut at the image boundary, and without GELU and embedding
     ('stem', stem_case, (2, 3, 8, 12, 70, True, True)),
     ('stem_plain', stem_case, (1, 4, 4, 8, 24, False, False)),
+    # MSMHA's attention in one pass: LSQ levels by count (2 planes: 8 keys
+    # at a time on AVX2 / AVX-512; 3 planes: one by one; 2 words of keys),
+    # GSB from the map row; rows split between the test's chunks
+    ('attention_lsq', attention_case, (2, 37, 96, 2, 'lsq', 3)),
+    ('attention_lsq7', attention_case, (1, 70, 24, 1, 'lsq', 7)),
+    ('attention_gsb', attention_case, (1, 29, 40, 2, 'gsb')),
 ]
 
 #: the larger cases, in float32 only (the files stay small)
 FLOAT32_ONLY = ('msgdc_words_wide', 'msgdc_lanes32', 'scores_long',
                 'context_lsq7', 'context_gsb', 'conv_chunk', 'conv_none5',
-                'conv_deep', 'ffn_nibbles', 'msgdc_inner', 'scores_table')
+                'conv_deep', 'ffn_nibbles', 'msgdc_inner', 'scores_table',
+                'attention_lsq', 'attention_lsq7', 'attention_gsb')
 
 
 def main(argv=None):
