@@ -672,7 +672,8 @@ inline void lsq_bounds8(const double* tab, double inv, int64_t spread,
   const __m256 vmax = _mm256_set1_ps(lv_max), vstep = _mm256_set1_ps(step),
                vzero = _mm256_set1_ps(zero);
   int64_t count[3] = {0, 0, 0};
-  for (int64_t n0 = 0;; n0 += 8) {
+  // whether lane 7 of the block from n0 is above the last level
+  auto block = [&](int64_t n0) {
     const __m128 lo =
         _mm256_cvtpd_ps(_mm256_mul_pd(_mm256_loadu_pd(tab + n0), vinv));
     const __m128 hi =
@@ -689,49 +690,57 @@ inline void lsq_bounds8(const double* tab, double inv, int64_t spread,
           _mm256_cmpgt_epi32(lv, _mm256_set1_epi32(k))))));
     const unsigned above = unsigned(_mm256_movemask_ps(_mm256_castsi256_ps(
         _mm256_cmpgt_epi32(lv, _mm256_set1_epi32(last)))));
-    if ((above & 0x80u) == 0 || n0 + 8 > spread) break;
-  }
+    return (above & 0x80u) != 0;
+  };
+  // the first two blocks without a test between them (most rows end in
+  // them: a block past the last level counts nothing above it)
+  bool more = block(0);
+  if (spread >= 8) more = block(8);
+  for (int64_t n0 = 16; more && n0 <= spread; n0 += 8) more = block(n0);
   for (int k = 0; k < 3; ++k) m[k] = last > k ? spread + 1 : count[k];
 }
 
 // Two planes from m: g_k = the keys of level >= k (c_j < c0 + m[k - 1]),
-// plane 0 = g1 ^ g2 ^ g3 (the level's parity), plane 1 = g2.
+// plane 0 = g1 ^ g2 ^ g3 (the level's parity), plane 1 = g2; each word
+// formed in a register and stored once (planes: 2 tw words, written whole).
 inline void planes_by_bounds2(const int32_t* c, int64_t t, int64_t c0,
                               const int64_t* m, int64_t tw,
                               uint64_t* planes) {
   __m256i bound[3];
-  for (int k = 0; k < 3; ++k) bound[k] = _mm256_set1_epi32(int32_t(c0 + m[k]));
-  for (int64_t j = 0; j < t; j += 8) {
-    const __m256i cj =
-        _mm256_loadu_si256(reinterpret_cast<const __m256i*>(c + j));
-    unsigned g[3];
-    for (int k = 0; k < 3; ++k)
-      g[k] = unsigned(_mm256_movemask_ps(
-          _mm256_castsi256_ps(_mm256_cmpgt_epi32(bound[k], cj))));
-    const unsigned valid = t - j >= 8 ? 0xFFu : (1u << (t - j)) - 1u;
-    set_bits(planes, j, (g[0] ^ g[1] ^ g[2]) & valid);
-    set_bits(planes + tw, j, g[1] & valid);
+  for (int k = 0; k < 3; ++k)
+    bound[k] = _mm256_set1_epi32(int32_t(c0 + m[k]));
+  for (int64_t w = 0; w < tw; ++w) {
+    uint64_t p0 = 0, p1 = 0;
+    const int64_t end = t - 64 * w < 64 ? t - 64 * w : 64;
+    for (int64_t j = 0; j < end; j += 8) {
+      const __m256i cj = _mm256_loadu_si256(
+          reinterpret_cast<const __m256i*>(c + 64 * w + j));
+      unsigned g[3];
+      for (int k = 0; k < 3; ++k)
+        g[k] = unsigned(_mm256_movemask_ps(
+            _mm256_castsi256_ps(_mm256_cmpgt_epi32(bound[k], cj))));
+      const unsigned valid = end - j >= 8 ? 0xFFu : (1u << (end - j)) - 1u;
+      p0 |= uint64_t((g[0] ^ g[1] ^ g[2]) & valid) << j;
+      p1 |= uint64_t(g[1] & valid) << j;
+    }
+    planes[w] = p0;
+    planes[tw + w] = p1;
   }
 }
 
-// LSQ planes of one row by count (float, levels <= 3).
-inline bool planes_by_count2(const ContextParams<float>& p, int64_t h,
-                             const double* tab, const int32_t* c,
-                             int64_t c0, double inv, int64_t spread,
-                             uint64_t* planes) {
-  if (p.levels > 3) return false;
-  int64_t m[3];
-  lsq_bounds8(tab, inv, spread, p.levels, p.step[h], p.zero[h], m);
-  planes_by_bounds2(c, p.t, c0, m, p.tw, planes);
-  return true;
+inline bool bounds_fit(const ContextParams<float>& p, int nplanes) {
+  return nplanes == 2 && p.levels <= 3;
 }
+#else
+inline bool bounds_fit(const ContextParams<float>&, int) { return false; }
+inline void lsq_bounds8(const double*, double, int64_t, int, float, float,
+                        int64_t*) {}
+inline void planes_by_bounds2(const int32_t*, int64_t, int64_t,
+                              const int64_t*, int64_t, uint64_t*) {}
 #endif
-template <typename T>
-inline bool planes_by_count2(const ContextParams<T>&, int64_t,
-                             const double*, const int32_t*, int64_t, double,
-                             int64_t, uint64_t*) {
-  return false;
-}
+inline bool bounds_fit(const ContextParams<double>&, int) { return false; }
+inline void lsq_bounds8(const double*, double, int64_t, int, double, double,
+                        int64_t*) {}
 
 // The counts of nk rows from item (one (b, head)) into cbuf (t_pad apart).
 template <typename T>
@@ -797,13 +806,19 @@ void attention(const AttentionParams<T>& p, int64_t begin, int64_t end) {
     const bool by_level = cp.mode == kLSQ && falling && cp.step[h] > T(0) &&
                           cp.step[h] * T(0) == T(0) &&
                           cp.zero[h] * T(0) == T(0);
+    // levels <= 3 by count: each row's bounds first (independent chains)
+    const bool bounds = by_level && bounds_fit(cp, nplanes);
+    int64_t m[4][3];
+    for (int k = 0; bounds && k < nk; ++k)
+      lsq_bounds8(tab.ptr, inv[k], spread[k], cp.levels, cp.step[h],
+                  cp.zero[h], m[k]);
     for (int k = 0; k < nk; ++k) {
       const int32_t* c = cbuf.ptr + k * t_pad;
       if (by_level) {
-        for (int64_t w = 0; w < nplanes * cp.tw; ++w) planes.ptr[w] = 0;
-        if (nplanes != 2 ||
-            !planes_by_count2(cp, h, tab.ptr, c, c0[k], inv[k], spread[k],
-                              planes.ptr)) {
+        if (bounds) {
+          planes_by_bounds2(c, t, c0[k], m[k], cp.tw, planes.ptr);
+        } else {
+          for (int64_t w = 0; w < nplanes * cp.tw; ++w) planes.ptr[w] = 0;
           int32_t last;
           const int64_t n_stop =
               lsq_row_levels(sp.table, inv[k], spread[k], cp.levels,
