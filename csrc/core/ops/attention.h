@@ -596,11 +596,13 @@ void context(const ContextParams<T>& p, int64_t begin, int64_t end) {
   Scratch<T> ctx(p.d);
   for (int64_t item = begin; item < end; ++item) {
     const int64_t h = (item / p.t) % p.heads;
-    map_planes(p, p.p + item * p.t, h, nplanes, planes.ptr);
-    if (fused)
+    if (fused) {  // 2 planes as a constant: lsq_planes' plane loop unrolled
+      map_planes(p, p.p + item * p.t, h, 2, planes.ptr);
       context_row2(p, item, planes.ptr);
-    else
+    } else {
+      map_planes(p, p.p + item * p.t, h, nplanes, planes.ptr);
       context_row(p, item, planes.ptr, nplanes, sums.ptr, ctx.ptr);
+    }
   }
 }
 
