@@ -105,7 +105,29 @@ int64_t words_for(int64_t bits) { return words_of(bits); }
 struct ProjArgs {
   torch::Tensor thr, wt, a, b, slope, post_scale, post_bias;
   int64_t cout, shortcut;
+  // A plan's projection is checked once, for inputs of `cin` channels in
+  // the dtype of its tensors, and its pointers kept (params below): a
+  // call then reads none of its tensors' metadata (~1 % of a forward, most
+  // of it cache misses on tensors the kernels have not touched for a while)
+  int64_t checked_cin = -1;
+  ProjParams<float> f32{};
+  ProjParams<double> f64{};
+
+  void prepare(int64_t cin);
+  bool prepared(const torch::Tensor& x, int64_t cin) const {
+    return cin == checked_cin && x.scalar_type() == thr.scalar_type();
+  }
+  template <typename T>
+  const ProjParams<T>& params() const;
 };
+template <>
+const ProjParams<float>& ProjArgs::params<float>() const {
+  return f32;
+}
+template <>
+const ProjParams<double>& ProjArgs::params<double>() const {
+  return f64;
+}
 
 void check_proj(const torch::Tensor& x, int64_t cin, const ProjArgs& p) {
   TORCH_CHECK(cin > 0 && p.cout > 0, "channel counts must be positive, got ",
@@ -147,6 +169,25 @@ ProjParams<T> proj_params(const ProjArgs& a, int64_t cin) {
   return p;
 }
 
+void ProjArgs::prepare(int64_t cin) {
+  check_proj(thr, cin, *this);
+  if (thr.scalar_type() == torch::kFloat32)
+    f32 = proj_params<float>(*this, cin);
+  else
+    f64 = proj_params<double>(*this, cin);
+  checked_cin = cin;
+}
+
+// a's checked parameters for x (cin channels), or those of a plan's
+// projection, checked once
+template <typename T>
+ProjParams<T> checked_params(const torch::Tensor& x, int64_t cin,
+                             const ProjArgs& a) {
+  if (a.prepared(x, cin)) return a.params<T>();
+  check_proj(x, cin, a);
+  return proj_params<T>(a, cin);
+}
+
 ProjArgs proj_args(const std::vector<torch::Tensor>& t, int64_t cout,
                    int64_t shortcut) {
   TORCH_CHECK(t.size() == 7, "expected (thr, wt, a, b, slope, post_scale, "
@@ -170,20 +211,15 @@ torch::Tensor nibble_lut(const torch::Tensor& wt, int64_t cin, int64_t cout) {
   return lut;
 }
 
-torch::Tensor ffn(const torch::Tensor& x, const torch::Tensor& residual,
-                  const std::vector<torch::Tensor>& expand, int64_t hidden,
-                  int64_t expand_shortcut,
-                  const std::vector<torch::Tensor>& reduce,
-                  int64_t reduce_shortcut,
-                  const c10::optional<torch::Tensor>& expand_lut,
-                  const c10::optional<torch::Tensor>& out) {
+torch::Tensor ffn_impl(const torch::Tensor& x, const torch::Tensor& residual,
+                       const ProjArgs& e, const ProjArgs& r,
+                       const c10::optional<torch::Tensor>& expand_lut,
+                       const c10::optional<torch::Tensor>& out) {
   check_float(x, x, "x");
-  const int64_t c = x.size(-1);
+  const int64_t c = x.size(-1), hidden = e.cout;
   const int64_t tokens = c > 0 ? x.numel() / c : 0;
-  ProjArgs e = proj_args(expand, hidden, expand_shortcut);
-  ProjArgs r = proj_args(reduce, c, reduce_shortcut);
-  check_proj(x, c, e);
-  check_proj(x, hidden, r);
+  TORCH_CHECK(r.cout == c, "the reduction gives ", r.cout,
+              " channels, x has ", c);
   check_tokens_like(residual, x, "residual");
   const int8_t* lut = nullptr;
   if (expand_lut.has_value() && expand_lut->numel() > 0) {
@@ -195,22 +231,35 @@ torch::Tensor ffn(const torch::Tensor& x, const torch::Tensor& residual,
                     t.numel() == nibble_lut_bytes(c, hidden),
                 "expand_lut of ", t.numel(), " bytes is not the nibble "
                 "table of a ", c, " -> ", hidden, " expansion");
-    lut = t.data_ptr<int8_t>();
+    lut = static_cast<const int8_t*>(t.const_data_ptr());
   }
   torch::Tensor y = output_tensor(x, x.sizes(), out, &x, &residual);
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "mmbhvit_ffn", [&] {
     FfnParams<scalar_t> p{};
-    p.expand = proj_params<scalar_t>(e, c);
+    p.expand = checked_params<scalar_t>(x, c, e);
     p.expand.x = ptr<scalar_t>(x);
     p.expand.tokens = tokens;
     p.expand.lut = lut;
-    p.reduce = proj_params<scalar_t>(r, hidden);
+    p.reduce = checked_params<scalar_t>(x, hidden, r);
     p.reduce.tokens = tokens;
     p.reduce.residual = ptr<scalar_t>(residual);
     p.reduce.y = y.data_ptr<scalar_t>();
     run_ffn(kset(), p, TorchParallel());
   });
   return y;
+}
+
+torch::Tensor ffn(const torch::Tensor& x, const torch::Tensor& residual,
+                  const std::vector<torch::Tensor>& expand, int64_t hidden,
+                  int64_t expand_shortcut,
+                  const std::vector<torch::Tensor>& reduce,
+                  int64_t reduce_shortcut,
+                  const c10::optional<torch::Tensor>& expand_lut,
+                  const c10::optional<torch::Tensor>& out) {
+  check_float(x, x, "x");
+  return ffn_impl(x, residual, proj_args(expand, hidden, expand_shortcut),
+                  proj_args(reduce, x.size(-1), reduce_shortcut), expand_lut,
+                  out);
 }
 
 // The next block norm of the rows [b, e) of y (c values each): yn = y * s,
@@ -258,7 +307,8 @@ std::vector<torch::Tensor> proj_impl(
   TORCH_CHECK(x.dim() >= 1, "x must have a channel dimension");
   const int64_t cin = x.size(-1), cout = args.cout;
   const int64_t tokens = cin > 0 ? x.numel() / cin : 0;
-  check_proj(x, cin, args);
+  const bool prepared = args.prepared(x, cin);
+  if (!prepared) check_proj(x, cin, args);
   auto out_sizes = x.sizes().vec();
   out_sizes.back() = cout;
   if (residual.has_value()) {
@@ -279,7 +329,8 @@ std::vector<torch::Tensor> proj_impl(
     yn = torch::empty_like(y);
   }
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "mmbhvit_proj", [&] {
-    ProjParams<scalar_t> p = proj_params<scalar_t>(args, cin);
+    ProjParams<scalar_t> p = prepared ? args.params<scalar_t>()
+                                      : proj_params<scalar_t>(args, cin);
     p.x = ptr<scalar_t>(x);
     p.tokens = tokens;
     p.residual = residual.has_value() ? ptr<scalar_t>(*residual) : nullptr;
@@ -959,14 +1010,12 @@ struct MSGDCPlan {
 };
 
 struct FFNPlan {
-  std::vector<torch::Tensor> expand, reduce;
-  int64_t hidden, expand_shortcut, reduce_shortcut;
+  ProjArgs expand, reduce;  // prepared
   c10::optional<torch::Tensor> expand_lut;
 
   torch::Tensor forward(const torch::Tensor& x, const torch::Tensor& residual,
                         const c10::optional<torch::Tensor>& out) const {
-    return ffn(x, residual, expand, hidden, expand_shortcut, reduce,
-               reduce_shortcut, expand_lut, out);
+    return ffn_impl(x, residual, expand, reduce, expand_lut, out);
   }
 };
 
@@ -1201,8 +1250,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
              p.ln_bias = ln_bias;
              p.ln_eps = ln_eps;
              ProjArgs* dst[4] = {&p.q, &p.k, &p.v, &p.proj};
-             for (int i = 0; i < 4; ++i)
+             for (int i = 0; i < 4; ++i) {
                *dst[i] = proj_args(projs[i], couts[i], shortcuts[i]);
+               dst[i]->prepare(dst[i]->thr.numel());
+             }
              p.heads = heads;
              p.scale = scale;
              p.table = table;
@@ -1268,9 +1319,17 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
                        std::vector<torch::Tensor> reduce,
                        int64_t reduce_shortcut,
                        c10::optional<torch::Tensor> expand_lut) {
-             return std::make_shared<FFNPlan>(FFNPlan{
-                 std::move(expand), std::move(reduce), hidden,
-                 expand_shortcut, reduce_shortcut, expand_lut});
+             auto plan = std::make_shared<FFNPlan>();
+             TORCH_CHECK(!expand.empty() && !reduce.empty(),
+                         "expand, reduce: (thr, wt, a, b, slope, "
+                         "post_scale, post_bias)");
+             const int64_t c = expand[0].numel();
+             plan->expand = proj_args(expand, hidden, expand_shortcut);
+             plan->reduce = proj_args(reduce, c, reduce_shortcut);
+             plan->expand.prepare(c);
+             plan->reduce.prepare(hidden);
+             plan->expand_lut = expand_lut;
+             return plan;
            }),
            py::arg("expand"), py::arg("hidden"), py::arg("expand_shortcut"),
            py::arg("reduce"), py::arg("reduce_shortcut"),

@@ -606,6 +606,45 @@ def test_blocks_in_one_call_match_op_by_op(kw, dtype):
         assert torch.equal(a, b)
 
 
+@pytest.mark.skipif(not HAS_EXT, reason='packed-bit C++ kernels not built')
+def test_plans_check_their_projections_once_and_inputs_every_call():
+    """An MLP's and an attention's plans check their projections when
+    made and keep their pointers, so a call reads only its inputs' metadata:
+    the plan gives the op's bits, and an input of another dtype or channel
+    count (which the kept parameters do not fit) is refused by name."""
+    engine = PackedBHViT(export_model(_reduced_backbone()), torch.float32)
+    block = [op for _, op in named_ops(engine) if isinstance(
+        op, deploy_blocks.block.PackedBlock)][-1]
+    ffn, mixer = block.ffn, block.token_mixer
+    c = ffn.expand.cin
+    g = torch.Generator().manual_seed(0)
+    x, res = (torch.randn(1, 3, 5, c, generator=g) for _ in range(2))
+    plan = ffn.plan()
+    e, r = ffn.expand, ffn.reduce  # the binding that checks every call:
+    assert torch.equal(plan.forward(x, res), ffn.ext.ffn(
+        x, res, e.kernel_args(), e.cout, deploy_ops.SHORTCUTS[e.shortcut],
+        r.kernel_args(), deploy_ops.SHORTCUTS[r.shortcut], ffn.expand_lut))
+    with pytest.raises(RuntimeError, match='thr has dtype Float, expected '
+                       'Double'):
+        plan.forward(x.double(), res.double())
+    with pytest.raises(RuntimeError, match=f'gives {c} channels, x has '
+                       f'{c - 1}'):
+        plan.forward(x[..., :-1].contiguous(), res[..., :-1].contiguous())
+    norms = [(torch.randn(c, generator=g), torch.randn(c, generator=g))
+             for _ in range(2)]
+    y = torch.randn(1, 9, 8, c, generator=g)
+    h, hn = mixer.plan().forward(y, *norms[0], *norms[1])
+    remove = mixer.q.add_hooks(pre=lambda *a: None)  # op by op
+    try:
+        h2, hn2 = mixer(y, norms[0], norms[1])
+    finally:
+        remove()
+    assert torch.equal(h, h2) and torch.equal(hn, hn2)
+    with pytest.raises(RuntimeError, match='expected Double|dtype'):
+        mixer.plan().forward(y.double(), *(t.double() for t in norms[0]),
+                             *(t.double() for t in norms[1]))
+
+
 def test_hooked_inside_follows_hooks_added_and_removed():
     """A block's ``hooked_inside`` (a counter the ops inside keep) is
     right before and after its first call, with several hooks on one op
