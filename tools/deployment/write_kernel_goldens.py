@@ -289,18 +289,18 @@ def scores_case(c, b, tk, ch, nh, table=False):
     return t
 
 
-def context_case(c, b, tk, ch, nh, mode, levels=3):
-    q, k, v = c.rand(b, tk, ch), c.rand(b, tk, ch), c.rand(b, tk, ch)
-    p = c.probs(b, nh, tk, tk)
-    t = dict(p=p, q=q, k=k, v=v, thr_v=c.rand(ch, scale=0.3))
+def context_params(c, t, ch, nh, mode, levels, steps):
+    """The context's epilogue vectors and its quantizer (LSQ steps in the
+    range ``steps``, or the GSB values) into the case ``t``; the packed
+    file's parameters of the two and the spec's ``attention``."""
     for n in ('ctx_a', 'ctx_b', 'slope', 'post_bias'):
         t[n] = c.rand(ch)
     params = {'v_thr': t['thr_v'], 'ctx.a': t['ctx_a'],
               'ctx.b': t['ctx_b'], 'ctx.slope': t['slope'],
-              'ctx.post_bias': t['post_bias'],
-              'q_thr': torch.zeros(ch), 'k_thr': torch.zeros(ch)}
+              'ctx.post_bias': t['post_bias']}
     if mode == 'lsq':
-        t['step'] = params['lsq.step'] = c.uniform(nh, lo=0.05, hi=0.3)
+        t['step'] = params['lsq.step'] = c.uniform(nh, lo=steps[0],
+                                                   hi=steps[1])
         t['zero'] = params['lsq.zero'] = c.uniform(nh, lo=-0.5, hi=0.5)
         attention = dict(binarizer='lsq', levels=levels)
         gsb = [0.0] * 6
@@ -308,10 +308,20 @@ def context_case(c, b, tk, ch, nh, mode, levels=3):
         gsb = [0.05, 0.7, 0.5, 0.25, 0.3, 0.6]  # alpha, a, b1, b2, low, high
         params['gsb'] = torch.tensor(gsb[:4], dtype=torch.float64)
         attention = dict(binarizer='gsb', low=gsb[4], high=gsb[5])
-    op = fallback_op(AttentionContext, attention_spec(ch, nh, attention),
-                     params, c.dtype)
     t['gsb'] = torch.tensor(gsb, dtype=torch.float64)
     t['meta'] = torch.tensor([nh, int(mode == 'gsb'), levels])
+    return params, attention
+
+
+def context_case(c, b, tk, ch, nh, mode, levels=3):
+    q, k, v = c.rand(b, tk, ch), c.rand(b, tk, ch), c.rand(b, tk, ch)
+    p = c.probs(b, nh, tk, tk)
+    t = dict(p=p, q=q, k=k, v=v, thr_v=c.rand(ch, scale=0.3))
+    params, attention = context_params(c, t, ch, nh, mode, levels,
+                                       (0.05, 0.3))
+    params.update(q_thr=torch.zeros(ch), k_thr=torch.zeros(ch))
+    op = fallback_op(AttentionContext, attention_spec(ch, nh, attention),
+                     params, c.dtype)
     t['out'] = op(p, q, k, v)
     return t
 
@@ -324,27 +334,14 @@ def attention_case(c, b, tk, ch, nh, mode, levels=3):
     t = dict(q=q, k=k, v=v)
     for n in ('thr_q', 'thr_k', 'thr_v'):
         t[n] = c.rand(ch, scale=0.3)
-    for n in ('ctx_a', 'ctx_b', 'slope', 'post_bias'):
-        t[n] = c.rand(ch)
-    params = {'q_thr': t['thr_q'], 'k_thr': t['thr_k'], 'v_thr': t['thr_v'],
-              'ctx.a': t['ctx_a'], 'ctx.b': t['ctx_b'],
-              'ctx.slope': t['slope'], 'ctx.post_bias': t['post_bias']}
-    if mode == 'lsq':
-        t['step'] = params['lsq.step'] = c.uniform(nh, lo=0.02, hi=0.05)
-        t['zero'] = params['lsq.zero'] = c.uniform(nh, lo=-0.5, hi=0.5)
-        attention = dict(binarizer='lsq', levels=levels)
-        gsb = [0.0] * 6
-    else:
-        gsb = [0.05, 0.7, 0.5, 0.25, 0.3, 0.6]
-        params['gsb'] = torch.tensor(gsb[:4], dtype=torch.float64)
-        attention = dict(binarizer='gsb', low=gsb[4], high=gsb[5])
+    params, attention = context_params(c, t, ch, nh, mode, levels,
+                                       (0.02, 0.05))
+    params.update(q_thr=t['thr_q'], k_thr=t['thr_k'])
     spec = attention_spec(ch, nh, attention)
     scores = fallback_op(AttentionScores, spec, params, c.dtype)
     context = fallback_op(AttentionContext, spec, params, c.dtype)
     assert scores.table is not None, 'the table is float32 only'
     t['table'] = scores.table
-    t['gsb'] = torch.tensor(gsb, dtype=torch.float64)
-    t['meta'] = torch.tensor([nh, int(mode == 'gsb'), levels])
     t['out'] = context(scores(q, k), q, k, v)
     return t
 

@@ -155,6 +155,18 @@ inline __m256i tail8_mask(int64_t left) {
       _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
 }
 
+// The LSQ levels of 8 probabilities (lsq_planes' operations, below).
+inline __m256i lsq_levels8(__m256 pj, __m256 lv_max, __m256 vstep,
+                           __m256 vzero) {
+  __m256 u = _mm256_mul_ps(pj, lv_max);
+  u = _mm256_div_ps(u, vstep);
+  u = _mm256_add_ps(u, vzero);
+  __m256 r = _mm256_round_ps(u, _MM_FROUND_TO_NEAREST_INT |
+                                    _MM_FROUND_NO_EXC);
+  r = _mm256_min_ps(_mm256_max_ps(r, _mm256_setzero_ps()), lv_max);
+  return _mm256_cvttps_epi32(r);
+}
+
 // The counts of NK query rows (item .., all of (b, head) bh) against every
 // key, into rows of cbuf t_pad apart (lanes past t: the zero-padded keys).
 template <int NK>
@@ -390,13 +402,7 @@ inline void lsq_planes(const float* p, int64_t t, int levels, float step,
     const __m256 pj = t - j >= 8 ? _mm256_loadu_ps(p + j)
                                  : _mm256_maskload_ps(p + j, tail8_mask(t - j));
     const unsigned valid = tail8_bits(t - j);
-    __m256 u = _mm256_mul_ps(pj, lv_max);
-    u = _mm256_div_ps(u, vstep);
-    u = _mm256_add_ps(u, vzero);
-    __m256 r = _mm256_round_ps(u, _MM_FROUND_TO_NEAREST_INT |
-                                      _MM_FROUND_NO_EXC);
-    r = _mm256_min_ps(_mm256_max_ps(r, _mm256_setzero_ps()), lv_max);
-    const __m256i lv = _mm256_cvttps_epi32(r);
+    const __m256i lv = lsq_levels8(pj, lv_max, vstep, vzero);
     for (int pl = 0; pl < nplanes; ++pl) {
       // bit pl of each level to the sign bit, then one bit per lane
       const unsigned m = unsigned(_mm256_movemask_ps(_mm256_castsi256_ps(
@@ -680,13 +686,8 @@ inline void lsq_bounds8(const double* tab, double inv, int64_t spread,
         _mm256_cvtpd_ps(_mm256_mul_pd(_mm256_loadu_pd(tab + n0), vinv));
     const __m128 hi =
         _mm256_cvtpd_ps(_mm256_mul_pd(_mm256_loadu_pd(tab + n0 + 4), vinv));
-    __m256 u = _mm256_mul_ps(_mm256_set_m128(hi, lo), vmax);
-    u = _mm256_div_ps(u, vstep);
-    u = _mm256_add_ps(u, vzero);
-    __m256 r = _mm256_round_ps(u, _MM_FROUND_TO_NEAREST_INT |
-                                      _MM_FROUND_NO_EXC);
-    r = _mm256_min_ps(_mm256_max_ps(r, _mm256_setzero_ps()), vmax);
-    const __m256i lv = _mm256_cvttps_epi32(r);
+    const __m256i lv =
+        lsq_levels8(_mm256_set_m128(hi, lo), vmax, vstep, vzero);
     for (int k = 0; k < 3; ++k)
       count[k] += popc(unsigned(_mm256_movemask_ps(_mm256_castsi256_ps(
           _mm256_cmpgt_epi32(lv, _mm256_set1_epi32(k))))));
