@@ -398,6 +398,7 @@ inline void lsq_planes(const float* p, int64_t t, int levels, float step,
                        float zero, int nplanes, int64_t tw, uint64_t* planes) {
   const __m256 lv_max = _mm256_set1_ps(float(levels));
   const __m256 vstep = _mm256_set1_ps(step), vzero = _mm256_set1_ps(zero);
+  uint64_t word[8] = {};  // each plane's word, in registers (nplanes <= 8)
   for (int64_t j = 0; j < t; j += 8) {
     const __m256 pj = t - j >= 8 ? _mm256_loadu_ps(p + j)
                                  : _mm256_maskload_ps(p + j, tail8_mask(t - j));
@@ -407,8 +408,13 @@ inline void lsq_planes(const float* p, int64_t t, int levels, float step,
       // bit pl of each level to the sign bit, then one bit per lane
       const unsigned m = unsigned(_mm256_movemask_ps(_mm256_castsi256_ps(
           _mm256_sll_epi32(lv, _mm_cvtsi32_si128(31 - pl)))));
-      set_bits(planes + pl * tw, j, m & valid);
+      word[pl] |= uint64_t(m & valid) << (j & 63);
     }
+    if ((j & 63) == 56 || j + 8 >= t)  // a word is complete: one store
+      for (int pl = 0; pl < nplanes; ++pl) {
+        planes[pl * tw + (j >> 6)] |= word[pl];
+        word[pl] = 0;
+      }
   }
 }
 
@@ -424,6 +430,7 @@ inline void gsb_planes(const float* p, int64_t t, float alpha, float low,
   const float hi_s = high * mx, lo_s = low * mx;
   const __m256 va = _mm256_set1_ps(alpha), hi = _mm256_set1_ps(hi_s),
                lo = _mm256_set1_ps(lo_s), one = _mm256_set1_ps(1.f);
+  uint64_t word[4] = {};  // each plane's word, in registers
   for (int64_t j = 0; j < t; j += 8) {
     const __m256 pj = t - j >= 8 ? _mm256_loadu_ps(p + j)
                                  : _mm256_maskload_ps(p + j, tail8_mask(t - j));
@@ -437,10 +444,15 @@ inline void gsb_planes(const float* p, int64_t t, float alpha, float low,
         unsigned(_mm256_movemask_ps(_mm256_cmp_ps(q, lo, _CMP_GT_OQ)));
     const unsigned above_high =
         unsigned(_mm256_movemask_ps(_mm256_cmp_ps(q, hi, _CMP_GT_OQ)));
-    set_bits(planes + 0 * tw, j, round1 & ~above_low & valid);
-    set_bits(planes + 1 * tw, j, ~round1 & above_low & valid);
-    set_bits(planes + 2 * tw, j, above_low & ~above_high & valid);
-    set_bits(planes + 3 * tw, j, above_high & valid);
+    const unsigned bits[4] = {round1 & ~above_low, ~round1 & above_low,
+                              above_low & ~above_high, above_high};
+    for (int pl = 0; pl < 4; ++pl)
+      word[pl] |= uint64_t(bits[pl] & valid) << (j & 63);
+    if ((j & 63) == 56 || j + 8 >= t)  // a word is complete: one store
+      for (int pl = 0; pl < 4; ++pl) {
+        planes[pl * tw + (j >> 6)] |= word[pl];
+        word[pl] = 0;
+      }
   }
 }
 #endif
