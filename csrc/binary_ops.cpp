@@ -256,7 +256,7 @@ torch::Tensor ffn(const torch::Tensor& x, const torch::Tensor& residual,
                   int64_t reduce_shortcut,
                   const c10::optional<torch::Tensor>& expand_lut,
                   const c10::optional<torch::Tensor>& out) {
-  check_float(x, x, "x");
+  // ffn_impl checks x (x.size(-1): only its channel count is read here)
   return ffn_impl(x, residual, proj_args(expand, hidden, expand_shortcut),
                   proj_args(reduce, x.size(-1), reduce_shortcut), expand_lut,
                   out);

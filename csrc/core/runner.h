@@ -161,7 +161,6 @@ void run_conv(const KernelSet& s, ConvParams<T> p, const T* thr, PF&& pf) {
      [&](int64_t b, int64_t e) { k.conv(p, b, e); });
 }
 
-// s_out: (b, heads, t, t)
 // The sign bits of q and k per head (qbits: (b, heads, t, wd), kbits:
 // (b, heads, wd, t_pad), zero past t) and the ScoreParams reading them.
 template <typename T, typename PF>
@@ -203,6 +202,7 @@ ScoreParams<T> pack_scores(const Kernels<T>& k, const T* q, const T* kk,
   return p;
 }
 
+// s_out: (b, heads, t, t)
 template <typename T, typename PF>
 void run_scores(const KernelSet& s, const T* q, const T* kk, const T* thr_q,
                 const T* thr_k, int64_t b, int64_t t, int64_t c,
