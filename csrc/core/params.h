@@ -136,7 +136,7 @@ struct ExpandParams {
 template <typename T>
 struct SpatialParams {
   const T* x;           // (n, h, w, cin)
-  const uint64_t* bits; // (n, h, w, words)
+  const uint64_t* bits; // (n, h, w, words); merge: unused (see thr)
   int64_t n, h, w, cin, cout, words, cout_pad;
   const uint64_t* wt;   // (taps, words, cout_pad)
   const T* a;
@@ -148,10 +148,13 @@ struct SpatialParams {
 
 // Binary 2x2 stride-2 patch merging on an even-sized map x0 (already
 // normalised and zero-padded): y = prelu(a D + b + tile(avgpool2(x0)))
-// + post_bias + pos; 4 taps, y is (n, h / 2, w / 2, cout).
+// + post_bias + pos; 4 taps, y is (n, h / 2, w / 2, cout). Every pixel
+// is in exactly one window, so the kernel packs the sign bits of a
+// window's 4 pixels itself, from the pixels it reads for the shortcut.
 template <typename T>
 struct MergeParams : SpatialParams<T> {
   const T* pos;         // (h / 2, w / 2, cout)
+  const T* thr;         // (cin) the sign thresholds
   const T* in_scale;    // the input norm, x * in_scale + in_bias, applied
   const T* in_bias;     // here (merge_norm), or nullptr: x is normalised
 };

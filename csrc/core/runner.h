@@ -112,14 +112,12 @@ void run_msgdc(const KernelSet& s, MsgdcParams<T> p, bool lanes,
      [&](int64_t b, int64_t e) { k.msgdc(p, b, e); });
 }
 
-// The sign bits (x > thr, or x * in_scale + in_bias > thr) of `pixels`
-// rows of c channels, `words` words per row (one channel group).
+// The sign bits (x > thr) of `pixels` rows of c channels, `words` words
+// per row (one channel group).
 template <typename T, typename PF>
 std::vector<uint64_t> pack_pixels(const Kernels<T>& k, const T* x,
                                   int64_t pixels, int64_t c, int64_t words,
-                                  const T* thr, PF&& pf,
-                                  const T* in_scale = nullptr,
-                                  const T* in_bias = nullptr) {
+                                  const T* thr, PF&& pf) {
   std::vector<uint64_t> bits(static_cast<size_t>(pixels * words));
   PackParams<T> pk{};
   pk.x = x;
@@ -128,24 +126,20 @@ std::vector<uint64_t> pack_pixels(const Kernels<T>& k, const T* x,
   pk.groups = 1;
   pk.cg = c;
   pk.wg = words;
-  pk.in_scale = in_scale;
-  pk.in_bias = in_bias;
   pk.thr = thr;
   pk.bits = bits.data();
   pf(pixels, grain_for(c), [&](int64_t b, int64_t e) { k.pack(pk, b, e); });
   return bits;
 }
 
-// p: everything but bits.
+// p: everything but bits and thr (the kernel packs each window).
 template <typename T, typename PF>
 void run_merge(const KernelSet& s, MergeParams<T> p, const T* thr, PF&& pf) {
   const Kernels<T>& k = kernels_of<T>(s);
-  std::vector<uint64_t> bits = pack_pixels(k, p.x, p.n * p.h * p.w, p.cin,
-                                          p.words, thr, pf, p.in_scale,
-                                          p.in_bias);
-  p.bits = bits.data();
+  p.bits = nullptr;
+  p.thr = thr;
   pf(p.n * (p.h / 2) * (p.w / 2),
-     grain_for(4 * p.words * p.cout_pad + 2 * p.cout),
+     grain_for(4 * p.words * p.cout_pad + 2 * p.cout + 4 * p.cin),
      [&](int64_t b, int64_t e) { k.merge(p, b, e); });
 }
 

@@ -22,7 +22,7 @@
    "vpmaddubsw once (16/32-channel groups); else popcount core: vpshufb, "  \
    "taps accumulated; one epilogue pass for all dilations",                \
    "popcount core: vpshufb, 4 taps accumulated, 8 outputs in registers, "   \
-   "epilogue fused (float)",                                               \
+   "epilogue fused (float; sign bits and shortcut in one pass per window)", \
    "popcount core: vpshufb, 4 query rows per key load, counts in "          \
    "registers (float)",                                                    \
    "popcount core (AND): vpshufb, both bit planes in registers, epilogue "  \

@@ -476,13 +476,19 @@ CASES = [
     ('attention_lsq', attention_case, (2, 37, 96, 2, 'lsq', 3)),
     ('attention_lsq7', attention_case, (1, 70, 24, 1, 'lsq', 7)),
     ('attention_gsb', attention_case, (1, 29, 40, 2, 'gsb')),
+    # patch merging that packs its windows' sign bits itself over 3 words
+    # per pixel (136 channels: the last word partial), with and without
+    # the input norm (AVX2: one pass for the bits and the shortcut)
+    ('merge_words', merge_case, (1, 4, 6, 136, 272)),
+    ('merge_words_norm', merge_case, (2, 2, 4, 136, 136, True)),
 ]
 
 #: the larger cases, in float32 only (the files stay small)
 FLOAT32_ONLY = ('msgdc_words_wide', 'msgdc_lanes32', 'scores_long',
                 'context_lsq7', 'context_gsb', 'conv_chunk', 'conv_none5',
                 'conv_deep', 'ffn_nibbles', 'msgdc_inner', 'scores_table',
-                'attention_lsq', 'attention_lsq7', 'attention_gsb')
+                'attention_lsq', 'attention_lsq7', 'attention_gsb',
+                'merge_words')
 
 
 def main(argv=None):

@@ -1,7 +1,8 @@
 // Copyright (c) mmbhvit contributors. Licensed under the Apache License 2.0.
 //
-// Binary 2x2 stride-2 patch merging: four taps of the popcount core, the
-// tiled average-pool shortcut, PReLU, post bias and position embedding.
+// Binary 2x2 stride-2 patch merging: each window's pixels read once for
+// their sign bits and the tiled average-pool shortcut, four taps of the
+// popcount core, PReLU, post bias and position embedding.
 #pragma once
 
 #include <cstdint>
@@ -13,21 +14,44 @@ namespace mmbhvit {
 namespace MMBHVIT_NS {
 namespace {
 
-// The 2x2 window of output pixel `item`: its four taps (input bits and
-// tap weights) and, per channel, the average of its four (normalised)
-// input pixels (avg_out); returns the output position y * (w / 2) + x in
-// its image.
+// The input pixels of output pixel `item`'s 2x2 window (pix: row-major
+// order, the order of the taps); returns the output position
+// y * (w / 2) + x in its image.
 template <typename T>
-inline int64_t merge_window(const MergeParams<T>& p, int64_t item, Tap* taps,
-                            T* __restrict avg_out) {
+inline int64_t window_pixels(const MergeParams<T>& p, int64_t item,
+                             int64_t* pix) {
   const int64_t ho = p.h / 2, wo = p.w / 2;
   const int64_t n = item / (ho * wo), yx = item % (ho * wo);
   const int64_t y = yx / wo, x = yx % wo;
   const int64_t top = (n * p.h + 2 * y) * p.w + 2 * x, bottom = top + p.w;
-  const int64_t pix[4] = {top, top + 1, bottom, bottom + 1};
+  pix[0] = top;
+  pix[1] = top + 1;
+  pix[2] = bottom;
+  pix[3] = bottom + 1;
+  return yx;
+}
+
+// The four taps of a window (tap weights, and the sign bits of its pixels
+// in bits: 4 x words).
+template <typename T>
+inline void window_taps(const MergeParams<T>& p, const uint64_t* bits,
+                        Tap* taps) {
   for (int t = 0; t < 4; ++t)
-    taps[t] = Tap{p.bits + pix[t] * p.words,
-                  p.wt + t * p.words * p.cout_pad};
+    taps[t] = Tap{bits + t * p.words, p.wt + t * p.words * p.cout_pad};
+}
+
+// The 2x2 window of output pixel `item`: its four taps (the pixels' sign
+// bits packed into bits_out) and, per channel, the average of its four
+// (normalised) input pixels (avg_out); returns window_pixels' position.
+template <typename T>
+inline int64_t merge_window(const MergeParams<T>& p, int64_t item, Tap* taps,
+                            uint64_t* bits_out, T* __restrict avg_out) {
+  int64_t pix[4];
+  const int64_t yx = window_pixels(p, item, pix);
+  for (int t = 0; t < 4; ++t)
+    pack_row(p.x + pix[t] * p.cin, p.thr, p.in_scale, p.in_bias, p.cin,
+             bits_out + t * p.words);
+  window_taps(p, bits_out, taps);
   const T* __restrict x00 = p.x + pix[0] * p.cin;
   const T* __restrict x01 = p.x + pix[1] * p.cin;
   const T* __restrict x10 = p.x + pix[2] * p.cin;
@@ -70,6 +94,43 @@ inline bool merge_fused(const MergeParams<T>&, int64_t, int64_t) {
 }
 
 #if MMBHVIT_AVX2
+// merge_window's bits and averages in one pass over the pixels (cin % 8 ==
+// 0; the same compares as pack_row, the same float operations as the
+// loops above; / 4 and * 0.25 round alike).
+template <bool kNorm>
+inline void window_bits_avg8(const MergeParams<float>& p, const int64_t* pix,
+                             uint64_t* bits_out, float* avg_out) {
+  const int64_t cin = p.cin, W = p.words;
+  const float* xs[4];
+  for (int t = 0; t < 4; ++t) xs[t] = p.x + pix[t] * cin;
+  uint64_t word[4] = {0, 0, 0, 0};
+  for (int64_t i = 0; i < cin; i += 8) {
+    const __m256 th = _mm256_loadu_ps(p.thr + i);
+    __m256 u[4];
+    for (int t = 0; t < 4; ++t) u[t] = _mm256_loadu_ps(xs[t] + i);
+    if (kNorm) {
+      const __m256 sc = _mm256_loadu_ps(p.in_scale + i);
+      const __m256 bi = _mm256_loadu_ps(p.in_bias + i);
+      for (int t = 0; t < 4; ++t)
+        u[t] = _mm256_add_ps(_mm256_mul_ps(u[t], sc), bi);
+    }
+    for (int t = 0; t < 4; ++t)
+      word[t] |= uint64_t(_mm256_movemask_ps(
+                     _mm256_cmp_ps(u[t], th, _CMP_GT_OQ)))
+                 << (i & 63);
+    __m256 s = _mm256_add_ps(u[0], u[1]);
+    s = _mm256_add_ps(s, u[2]);
+    s = _mm256_add_ps(s, u[3]);
+    _mm256_storeu_ps(avg_out + i, _mm256_mul_ps(s, _mm256_set1_ps(0.25f)));
+    if (((i + 8) & 63) == 0 || i + 8 == cin) {
+      for (int t = 0; t < 4; ++t) {
+        bits_out[t * W + (i >> 6)] = word[t];
+        word[t] = 0;
+      }
+    }
+  }
+}
+
 inline bool merge_fused(const MergeParams<float>& p, int64_t begin,
                         int64_t end) {
   const int64_t cin = p.cin, cout = p.cout, W = p.words, CP = p.cout_pad;
@@ -82,13 +143,21 @@ inline bool merge_fused(const MergeParams<float>& p, int64_t begin,
     for (int j = 0; j < 4; ++j)
       for (int i = 0; i < 8; ++i) prm.ptr[4 * o + 8 * j + i] = src[j][o + i];
   Scratch<float> avg(cin);
+  Scratch<uint64_t> bits(4 * W);
   const __m256i full = _mm256_set1_epi32(int32_t(4 * cin));
   for (int64_t item = begin; item < end; ++item) {
+    int64_t pix[4];
+    const int64_t yx = window_pixels(p, item, pix);
+    if (p.in_scale != nullptr)
+      window_bits_avg8<true>(p, pix, bits.ptr, avg.ptr);
+    else
+      window_bits_avg8<false>(p, pix, bits.ptr, avg.ptr);
     Tap taps[4];
-    const int64_t yx = merge_window(p, item, taps, avg.ptr);
+    window_taps(p, bits.ptr, taps);
     const float* pos = p.pos + yx * cout;
     float* yo = p.y + item * cout;
-    for (int64_t o = 0, so = 0; o < cout; o += 8, so = so + 8 == cin ? 0 : so + 8) {
+    for (int64_t o = 0, so = 0; o < cout;
+         o += 8, so = so + 8 == cin ? 0 : so + 8) {
       __m256i cnt;
       count8<BitOp::kXor, 1, false>(taps, 4, W, W, CP, o, &cnt);
       const float* po = prm.ptr + 4 * o;
@@ -108,9 +177,10 @@ void merge(const MergeParams<T>& p, int64_t begin, int64_t end) {
   const int64_t cin = p.cin, cout = p.cout, W = p.words, CP = p.cout_pad;
   Scratch<int32_t> acc(CP);
   Scratch<T> avg(cin);
+  Scratch<uint64_t> bits(4 * W);
   for (int64_t item = begin; item < end; ++item) {
     Tap taps[4];
-    const int64_t yx = merge_window(p, item, taps, avg.ptr);
+    const int64_t yx = merge_window(p, item, taps, bits.ptr, avg.ptr);
     popcount_accumulate<BitOp::kXor, 1>(taps, 4, W, W, CP, cout, acc.ptr, CP);
     const T* __restrict pos = p.pos + yx * cout;
     T* __restrict yo = p.y + item * cout;
