@@ -84,22 +84,24 @@ inline int64_t merge_window(const MergeParams<T>& p, int64_t item, Tap* taps,
   return yx;
 }
 
-// Fused path (AVX2, float): the counts of 8 outputs stay in registers and
-// go straight through the epilogue (same float operations in the same
-// order as the loop below). Not on AVX-512: there the 16-wide epilogue loop
-// after the popcount core measured faster.
+// Fused path (AVX2, float): the counts of 8 outputs of up to 4 output
+// pixels stay in registers and go straight through the epilogue (same
+// float operations in the same order as the loop below). Not on AVX-512:
+// there the 16-wide epilogue loop after the popcount core measured faster.
 template <typename T>
 inline bool merge_fused(const MergeParams<T>&, int64_t, int64_t) {
   return false;
 }
 
 #if MMBHVIT_AVX2
-// merge_window's bits and averages in one pass over the pixels (cin % 8 ==
-// 0; the same compares as pack_row, the same float operations as the
-// loops above; / 4 and * 0.25 round alike).
+// merge_window's bits (tap t's words at bits_out + t * tap_stride) and
+// averages in one pass over the pixels (cin % 8 == 0; the same compares as
+// pack_row, the same float operations as the loops above; / 4 and * 0.25
+// round alike).
 template <bool kNorm>
 inline void window_bits_avg8(const MergeParams<float>& p, const int64_t* pix,
-                             uint64_t* bits_out, float* avg_out) {
+                             uint64_t* bits_out, int64_t tap_stride,
+                             float* avg_out) {
   const int64_t cin = p.cin, W = p.words;
   const float* xs[4];
   for (int t = 0; t < 4; ++t) xs[t] = p.x + pix[t] * cin;
@@ -124,16 +126,53 @@ inline void window_bits_avg8(const MergeParams<float>& p, const int64_t* pix,
     _mm256_storeu_ps(avg_out + i, _mm256_mul_ps(s, _mm256_set1_ps(0.25f)));
     if (((i + 8) & 63) == 0 || i + 8 == cin) {
       for (int t = 0; t < 4; ++t) {
-        bits_out[t * W + (i >> 6)] = word[t];
+        bits_out[t * tap_stride + (i >> 6)] = word[t];
         word[t] = 0;
       }
     }
   }
 }
 
+// NK neighbouring output pixels (items item .. item + NK - 1) sharing
+// the weight and parameter loads; bits: 4 x NK x words, avg: NK x cin.
+template <int NK>
+inline void merge_items(const MergeParams<float>& p, int64_t item,
+                        const float* prm, uint64_t* bits, float* avg,
+                        __m256i full) {
+  const int64_t cin = p.cin, cout = p.cout, W = p.words, CP = p.cout_pad;
+  const float* pos[NK];
+  float* yo[NK];
+  for (int k = 0; k < NK; ++k) {
+    int64_t pix[4];
+    const int64_t yx = window_pixels(p, item + k, pix);
+    if (p.in_scale != nullptr)
+      window_bits_avg8<true>(p, pix, bits + k * W, NK * W, avg + k * cin);
+    else
+      window_bits_avg8<false>(p, pix, bits + k * W, NK * W, avg + k * cin);
+    pos[k] = p.pos + yx * cout;
+    yo[k] = p.y + (item + k) * cout;
+  }
+  Tap taps[4];
+  for (int t = 0; t < 4; ++t)
+    taps[t] = Tap{bits + t * NK * W, p.wt + t * W * CP};
+  for (int64_t o = 0, so = 0; o < cout;
+       o += 8, so = so + 8 == cin ? 0 : so + 8) {
+    __m256i cnt[NK];
+    count8<BitOp::kXor, NK, false>(taps, 4, W, W, CP, o, cnt);
+    const float* po = prm + 4 * o;
+    for (int k = 0; k < NK; ++k) {
+      __m256 z = binary_prelu8<true>(cnt[k], full, po, po + 8,
+                                     avg + k * cin + so, po + 16);
+      z = _mm256_add_ps(z, _mm256_loadu_ps(po + 24));
+      _mm256_storeu_ps(yo[k] + o,
+                       _mm256_add_ps(z, _mm256_loadu_ps(pos[k] + o)));
+    }
+  }
+}
+
 inline bool merge_fused(const MergeParams<float>& p, int64_t begin,
                         int64_t end) {
-  const int64_t cin = p.cin, cout = p.cout, W = p.words, CP = p.cout_pad;
+  const int64_t cin = p.cin, cout = p.cout, W = p.words;
   if (cout % 8 != 0 || cin % 8 != 0 || cout % cin != 0 || 4 * W > 31)
     return false;
   // a, b, slope, post_bias interleaved per block of 8 outputs
@@ -142,31 +181,18 @@ inline bool merge_fused(const MergeParams<float>& p, int64_t begin,
   for (int64_t o = 0; o < cout; o += 8)
     for (int j = 0; j < 4; ++j)
       for (int i = 0; i < 8; ++i) prm.ptr[4 * o + 8 * j + i] = src[j][o + i];
-  Scratch<float> avg(cin);
-  Scratch<uint64_t> bits(4 * W);
+  constexpr int kItems = 4;
+  Scratch<float> avg(kItems * cin);
+  Scratch<uint64_t> bits(4 * kItems * W);
   const __m256i full = _mm256_set1_epi32(int32_t(4 * cin));
-  for (int64_t item = begin; item < end; ++item) {
-    int64_t pix[4];
-    const int64_t yx = window_pixels(p, item, pix);
-    if (p.in_scale != nullptr)
-      window_bits_avg8<true>(p, pix, bits.ptr, avg.ptr);
-    else
-      window_bits_avg8<false>(p, pix, bits.ptr, avg.ptr);
-    Tap taps[4];
-    window_taps(p, bits.ptr, taps);
-    const float* pos = p.pos + yx * cout;
-    float* yo = p.y + item * cout;
-    for (int64_t o = 0, so = 0; o < cout;
-         o += 8, so = so + 8 == cin ? 0 : so + 8) {
-      __m256i cnt;
-      count8<BitOp::kXor, 1, false>(taps, 4, W, W, CP, o, &cnt);
-      const float* po = prm.ptr + 4 * o;
-      __m256 z = binary_prelu8<true>(cnt, full, po, po + 8, avg.ptr + so,
-                                     po + 16);
-      z = _mm256_add_ps(z, _mm256_loadu_ps(po + 24));
-      _mm256_storeu_ps(yo + o, _mm256_add_ps(z, _mm256_loadu_ps(pos + o)));
-    }
+  int64_t item = begin;
+  for (; item + kItems <= end; item += kItems)
+    merge_items<kItems>(p, item, prm.ptr, bits.ptr, avg.ptr, full);
+  if (item + 2 <= end) {
+    merge_items<2>(p, item, prm.ptr, bits.ptr, avg.ptr, full);
+    item += 2;
   }
+  if (item < end) merge_items<1>(p, item, prm.ptr, bits.ptr, avg.ptr, full);
   return true;
 }
 #endif
