@@ -54,7 +54,8 @@ KERNEL_SETS = ('avx512', 'avx2', 'popcnt', 'neon', 'generic')
 EXT_SOURCES = [osp.join('csrc', 'binary_ops.cpp'),
                osp.join('csrc', 'training_ops.cpp'),
                osp.join('csrc', 'core', 'dispatch.cpp'),
-               osp.join('csrc', 'core', 'nibble_lut.cpp')] + [
+               osp.join('csrc', 'core', 'nibble_lut.cpp'),
+               osp.join('csrc', 'core', 'scratch.cpp')] + [
                    osp.join('csrc', 'kernels', f'kernels_{k}.cpp')
                    for k in KERNEL_SETS
                ]

@@ -5,9 +5,11 @@
 // 64 w + i, the bits past the last element are 0.
 #pragma once
 
+#include <cstddef>
 #include <cstdint>
 
 #include "isa.h"
+#include "scratch.h"
 
 namespace mmbhvit {
 namespace MMBHVIT_NS {
@@ -17,14 +19,29 @@ inline int popc(uint64_t v) { return __builtin_popcountll(v); }
 
 inline int64_t words_for(int64_t bits) { return (bits + 63) / 64; }
 
-// Scratch memory owned by one call (one thread's share of the work).
+// Scratch memory owned by one call (one thread's share of the work), from
+// the thread's ScratchStack (scratch.h): scopes end in reverse order, so
+// each one gives back the top of the stack. What does not fit comes from
+// new[].
 template <typename U>
 struct Scratch {
   U* ptr;
-  explicit Scratch(int64_t n) : ptr(new U[n > 0 ? n : 1]) {}
-  ~Scratch() { delete[] ptr; }
+  explicit Scratch(int64_t n)
+      : bytes_((size_t(n > 0 ? n : 1) * sizeof(U) + 63) / 64 * 64) {
+    unsigned char* p = scratch_stack().take(bytes_);
+    stacked_ = p != nullptr;
+    ptr = stacked_ ? reinterpret_cast<U*>(p) : new U[n > 0 ? n : 1];
+  }
+  ~Scratch() {
+    if (!stacked_) delete[] ptr;
+    scratch_stack().give(bytes_, stacked_);
+  }
   Scratch(const Scratch&) = delete;
   Scratch& operator=(const Scratch&) = delete;
+
+ private:
+  size_t bytes_;
+  bool stacked_;
 };
 
 // ORs the bits of `mask` into plane starting at bit j (j % 64 + width of

@@ -25,6 +25,7 @@
 #include "../core/dispatch.h"
 #include "../core/nibble_lut.h"
 #include "../core/runner.h"
+#include "../core/scratch.h"
 
 using namespace mmbhvit;
 
@@ -572,8 +573,7 @@ int main(int argc, char** argv) {
       if (named && status == 0) status = 2;
       continue;
     }
-    int failed = 0;
-    for (const auto& nc : cases) {
+    auto run = [&](const std::pair<std::string, Case>& nc) {
       std::string r;
       try {
         const bool f64 = nc.first.find("_f64") != std::string::npos;
@@ -581,11 +581,29 @@ int main(int argc, char** argv) {
       } catch (const std::string& e) {
         r = e;
       }
+      // every scratch block of the kernels given back
+      if (r.empty() && scratch_stack().in_use() != 0)
+        r = "scratch memory not given back: " +
+            std::to_string(scratch_stack().in_use()) + " bytes";
+      return r;
+    };
+    int failed = 0;
+    for (const auto& nc : cases) {
+      const std::string r = run(nc);
       if (!r.empty()) {
         std::printf("FAIL: %s %s: %s\n", name.c_str(), nc.first.c_str(),
                     r.c_str());
         ++failed;
       }
+    }
+    // once the stack has grown, the same calls take no memory from the heap
+    const std::size_t heap = scratch_stack().heap_blocks();
+    for (const auto& nc : cases) run(nc);
+    if (scratch_stack().heap_blocks() != heap) {
+      std::printf("FAIL: %s: a second pass over the cases took %zu scratch "
+                  "blocks from the heap\n", name.c_str(),
+                  scratch_stack().heap_blocks() - heap);
+      ++failed;
     }
     if (failed) {
       status = 1;

@@ -102,7 +102,7 @@ template <bool kNorm>
 inline void window_bits_avg8(const MergeParams<float>& p, const int64_t* pix,
                              uint64_t* bits_out, int64_t tap_stride,
                              float* avg_out) {
-  const int64_t cin = p.cin, W = p.words;
+  const int64_t cin = p.cin;
   const float* xs[4];
   for (int t = 0; t < 4; ++t) xs[t] = p.x + pix[t] * cin;
   uint64_t word[4] = {0, 0, 0, 0};
