@@ -30,7 +30,16 @@ struct Scratch {
       : bytes_((size_t(n > 0 ? n : 1) * sizeof(U) + 63) / 64 * 64) {
     unsigned char* p = scratch_stack().take(bytes_);
     stacked_ = p != nullptr;
-    ptr = stacked_ ? reinterpret_cast<U*>(p) : new U[n > 0 ? n : 1];
+    if (stacked_) {
+      ptr = reinterpret_cast<U*>(p);
+      return;
+    }
+    try {
+      ptr = new U[n > 0 ? n : 1];
+    } catch (...) {
+      scratch_stack().give(bytes_, false);
+      throw;
+    }
   }
   ~Scratch() {
     if (!stacked_) delete[] ptr;

@@ -1,20 +1,23 @@
 // Copyright (c) mmbhvit contributors. Licensed under the Apache License 2.0.
 #include "scratch.h"
 
-#include <cstdlib>
+#include <cstdint>
+#include <new>
 
 namespace mmbhvit {
 
-ScratchStack::~ScratchStack() { std::free(base_); }
+ScratchStack::~ScratchStack() { delete[] raw_; }
 
 unsigned char* ScratchStack::take(std::size_t bytes) {
   depth_ += bytes;
   if (depth_ > peak_) peak_ = depth_;
   if (top_ == 0 && peak_ > cap_) {
-    void* grown = std::aligned_alloc(64, peak_);
+    unsigned char* grown = new (std::nothrow) unsigned char[peak_ + 63];
     if (grown != nullptr) {
-      std::free(base_);
-      base_ = static_cast<unsigned char*>(grown);
+      delete[] raw_;
+      raw_ = grown;
+      const std::uintptr_t at = reinterpret_cast<std::uintptr_t>(grown);
+      base_ = grown + ((64 - at % 64) % 64);
       cap_ = peak_;
     }
   }

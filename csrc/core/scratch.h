@@ -32,7 +32,8 @@ class ScratchStack {
   std::size_t heap_blocks() const; // requests that did not fit, ever
 
  private:
-  unsigned char* base_ = nullptr;
+  unsigned char* raw_ = nullptr;   // what new[] returned
+  unsigned char* base_ = nullptr;  // raw_ rounded up to 64 bytes
   std::size_t cap_ = 0, top_ = 0;
   std::size_t depth_ = 0;  // stacked + self-allocated blocks still out
   std::size_t peak_ = 0;   // the largest depth_ seen
