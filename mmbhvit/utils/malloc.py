@@ -14,10 +14,13 @@ README's "Training speed" has the figures).
 (no trimming, one arena, padding at the top of the heap), the effect of
 ``MALLOC_MMAP_THRESHOLD_`` and friends, set from inside the process
 with ``mallopt``. The cost: the process keeps its peak memory instead of
-giving it back between steps. ``tools/train.py``, ``tools/test.py`` and
-the demo call it on machines without an accelerator (through
-:func:`mmbhvit.utils.launch.setup_cpu_runtime`); ``MMBHVIT_MALLOC=default``
-leaves glibc as it is. It is a no-op
+giving it back between steps. With one arena, threads that allocate at
+the same time wait on its lock; the packed engine's C++ kernels therefore
+take their scratch memory from per-thread stacks (``csrc/core/scratch.h``)
+and do not allocate in steady state. ``tools/train.py``,
+``tools/test.py`` and the demo call it on machines without an accelerator
+(through :func:`mmbhvit.utils.launch.setup_cpu_runtime`);
+``MMBHVIT_MALLOC=default`` leaves glibc as it is. It is a no-op
 on other C libraries (musl, macOS, Windows) and when another allocator
 (jemalloc, tcmalloc) is preloaded, glibc's settings then concern nobody.
 """
