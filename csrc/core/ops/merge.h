@@ -31,13 +31,13 @@ inline int64_t window_pixels(const MergeParams<T>& p, int64_t item,
   return yx;
 }
 
-// The four taps of a window (tap weights, and the sign bits of its pixels
-// in bits: 4 x words).
+// The four taps of a window (tap weights, and the sign bits of its pixels:
+// tap t's words at bits + t * tap_stride).
 template <typename T>
 inline void window_taps(const MergeParams<T>& p, const uint64_t* bits,
-                        Tap* taps) {
+                        int64_t tap_stride, Tap* taps) {
   for (int t = 0; t < 4; ++t)
-    taps[t] = Tap{bits + t * p.words, p.wt + t * p.words * p.cout_pad};
+    taps[t] = Tap{bits + t * tap_stride, p.wt + t * p.words * p.cout_pad};
 }
 
 // The 2x2 window of output pixel `item`: its four taps (the pixels' sign
@@ -51,7 +51,7 @@ inline int64_t merge_window(const MergeParams<T>& p, int64_t item, Tap* taps,
   for (int t = 0; t < 4; ++t)
     pack_row(p.x + pix[t] * p.cin, p.thr, p.in_scale, p.in_bias, p.cin,
              bits_out + t * p.words);
-  window_taps(p, bits_out, taps);
+  window_taps(p, bits_out, p.words, taps);
   const T* __restrict x00 = p.x + pix[0] * p.cin;
   const T* __restrict x01 = p.x + pix[1] * p.cin;
   const T* __restrict x10 = p.x + pix[2] * p.cin;
@@ -153,8 +153,7 @@ inline void merge_items(const MergeParams<float>& p, int64_t item,
     yo[k] = p.y + (item + k) * cout;
   }
   Tap taps[4];
-  for (int t = 0; t < 4; ++t)
-    taps[t] = Tap{bits + t * NK * W, p.wt + t * W * CP};
+  window_taps(p, bits, NK * W, taps);
   for (int64_t o = 0, so = 0; o < cout;
        o += 8, so = so + 8 == cin ? 0 : so + 8) {
     __m256i cnt[NK];
